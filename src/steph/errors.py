@@ -1,0 +1,18 @@
+"""Exceptions that carry a message meant for the user (the CLI prints them without a traceback)."""
+
+
+class StephError(Exception):
+    """Base class: anything the user can fix from the message alone."""
+
+
+class DataError(StephError):
+    """Bad input data: a label table, a feature file, a split file. The message names the file,
+    the patient or the field."""
+
+
+class ConfigError(StephError):
+    """An invalid configuration file or option."""
+
+
+class RunError(StephError):
+    """A run directory is missing a prerequisite or is inconsistent."""
