@@ -1,0 +1,1 @@
+"""steph.training"""
