@@ -1,0 +1,172 @@
+"""Every setting of an experiment, validated (unknown keys are errors) and serialisable.
+
+A YAML config file mirrors this tree, e.g.::
+
+    train:
+      epochs: 20
+      lr: 1.0e-4
+    steph:
+      top_k: 5
+
+Command-line options and ``--set section.key=value`` override the file; the effective config is
+saved with every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from steph.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    labels: str = "labels.csv"  # file name inside each cohort folder
+    convention: Optional[Literal["native", "mcat", "tcga_cdr", "steph"]] = None  # None: detect
+    endpoint: Optional[Literal["os", "dss", "pfi", "dfi"]] = None  # TCGA-CDR only; None: DSS
+    time_unit: Optional[Literal["days", "months"]] = None
+    on_bad_slide: Literal["raise", "skip"] = "raise"
+    check: Literal["shape", "full"] = "shape"
+    n_folds: int = Field(5, ge=2)
+    split_seed: int = 0
+    max_instances: Optional[int] = Field(None, ge=1)  # patch sampling for huge bags
+    cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
+
+
+class BinsConfig(_Strict):
+    kind: Literal["uniform", "quantile"] = "uniform"
+    n_bins: int = Field(32, ge=1)
+    max_time: float = Field(11680.0, gt=0)  # uniform bins: [0, max_time), last bin open
+
+
+class ModelConfig(_Strict):
+    name: Literal["abmil"] = "abmil"
+    hidden_dim: int = Field(512, ge=1)
+    attn_dim: int = Field(384, ge=1)
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    init_seed: int = 0  # seed of the shared initialisation theta_0
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)  # matrices only; never biases or 1-d parameters
+    warmup_epochs: int = Field(1, ge=0)
+    bags_per_step: int = Field(16, ge=1)  # gradient accumulation; the remainder is dropped
+    loss_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    seed: int = 0
+    eval_every: int = Field(1, ge=0)  # test C-index every N epochs (0: last epoch only)
+    threads: Optional[int] = Field(None, ge=1)
+
+
+class StephConfig(_Strict):
+    top_k: int = Field(5, ge=1)  # K; larger than the number of sources means "all"
+    beta: float = Field(0.05, ge=0)  # weight of L_mix
+    gamma: Optional[float] = Field(None, ge=0)  # weight of L_agg; None: 0.005 if > 500 patients
+    gamma_large: float = 0.005
+    gamma_small: float = 0.05
+    large_cohort: int = 500
+    mixing: Literal["hyper", "none", "free"] = "hyper"  # none: lambda = 1; free: learned vector
+    aggregation: Literal["hyper", "free"] = "hyper"  # free: w as a learned vector
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    embed_dim: int = Field(512, ge=1)
+
+
+class MergeConfig(_Strict):
+    """Settings of the model-merging baselines (method.md section 6)."""
+
+    init_coef: float = 0.3  # AdaMerging family: initial task coefficients
+    ta_coef: float = 0.3  # Task Arithmetic: fixed coefficient
+    ties_density: float = Field(0.2, gt=0.0, le=1.0)
+    iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    surgery_rank: int = Field(16, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    data: DataConfig = DataConfig()
+    bins: BinsConfig = BinsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    steph: StephConfig = StephConfig()
+    merge: MergeConfig = MergeConfig()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_is_default(cls, v: Any) -> Any:
+        return {} if v is None else v  # an empty YAML section means "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+        source = f"{source} + overrides"
+    return build_config(data, source)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {key!r} must look like section.key (e.g. train.epochs)")
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+    section[parts[1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-3`` -> ("train.lr", 0.001); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

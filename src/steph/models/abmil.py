@@ -1,0 +1,91 @@
+"""Gated-attention MIL (ABMIL) for discrete-time survival, as specified in method.md section 3.
+
+Parameter names are part of the public contract: the merging methods address "the MIL encoder"
+as the tensors under ``feat_proj.`` and ``attention.`` (8 tensors) and the head as ``head.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENCODER_PREFIXES = ("feat_proj.", "attention.")
+HEAD_PREFIX = "head."
+
+
+class GatedAttention(nn.Module):
+    """score(x) = w^T (tanh(A x) * sigmoid(B x)), dropout after each branch (Ilse et al. 2018)."""
+
+    def __init__(self, dim: int, attn_dim: int, dropout: float):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.b = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.score = nn.Linear(attn_dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, dim) -> (N,)
+        return self.score(self.a(h) * self.b(h)).squeeze(-1)
+
+
+class ABMIL(nn.Module):
+    """Attention-based MIL survival network.
+
+    ``feat_proj``: Linear(in_dim -> hidden_dim) + ReLU; gated attention (hidden_dim -> attn_dim
+    -> 1) with softmax over the instances; the bag embedding is the attention-weighted sum of the
+    projected instances; ``head``: Linear(hidden_dim -> n_bins) giving hazard logits.
+
+    With in_dim=1536 and n_bins=32 it has 1,197,729 parameters.
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 1536,
+        n_bins: int = 32,
+        hidden_dim: int = 512,
+        attn_dim: int = 384,
+        dropout: float = 0.25,
+    ):
+        super().__init__()
+        self.in_dim, self.n_bins = int(in_dim), int(n_bins)
+        self.hidden_dim, self.attn_dim, self.dropout = int(hidden_dim), int(attn_dim), float(dropout)
+        self.feat_proj = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
+        self.attention = GatedAttention(self.hidden_dim, self.attn_dim, self.dropout)
+        self.head = nn.Linear(self.hidden_dim, self.n_bins)
+
+    def hparams(self) -> dict:
+        return {
+            "in_dim": self.in_dim,
+            "n_bins": self.n_bins,
+            "hidden_dim": self.hidden_dim,
+            "attn_dim": self.attn_dim,
+            "dropout": self.dropout,
+        }
+
+    @staticmethod
+    def _as_instances(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            if x.shape[0] != 1:
+                raise ValueError(f"ABMIL takes one bag at a time, got a batch of {x.shape[0]}")
+            x = x[0]
+        if x.dim() != 2:
+            raise ValueError(f"expected a bag of shape (N, D) or (1, N, D), got {tuple(x.shape)}")
+        return x
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bag embedding (1, hidden_dim) and attention weights (N,) of one bag."""
+        h = self.feat_proj(self._as_instances(x))
+        attn = F.softmax(self.attention(h), dim=0)
+        return (attn @ h).unsqueeze(0), attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Hazard logits (1, n_bins) of one bag."""
+        z, _ = self.embed(x)
+        return self.head(z)
+
+    def encoder_names(self) -> list[str]:
+        return encoder_parameter_names(self)
+
+
+def encoder_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the MIL-encoder tensors (everything but the head), in registration order."""
+    return [n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]

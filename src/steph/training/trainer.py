@@ -1,0 +1,285 @@
+"""The training loop shared by cancer-specific ABMIL, STEPH and every merging baseline.
+
+Protocol (method.md section 4): AdamW with weight decay on matrices only, linear warm-up for
+``warmup_epochs`` then cosine decay to zero (stepped per optimiser step), one bag per forward
+pass and ``bags_per_step`` bags per optimiser step (loss averaged over them, incomplete remainder
+of an epoch dropped), seeded shuffling, the last epoch evaluated.
+
+Resumption: at the end of every epoch the trainable parameters, the optimiser state, the
+scheduler position, the RNG state and the epoch history are written to one safetensors file
+atomically. Restarting with the same arguments continues after the last completed epoch and
+ends with the same weights as an uninterrupted run.
+
+A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
+an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
+baselines whose merged weights are constant within a step use them to merge once per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from steph.config import TrainConfig
+from steph.errors import RunError
+from steph.models.output import ModelOutput, as_output
+from steph.survival.loss import nll_survival_loss
+from steph.survival.metrics import concordance_index
+from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.utils.io import load_tensors, save_tensors, write_text
+
+log = logging.getLogger("steph.training")
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise RunError("the model has no trainable parameter")
+    return groups
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier for optimiser step ``step`` (0-based): linear warm-up, then cosine to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    resumed_from: int  # epochs already done when this call started (0 = fresh)
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _to_float(t: torch.Tensor) -> Any:
+    t = t.detach().float().cpu()
+    return t.item() if t.numel() == 1 else t.reshape(-1).tolist()
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
+                     step: int, history: list[dict[str, Any]]) -> None:
+    tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
+    state = opt.state_dict()
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{pid}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "epoch": str(epoch),
+        "step": str(step),
+        "param_groups": json.dumps(state["param_groups"]),
+        "history": json.dumps(history),
+    }
+    save_tensors(path, tensors, metadata=meta)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_tensors(path)
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("model."):
+            name = key[len("model."):]
+            if name not in params:
+                raise RunError(f"{path}: checkpoint holds {name!r}, which the model does not have")
+            with torch.no_grad():
+                params[name].copy_(value)
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["epoch"]), int(meta["step"]), json.loads(meta["history"])
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in history))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Sequence[dict[str, Any]],
+            loss_alpha: float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Risk and survival curve of every bag, in eval mode, in one pass.
+
+    Returns a frame (patient_id, risk, time, event[, loss]) and the survival curves (n, bins);
+    the per-bag survival loss is added when ``loss_alpha`` is given.
+    """
+    model.eval()
+    rows, curves = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        logits = as_output(model(item["features"])).logits
+        row = {"patient_id": item["patient_id"], "risk": float(risk_from_logits(logits)[0]),
+               "time": float(item["time"]), "event": int(item["event"])}
+        if loss_alpha is not None:
+            row["loss"] = float(nll_survival_loss(logits, item["bin"].view(1),
+                                                  torch.tensor([item["event"]]), alpha=loss_alpha))
+        rows.append(row)
+        curves.append(survival_from_logits(logits)[0].numpy())
+    frame = pd.DataFrame(rows, columns=["patient_id", "risk", "time", "event"]
+                         + (["loss"] if loss_alpha is not None else []))
+    return frame, np.stack(curves) if curves else np.zeros((0, 0))
+
+
+def _safe_cindex(time_: Sequence[float], event: Sequence[int], risk: Sequence[float]) -> float:
+    try:
+        return float(concordance_index(np.asarray(time_), np.asarray(event), np.asarray(risk)))
+    except ValueError:  # no comparable pair (e.g. no event in a tiny split)
+        return float("nan")
+
+
+def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], loss_alpha: float) -> dict[str, float]:
+    """C-index and mean survival loss on ``dataset`` (eval mode)."""
+    frame, _ = predict(model, dataset, loss_alpha=loss_alpha)
+    return {"cindex": _safe_cindex(frame["time"], frame["event"], frame["risk"]),
+            "loss": float(frame["loss"].mean()) if len(frame) else float("nan")}
+
+
+def fit(
+    model: nn.Module,
+    train: Sequence[dict[str, Any]],
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    test: Sequence[dict[str, Any]] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train`` (a sequence of bag items) with the protocol above.
+
+    Writes ``checkpoint.safetensors`` and ``log.jsonl`` into ``run_dir``; resumes from the
+    checkpoint when one exists. The caller writes the final weights and metrics.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    n = len(train)
+    steps_per_epoch = n // cfg.bags_per_step
+    if steps_per_epoch == 0:
+        raise RunError(
+            f"{desc}: {n} training bags is fewer than one optimiser step of "
+            f"{cfg.bags_per_step} bags; lower train.bags_per_step"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps)
+    )
+
+    ckpt = run_dir / CHECKPOINT
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    if ckpt.exists():
+        start_epoch, step, history = _load_checkpoint(ckpt, model, opt)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps), last_epoch=step - 1
+        )
+        log.info("%s: resuming after epoch %d", desc, start_epoch)
+    else:
+        torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
+    begin_step = getattr(model, "begin_step", None)
+    end_step = getattr(model, "end_step", None)
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=not progress,
+               initial=start_epoch, total=cfg.epochs, leave=False)
+    for epoch in bar:
+        model.train()
+        t_epoch = time.perf_counter()
+        order = _epoch_permutation(cfg.seed, epoch, n)[: steps_per_epoch * cfg.bags_per_step]
+        surv_losses, aux_losses, risks, times, events = [], [], [], [], []
+        stat_sums: dict[str, torch.Tensor] = {}
+        for s in range(steps_per_epoch):
+            opt.zero_grad(set_to_none=True)
+            if begin_step is not None:
+                begin_step()
+            for idx in order[s * cfg.bags_per_step:(s + 1) * cfg.bags_per_step]:
+                item = train[idx]
+                out: ModelOutput = as_output(model(item["features"]))
+                surv = nll_survival_loss(out.logits, item["bin"].view(1),
+                                         torch.tensor([item["event"]]), alpha=cfg.loss_alpha)
+                loss = surv if out.aux_loss is None else surv + out.aux_loss
+                (loss / cfg.bags_per_step).backward()
+                surv_losses.append(float(surv))
+                if out.aux_loss is not None:
+                    aux_losses.append(float(out.aux_loss))
+                risks.append(float(risk_from_logits(out.logits.detach())[0]))
+                times.append(float(item["time"]))
+                events.append(int(item["event"]))
+                for k, v in out.stats.items():
+                    v = v.detach().float()
+                    stat_sums[k] = stat_sums[k] + v if k in stat_sums else v.clone()
+            if end_step is not None:
+                end_step()
+            opt.step()
+            sched.step()
+            step += 1
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": float(np.mean(surv_losses)),
+            "train_cindex": _safe_cindex(times, events, risks),  # from the training passes
+        }
+        if aux_losses:
+            row["train_aux_loss"] = float(np.mean(aux_losses))
+        for k, v in stat_sums.items():
+            row[f"mean_{k}"] = _to_float(v / len(surv_losses))
+        last = epoch + 1 == cfg.epochs
+        if test is not None and len(test) and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            ev = evaluate(model, test, cfg.loss_alpha)
+            row["test_cindex"], row["test_loss"] = ev["cindex"], ev["loss"]
+        row["seconds"] = round(time.perf_counter() - t_epoch, 3)
+        history.append(row)
+        _save_checkpoint(ckpt, model, opt, epoch + 1, step, history)
+        _write_log(run_dir / LOG_FILE, history)
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
+    bar.close()
+    return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0)
