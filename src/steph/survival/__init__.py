@@ -1,5 +1,14 @@
 """Survival core: time bins, the discrete-time NLL loss, risk scores and metrics."""
 
 from steph.survival.bins import TimeBins
+from steph.survival.loss import NLLSurvLoss, nll_survival_loss
+from steph.survival.risk import hazards_from_logits, risk_from_logits, survival_from_logits
 
-__all__ = ["TimeBins"]
+__all__ = [
+    "TimeBins",
+    "NLLSurvLoss",
+    "nll_survival_loss",
+    "hazards_from_logits",
+    "survival_from_logits",
+    "risk_from_logits",
+]
