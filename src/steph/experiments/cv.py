@@ -1,0 +1,333 @@
+"""The cohort x fold x method grid: plan the runs a request needs, train what is missing in
+dependency order (cancer-specific models first), skip what is finished, summarise.
+
+Transfer methods for target t and fold k need the target's ABMIL of fold k and every source's
+ABMIL of fold 0 (method.md section 4); ``run_cv`` trains them when they are missing.
+
+Several processes may share one runs directory (a cluster job array, e.g. one target per job):
+each run is claimed with a lock file, and a process that finds a prerequisite claimed by another
+waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from steph.config import ExperimentConfig
+from steph.data.cohort import Cohort, discover_cohorts
+from steph.data.dataset import BagDataset
+from steph.data.splits import Split, load_or_create_splits
+from steph.errors import ConfigError, DataError, RunError
+from steph.experiments.methods import Method, MethodContext, config_for, get_method, resolve_methods
+from steph.experiments.runs import (
+    METRICS,
+    PREDICTIONS,
+    RunLock,
+    check_or_write_config,
+    ensure_theta0,
+    is_finished,
+    load_theta0,
+    run_dir,
+)
+from steph.inference import save_artefact
+from steph.merging.pool import ModelPool
+from steph.survival.bins import TimeBins
+from steph.survival.metrics import concordance_index
+from steph.training.trainer import CHECKPOINT, fit, predict
+from steph.utils.io import read_json, write_csv, write_json
+
+log = logging.getLogger("steph.experiments")
+
+
+@dataclass(frozen=True)
+class Job:
+    cohort: str
+    method: str
+    fold: int
+
+    def __str__(self) -> str:
+        return f"{self.cohort}/{self.method}/fold{self.fold}"
+
+
+def parse_folds(spec: str | Sequence[int] | None, n_folds: int) -> list[int]:
+    """"0-4", "0,2,3" or a list; None means all folds."""
+    if spec is None:
+        return list(range(n_folds))
+    if isinstance(spec, str):
+        out: list[int] = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    out += list(range(int(a), int(b) + 1))
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise ConfigError(f"folds must look like 0-4 or 0,2,3; got {spec!r}") from None
+    else:
+        out = [int(f) for f in spec]
+    bad = [f for f in out if not 0 <= f < n_folds]
+    if bad or not out:
+        raise ConfigError(f"folds {bad or spec} out of range: there are {n_folds} folds (0-{n_folds - 1})")
+    return list(dict.fromkeys(out))
+
+
+class Experiment:
+    """One data root + one runs directory + one configuration."""
+
+    def __init__(self, data_root: str | Path, runs_root: str | Path, cfg: ExperimentConfig | None = None,
+                 sources: Sequence[str] | None = None, progress: bool = True):
+        self.data_root = Path(data_root)
+        self.runs_root = Path(runs_root)
+        self.cfg = cfg or ExperimentConfig()
+        self.progress = progress
+        self.cohort_names = discover_cohorts(self.data_root, self.cfg.data.labels)
+        if not self.cohort_names:
+            raise DataError(f"no cohort under {self.data_root} (expected <cohort>/{self.cfg.data.labels})")
+        self._sources = list(sources) if sources else None
+        if self._sources:
+            self._check_cohorts(self._sources, "source")
+        self._cohorts: dict[str, Cohort] = {}
+        self._splits: dict[str, list[Split]] = {}
+
+    def _check_cohorts(self, names: Iterable[str], what: str) -> None:
+        unknown = [n for n in names if n not in self.cohort_names]
+        if unknown:
+            raise ConfigError(f"unknown {what} cohort(s) {unknown}; cohorts under {self.data_root}: "
+                              f"{', '.join(self.cohort_names)}")
+
+    # -- data --------------------------------------------------------------------------------
+    def cohort(self, name: str) -> Cohort:
+        if name not in self._cohorts:
+            self._check_cohorts([name], "")
+            d = self.cfg.data
+            self._cohorts[name] = Cohort.load(
+                self.data_root / name, labels=d.labels, convention=d.convention, endpoint=d.endpoint,
+                time_unit=d.time_unit, on_bad_slide=d.on_bad_slide, check=d.check)
+        return self._cohorts[name]
+
+    def splits(self, name: str) -> list[Split]:
+        if name not in self._splits:
+            d = self.cfg.data
+            self._splits[name] = load_or_create_splits(
+                self.cohort(name), self.runs_root / "splits" / name, k=d.n_folds, seed=d.split_seed)
+        return self._splits[name]
+
+    def split(self, name: str, fold: int) -> Split:
+        splits = self.splits(name)
+        for s in splits:
+            if s.fold == fold:
+                return s
+        raise ConfigError(f"cohort {name!r} has no fold {fold} (folds: {[s.fold for s in splits]})")
+
+    def sources_for(self, target: str) -> list[str]:
+        names = self._sources or self.cohort_names
+        return [n for n in names if n != target]
+
+    def bins_for(self, cohort: Cohort, split: Split) -> TimeBins:
+        b = self.cfg.bins
+        if b.kind == "uniform":
+            return TimeBins.uniform(b.n_bins, b.max_time)
+        tr = cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+        return TimeBins.quantile(tr["time"], tr["event"], b.n_bins)
+
+    def datasets(self, cohort: Cohort, split: Split, bins: TimeBins) -> tuple[BagDataset, BagDataset]:
+        d = self.cfg.data
+        kw = dict(cache_mb=d.cache_mb, max_instances=d.max_instances, seed=self.cfg.train.seed)
+        return (BagDataset(cohort, list(split.train_ids), bins, **kw),
+                BagDataset(cohort, list(split.test_ids), bins, **kw))
+
+    def theta0(self, in_dim: int) -> Path:
+        return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int]) -> list[Job]:
+        """Every run needed, prerequisites first, each once."""
+        jobs: list[Job] = []
+        for t in targets:
+            for name in methods:
+                m = get_method(name)
+                for k in folds:
+                    if m.needs_pool:
+                        jobs.append(Job(t, "abmil", k))
+                        jobs += [Job(s, "abmil", 0) for s in self.sources_for(t)]
+                    jobs.append(Job(t, name, k))
+        ordered = [j for j in jobs if j.method == "abmil"] + [j for j in jobs if j.method != "abmil"]
+        return list(dict.fromkeys(ordered))
+
+    # -- one run -----------------------------------------------------------------------------
+    def pool_for(self, target: str, fold: int) -> ModelPool:
+        theta0_path = self.runs_root / "theta0.safetensors"
+        _, meta = load_theta0(self.runs_root)
+        paths = [(s, run_dir(self.runs_root, s, "abmil", 0) / "model.safetensors")
+                 for s in self.sources_for(target)]
+        missing = [str(p.parent) for _, p in paths if not is_finished(p.parent)]
+        tgt = run_dir(self.runs_root, target, "abmil", fold)
+        if not is_finished(tgt):
+            missing.insert(0, str(tgt))
+        if missing:
+            raise RunError(f"prerequisite runs not finished: {', '.join(missing)}")
+        return ModelPool.from_files(theta0_path, (target, tgt / "model.safetensors"), paths,
+                                    hparams=meta["hparams"])
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """Train and evaluate one run unless it is finished; return its metrics."""
+        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        if is_finished(path):
+            return read_json(path / METRICS)
+        method: Method = get_method(job.method)
+        cohort = self.cohort(job.cohort)
+        split = self.split(job.cohort, job.fold)
+        bins = self.bins_for(cohort, split)
+        theta0_path = self.theta0(cohort.feature_dim)
+        theta0, meta = load_theta0(self.runs_root)
+        if meta["hparams"]["in_dim"] != cohort.feature_dim:
+            raise RunError(f"cohort {cohort.name!r} has {cohort.feature_dim}-d features but the "
+                           f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
+        settings = {
+            "run": {"cohort": job.cohort, "method": job.method, "fold": job.fold,
+                    "data_root": str(self.data_root.resolve()),
+                    "sources": self.sources_for(job.cohort) if method.needs_pool else []},
+            **config_for(method, self.cfg),
+        }
+        check_or_write_config(path, settings)
+        train_ds, test_ds = self.datasets(cohort, split, bins)
+        ctx = MethodContext(
+            cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
+            bins=bins, n_patients=len(cohort), n_train=len(train_ds),
+            pool_loader=(lambda: self.pool_for(job.cohort, job.fold)) if method.needs_pool else None)
+        built = method.build(ctx)
+        t0 = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        if method.trains:
+            result = fit(built.module, train_ds, self.cfg.train, path, test=test_ds,
+                         progress=self.progress, desc=str(job))
+            history = result.history
+        seconds = time.perf_counter() - t0
+        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history, seconds)
+
+    def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
+                train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
+                seconds: float) -> dict[str, Any]:
+        module = built.export() if built.export is not None else built.module
+        test_pred, test_curves = predict(module, test_ds)
+        train_pred, _ = predict(module, train_ds)
+        preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
+        preds = preds[["patient_id", "split", "risk", "time", "event"]]
+        metrics: dict[str, Any] = {
+            "cohort": job.cohort, "method": job.method, "fold": job.fold,
+            "c_index": _cindex(test_pred), "train_c_index": _cindex(train_pred),
+            "n_train": len(train_ds), "n_test": len(test_ds),
+            "test_events": int(test_pred["event"].sum()),
+            "epochs": len(history), "train_seconds": round(seconds, 2),
+        }
+        metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
+        save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
+                      cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
+                                                "fold": job.fold})
+        write_csv(path / PREDICTIONS, preds)
+        write_json(path / METRICS, metrics)  # last: the run is finished
+        (path / CHECKPOINT).unlink(missing_ok=True)
+        log.info("%s: test C-index %.4f", job, metrics["c_index"])
+        return metrics
+
+    def run_all(self, jobs: Sequence[Job], poll_seconds: float = 5.0) -> list[dict[str, Any]]:
+        """Run jobs in order; a job claimed by another process is revisited until finished."""
+        pending = list(jobs)
+        results: dict[Job, dict[str, Any]] = {}
+        while pending:
+            waiting = []
+            for job in pending:
+                path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+                if is_finished(path):
+                    results[job] = read_json(path / METRICS)
+                    continue
+                if get_method(job.method).needs_pool and not self._prerequisites_done(job):
+                    waiting.append(job)
+                    continue
+                lock = RunLock(path.parent / f".{path.name}.lock")
+                if not lock.acquire():
+                    waiting.append(job)
+                    continue
+                try:
+                    results[job] = self.run(job)
+                finally:
+                    lock.release()
+            if waiting:
+                if len(waiting) == len(pending):
+                    log.info("waiting for %d run(s) claimed by other processes", len(waiting))
+                    time.sleep(poll_seconds)
+            pending = waiting
+        return [results[j] for j in jobs]
+
+    def _prerequisites_done(self, job: Job) -> bool:
+        need = [run_dir(self.runs_root, job.cohort, "abmil", job.fold)]
+        need += [run_dir(self.runs_root, s, "abmil", 0) for s in self.sources_for(job.cohort)]
+        return all(is_finished(p) for p in need)
+
+
+def _cindex(pred: pd.DataFrame) -> float:
+    try:
+        return float(concordance_index(pred["time"].to_numpy(), pred["event"].to_numpy(),
+                                       pred["risk"].to_numpy()))
+    except ValueError:
+        return float("nan")
+
+
+def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
+                   bins: TimeBins) -> dict[str, float]:
+    """Uno's IPCW C-index and the integrated Brier score, when the data allow them."""
+    from steph.survival import metrics as M
+
+    out: dict[str, float] = {}
+    args = (train["time"].to_numpy(), train["event"].to_numpy(), test["time"].to_numpy(),
+            test["event"].to_numpy())
+    try:
+        out["uno_c_index"] = float(M.uno_concordance_index(*args, test["risk"].to_numpy()))
+    except (ValueError, AttributeError):
+        pass
+    try:
+        times = bins.end_times
+        lo, hi = test["time"].min(), test["time"].max()
+        keep = (times >= lo) & (times < hi)
+        if keep.sum() >= 2:
+            out["ibs"] = float(M.integrated_brier_score(*args, curves[:, keep], times[keep]))
+    except (ValueError, AttributeError):
+        pass
+    return out
+
+
+def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
+           targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
+           cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
+           progress: bool = True) -> pd.DataFrame:
+    """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
+
+    Example::
+
+        from steph.experiments import run_cv
+        summary = run_cv("DATA", "RUNS", methods="abmil,steph", targets=["BLCA"], folds="0-4")
+    """
+    from steph.experiments.summary import write_summary
+
+    exp = Experiment(data_root, out, cfg, sources=sources, progress=progress)
+    method_names = resolve_methods(methods)
+    target_names = list(targets) if targets else list(exp.cohort_names)
+    exp._check_cohorts(target_names, "target")
+    fold_ids = parse_folds(folds, exp.cfg.data.n_folds)
+    jobs = exp.plan(method_names, target_names, fold_ids)
+    log.info("%d run(s) planned (%d already finished)", len(jobs),
+             sum(is_finished(run_dir(exp.runs_root, j.cohort, j.method, j.fold)) for j in jobs))
+    exp.run_all(jobs)
+    return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
+                         methods=method_names, folds=fold_ids)

@@ -1,0 +1,151 @@
+"""Collect finished runs into ``summary.csv`` (one row per cohort, method, fold), a Markdown table
+of mean +- std per cohort and method with the average over cohorts (like the paper's tables),
+and a plot of the per-fold C-indices.
+
+For synthetic cohorts (a ``true_risk.csv`` beside the labels) an ``oracle`` row gives the
+C-index of the true log-hazard on the same test patients: the ceiling any model can reach.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from steph.experiments.runs import METRICS, PREDICTIONS, run_dir
+from steph.survival.metrics import concordance_index
+from steph.utils.io import atomic_path, write_csv, write_text
+
+ORACLE = "oracle"
+COLUMNS = ["cohort", "method", "fold", "c_index", "train_c_index", "uno_c_index", "ibs",
+           "n_train", "n_test", "test_events", "train_seconds"]
+
+
+def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
+            methods: Sequence[str] | None = None, folds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Rows of every finished run matching the filters (all finished runs when None)."""
+    root = Path(runs_root)
+    rows = []
+    for metrics_path in sorted(root.glob(f"*/*/fold*/{METRICS}")):
+        m = json.loads(metrics_path.read_text())
+        if targets is not None and m["cohort"] not in targets:
+            continue
+        if methods is not None and m["method"] not in methods:
+            continue
+        if folds is not None and m["fold"] not in folds:
+            continue
+        rows.append({c: m.get(c, np.nan) for c in COLUMNS})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if methods is not None and len(df):
+        order = {name: i for i, name in enumerate(methods)}
+        df = df.assign(_o=df["method"].map(order)).sort_values(["cohort", "_o", "fold"]).drop(columns="_o")
+    return df.reset_index(drop=True)
+
+
+def oracle_rows(runs_root: str | Path, data_root: str | Path, summary: pd.DataFrame) -> pd.DataFrame:
+    """C-index of the true risk on each (cohort, fold)'s test patients, for synthetic cohorts."""
+    rows = []
+    for (cohort, fold), group in summary.groupby(["cohort", "fold"]):
+        truth_path = Path(data_root) / cohort / "true_risk.csv"
+        if not truth_path.exists():
+            continue
+        truth = pd.read_csv(truth_path, dtype={"patient_id": str}).set_index("patient_id")
+        pred = pd.read_csv(run_dir(runs_root, cohort, group["method"].iloc[0], fold) / PREDICTIONS,
+                           dtype={"patient_id": str})
+        test = pred[pred["split"] == "test"]
+        risk = truth.loc[test["patient_id"], "true_risk"].to_numpy()
+        c = concordance_index(test["time"].to_numpy(), test["event"].to_numpy(), risk)
+        rows.append({"cohort": cohort, "method": ORACLE, "fold": fold, "c_index": c,
+                     "n_test": len(test), "test_events": int(test["event"].sum())})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def markdown_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
+                   value: str = "c_index") -> str:
+    """Methods as rows, cohorts as columns, ``mean ± std`` over folds, plus ``Avg.`` (mean of
+    the per-cohort means, only for methods evaluated on every cohort)."""
+    if summary.empty:
+        return "(no finished runs)\n"
+    cohorts = list(dict.fromkeys(summary["cohort"]))
+    methods = list(methods or dict.fromkeys(summary["method"]))
+    if ORACLE in set(summary["method"]) and ORACLE not in methods:
+        methods.append(ORACLE)
+    stats = summary.groupby(["method", "cohort"])[value].agg(["mean", "std", "count"])
+    lines = ["| method | " + " | ".join(cohorts) + " | Avg. |",
+             "|---|" + "---|" * (len(cohorts) + 1)]
+    for m in methods:
+        cells, means = [], []
+        for c in cohorts:
+            if (m, c) in stats.index:
+                s = stats.loc[(m, c)]
+                std = 0.0 if np.isnan(s["std"]) else s["std"]
+                cells.append(f"{s['mean']:.4f} ± {std:.3f} (n={int(s['count'])})")
+                means.append(s["mean"])
+            else:
+                cells.append("–")
+        avg = f"{np.mean(means):.4f}" if len(means) == len(cohorts) else "–"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def timing_table(summary: pd.DataFrame) -> str:
+    runs = summary[summary["method"] != ORACLE]
+    if runs.empty:
+        return ""
+    t = runs.groupby("method", sort=False)["train_seconds"].agg(["mean", "sum", "count"])
+    lines = ["| method | runs | mean s/run | total s |", "|---|---|---|---|"]
+    for m, r in t.iterrows():
+        lines.append(f"| {m} | {int(r['count'])} | {r['mean']:.1f} | {r['sum']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Per-fold test C-index of each method, one panel per cohort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohorts = list(dict.fromkeys(summary["cohort"]))
+    methods = list(dict.fromkeys(summary["method"]))
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(max(4.0, 1.0 + 0.7 * len(methods)) * len(cohorts), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, cohort in zip(axes[0], cohorts):
+        sub = summary[summary["cohort"] == cohort]
+        data = [sub.loc[sub["method"] == m, "c_index"].dropna().to_numpy() for m in methods]
+        ax.boxplot(data, showmeans=True, widths=0.6)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(np.full(len(d), i) + np.linspace(-0.12, 0.12, len(d)) if len(d) else [], d, s=10,
+                       alpha=0.7, color="k", zorder=3)
+        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(cohort)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test C-index (per fold)")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
+                  targets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+                  folds: Sequence[int] | None = None, plot: bool = True) -> pd.DataFrame:
+    root = Path(runs_root)
+    summary = collect(root, targets, methods, folds)
+    if data_root is not None and not summary.empty:
+        oracle = oracle_rows(root, data_root, summary)
+        if not oracle.empty:
+            summary = pd.concat([summary, oracle], ignore_index=True)
+    write_csv(root / "summary.csv", summary)
+    text = ["# Test C-index (5-fold cross-validation: mean ± std over folds)", "",
+            markdown_table(summary, methods), "", "## Training time", "", timing_table(summary)]
+    write_text(root / "summary.md", "\n".join(text))
+    if plot and not summary.empty:
+        plot_summary(summary, root / "summary.png")
+    return summary

@@ -1,0 +1,139 @@
+"""Self-contained model artefacts and prediction for new patients.
+
+An artefact is ``<name>.safetensors`` (every tensor of the module, buffers included: a STEPH
+artefact carries theta_0 and the stacked task vectors, so no source checkpoint is needed) plus
+``<name>.json``, a small manifest naming the kind of model, its settings, the time bins and the
+feature dimension.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from steph.errors import DataError, RunError
+from steph.models.output import as_output
+from steph.survival.bins import TimeBins
+from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.utils.io import load_tensors, read_json, save_tensors, write_json
+
+FORMAT = "steph-artefact/1"
+
+# kind -> function(settings) returning an empty module of the right shape
+_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+
+def register_artefact(kind: str) -> Callable:
+    def deco(fn: Callable[[dict[str, Any]], nn.Module]) -> Callable[[dict[str, Any]], nn.Module]:
+        _BUILDERS[kind] = fn
+        return fn
+
+    return deco
+
+
+@register_artefact("abmil")
+def _build_abmil(settings: dict[str, Any]) -> nn.Module:
+    from steph.models import ABMIL
+
+    return ABMIL(**settings)
+
+
+@register_artefact("steph")
+def _build_steph(settings: dict[str, Any]) -> nn.Module:
+    from steph.merging.steph import STEPH
+
+    return STEPH.from_settings(settings)
+
+
+def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
+                  bins: TimeBins, feature_dim: int, info: dict[str, Any] | None = None) -> Path:
+    """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``."""
+    path = Path(path)
+    if kind not in _BUILDERS:
+        raise RunError(f"no artefact builder for model kind {kind!r}")
+    manifest = {
+        "format": FORMAT,
+        "kind": kind,
+        "settings": settings,
+        "bins": bins.to_dict(),
+        "feature_dim": int(feature_dim),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "info": info or {},
+    }
+    save_tensors(path, module.state_dict(), metadata={"format": FORMAT, "kind": kind})
+    write_json(path.with_suffix(".json"), manifest)
+    return path
+
+
+def resolve_artefact(path: str | Path) -> Path:
+    """Accept a run directory, the .safetensors file or its .json manifest."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.exists() or not path.with_suffix(".json").exists():
+        raise RunError(f"no model artefact at {path} (expected {path.name} and "
+                       f"{path.with_suffix('.json').name})")
+    return path
+
+
+def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The module (eval mode) and its manifest."""
+    path = resolve_artefact(path)
+    manifest = read_json(path.with_suffix(".json"))
+    if manifest.get("format") != FORMAT:
+        raise RunError(f"{path}: unknown artefact format {manifest.get('format')!r}")
+    kind = manifest["kind"]
+    if kind not in _BUILDERS:
+        raise RunError(f"{path}: unknown model kind {kind!r}")
+    module = _BUILDERS[kind](manifest["settings"])
+    state = load_tensors(path)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{path}: tensors do not fit a {kind} model (missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]})")
+    module.eval()
+    return module, manifest
+
+
+@torch.no_grad()
+def predict_bag(module: nn.Module, bag: torch.Tensor) -> tuple[float, np.ndarray]:
+    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag."""
+    logits = as_output(module(bag)).logits
+    return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].numpy()
+
+
+def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
+                     progress: bool = False) -> pd.DataFrame:
+    """Predict with a saved artefact for patients given as (patient_id, [feature files]).
+
+    Returns one row per patient: patient_id, n_patches, risk, then the survival probability at
+    the end of every time bin (``S@<days>`` columns)."""
+    from tqdm.auto import tqdm
+
+    from steph.data.features import read_features
+
+    module, manifest = load_artefact(path)
+    bins = TimeBins.from_dict(manifest["bins"])
+    dim = int(manifest["feature_dim"])
+    rows = []
+    patients = list(patients)
+    for pid, files in tqdm(patients, desc="predict", unit="patient", disable=not progress):
+        if not files:
+            raise DataError(f"patient {pid!r}: no feature file given")
+        arrays = [read_features(Path(f)) for f in files]
+        for f, a in zip(files, arrays):
+            if a.shape[1] != dim:
+                raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")
+        bag = torch.from_numpy(np.concatenate(arrays, axis=0))
+        risk, curve = predict_bag(module, bag)
+        rows.append([pid, bag.shape[0], risk, *curve.tolist()])
+    cols = ["patient_id", "n_patches", "risk"] + [f"S@{int(t)}" for t in bins.end_times]
+    return pd.DataFrame(rows, columns=cols)

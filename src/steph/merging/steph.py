@@ -1,0 +1,208 @@
+"""STEPH: sparse task-vector mixup with hypernetworks (method.md section 5).
+
+For a bag X, with target task vector tau_t and source task vectors tau_1..tau_m (MIL encoder):
+
+    z        = mean_n ReLU(W_e x_n + b_e)                  shared bag embedding
+    w        = ReLU(H_agg(z))          (m,)  >= 0           merge weights
+    lambda   = 1 / (1 + ReLU(H_mix(z)))  (m,) in (0, 1]     mixup coefficients (1 = pure target)
+    S        = indices of the K largest w
+    theta(X) = theta_0 + sum_{i in S} w_i (lambda_i tau_t + (1 - lambda_i) tau_i)
+    logits   = head(ABMIL_encoder(X; theta(X)))            fresh head, trained
+    loss     = L_surv + gamma L_agg + beta L_mix
+    L_agg    = (logsumexp_i w_i)^2 + (1/K) sum_{i in S} w_i
+    L_mix    = mean_{i in S} lambda_i^2
+
+The merge is one matrix-vector product over the stacked task vectors: the coefficient of tau_t
+is ``sum_{i in S} w_i lambda_i`` and that of tau_i is ``w_i (1 - lambda_i)`` for i in S, 0
+otherwise. theta_0 and all task vectors are frozen buffers; the bag embedding, H_agg, H_mix and
+the head are trained.
+
+Ablations (Table S5 / S3): ``mixing="none"`` (lambda = 1), ``mixing="free"`` (lambda a learned
+vector), ``aggregation="free"`` (w a learned vector), any ``top_k`` (K >= m: no sparsity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from steph.config import StephConfig
+from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
+from steph.models.abmil import ABMIL
+from steph.models.output import ModelOutput
+
+# A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
+# would sit where ReLU-type parametrisations have no gradient.
+_FREE_RHO_INIT = -6.0
+
+
+def hypernet(dim: int, n_out: int, dropout: float) -> nn.Sequential:
+    """Linear(dim->dim) + ReLU + Dropout + Linear(dim->n_out); the caller applies the final ReLU."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, n_out))
+
+
+@dataclass
+class MergeExplanation:
+    """What STEPH did for one bag."""
+
+    w: torch.Tensor  # (m,) merge weights
+    lam: torch.Tensor  # (m,) mixup coefficients
+    selected: list[str]  # names of the K selected sources, by decreasing w
+    coefficients: dict[str, float]  # effective coefficient of every task vector (target first)
+    merged: TensorDict  # merged encoder parameters, name -> tensor
+    logits: torch.Tensor  # (1, n_bins)
+
+
+class STEPH(nn.Module):
+    def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any], cfg: StephConfig | None = None,
+                 head_seed: int = 0, n_patients: int = 0):
+        """``stack``: rows ``[tau_t, tau_1, ..., tau_m]`` of the MIL encoder, labels = cohorts.
+        ``n_patients``: size of the target cohort, which picks gamma when it is not set."""
+        super().__init__()
+        self.n_patients = int(n_patients)
+        cfg = cfg or StephConfig()
+        if stack.vectors.shape[0] < 2:
+            raise ValueError("STEPH needs the target task vector and at least one source")
+        self.cfg = cfg
+        self.layout: FlatLayout = stack.layout
+        self.target_name = stack.labels[0]
+        self.source_names = list(stack.labels[1:])
+        m = len(self.source_names)
+        self.m = m
+        self.top_k = min(cfg.top_k, m)
+        self.register_buffer("theta0_flat", stack.base.clone())
+        self.register_buffer("tau", stack.vectors.clone())  # (m+1, P), row 0 = tau_t
+
+        # The ABMIL whose encoder tensors are replaced by theta(X) at every forward; only its head
+        # is trained. Its encoder parameters hold theta_0 (frozen) so the module is complete.
+        self.abmil = ABMIL(**abmil_hparams)
+        with torch.no_grad():
+            for name, tensor in self.layout.unflatten(self.theta0_flat).items():
+                self.abmil.get_parameter(name).copy_(tensor)
+        for name, p in self.abmil.named_parameters():
+            p.requires_grad_(name not in self.layout.names)
+        g = torch.Generator().manual_seed(head_seed)  # a fresh head, not copied from any model
+        with torch.no_grad():
+            bound = 1.0 / self.abmil.hidden_dim ** 0.5
+            self.abmil.head.weight.uniform_(-bound, bound, generator=g)
+            self.abmil.head.bias.uniform_(-bound, bound, generator=g)
+
+        in_dim, d = self.abmil.in_dim, cfg.embed_dim
+        self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
+        if cfg.aggregation == "hyper":
+            self.h_agg = hypernet(d, m, cfg.dropout)
+        else:
+            self.w_free = nn.Parameter(torch.full((m,), 1.0 / m))
+        if cfg.mixing == "hyper":
+            self.h_mix = hypernet(d, m, cfg.dropout)
+        elif cfg.mixing == "free":
+            self.rho_free = nn.Parameter(torch.full((m,), _FREE_RHO_INIT))
+        self._encoder_names = set(self.layout.names)
+
+    # -- the pieces of the formula ------------------------------------------------------------
+    def bag_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        x = ABMIL._as_instances(x)
+        return self.embed(x).mean(dim=0)  # (d,)
+
+    def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge weights w >= 0 and mixup coefficients lambda in (0, 1], both (m,)."""
+        z = None
+        if self.cfg.aggregation == "hyper" or self.cfg.mixing == "hyper":
+            z = self.bag_embedding(x)
+        w = F.relu(self.h_agg(z)) if self.cfg.aggregation == "hyper" else F.relu(self.w_free)
+        if self.cfg.mixing == "hyper":
+            lam = 1.0 / (1.0 + F.relu(self.h_mix(z)))
+        elif self.cfg.mixing == "free":
+            lam = 1.0 / (1.0 + torch.exp(self.rho_free))
+        else:
+            lam = torch.ones_like(w)
+        return w, lam
+
+    def select(self, w: torch.Tensor) -> torch.Tensor:
+        """0/1 mask (m,) of the K largest merge weights."""
+        idx = torch.topk(w.detach(), self.top_k).indices
+        return torch.zeros_like(w).index_fill_(0, idx, 1.0)
+
+    @staticmethod
+    def coefficients(w: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Coefficients (m+1,) of [tau_t, tau_1..tau_m] in theta(X) - theta_0."""
+        ws = w * mask
+        return torch.cat([(ws * lam).sum().view(1), ws * (1.0 - lam)])
+
+    def merged_flat(self, coef: torch.Tensor) -> torch.Tensor:
+        return torch.addmv(self.theta0_flat, self.tau.t(), coef)
+
+    def aux_losses(self, w: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = mask.sum()
+        l_agg = torch.logsumexp(w, dim=0) ** 2 + (w * mask).sum() / k
+        l_mix = (lam ** 2 * mask).sum() / k
+        return l_agg, l_mix
+
+    def gamma(self) -> float:
+        """gamma as set, else by cohort size (the paper: 0.005 above 500 patients, else 0.05)."""
+        if self.cfg.gamma is not None:
+            return self.cfg.gamma
+        return self.cfg.gamma_large if self.n_patients > self.cfg.large_cohort else self.cfg.gamma_small
+
+    # -- forward --------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor):
+        w, lam = self.weights(x)
+        mask = self.select(w)
+        coef = self.coefficients(w, lam, mask)
+        params = self.layout.unflatten(self.merged_flat(coef))
+        logits = functional_call(self.abmil, params, (x,), strict=False)
+        return logits, w, lam, mask, coef, params
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        logits, w, lam, mask, _, _ = self._run(x)
+        l_agg, l_mix = self.aux_losses(w, lam, mask)
+        aux = self.gamma() * l_agg + self.cfg.beta * l_mix
+        stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach()}
+        return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor) -> MergeExplanation:
+        was_training = self.training
+        self.eval()
+        try:
+            logits, w, lam, mask, coef, params = self._run(x)
+        finally:
+            self.train(was_training)
+        order = torch.argsort(w, descending=True)
+        selected = [self.source_names[i] for i in order.tolist() if mask[i] > 0]
+        names = [self.target_name, *self.source_names]
+        return MergeExplanation(
+            w=w.clone(), lam=lam.clone(), selected=selected,
+            coefficients={n: float(c) for n, c in zip(names, coef)},
+            merged={k: v.clone() for k, v in params.items()}, logits=logits,
+        )
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything needed to rebuild this module around its saved tensors."""
+        return {
+            "target": self.target_name,
+            "sources": self.source_names,
+            "abmil": self.abmil.hparams(),
+            "steph": self.cfg.model_dump(mode="json"),
+            "layout": self.layout.to_dict(),
+            "n_patients": self.n_patients,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "STEPH":
+        """An empty STEPH (zero tensors) shaped by ``settings``; load the state dict after."""
+        layout = FlatLayout.from_dict(settings["layout"])
+        labels = [settings["target"], *settings["sources"]]
+        zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
+        stack = TaskVectorStack(layout=layout, base=layout.flatten(zeros),
+                                vectors=torch.zeros(len(labels), layout.size), labels=labels)
+        return cls(stack, settings["abmil"], StephConfig(**settings["steph"]),
+                   n_patients=int(settings.get("n_patients", 0)))
