@@ -89,9 +89,7 @@ def test_quantile_bins_errors():
         TimeBins.quantile([5.0] * 6 + [9.0], np.ones(7), n_bins=4)
 
 
-@pytest.mark.parametrize(
-    "edges", [(0.0,), (1.0, 2.0), (0.0, 2.0, 2.0), (0.0, 3.0, 1.0)]
-)
+@pytest.mark.parametrize("edges", [(0.0,), (1.0, 2.0), (0.0, 2.0, 2.0), (0.0, 3.0, 1.0)])
 def test_invalid_edges(edges):
     with pytest.raises(ValueError):
         TimeBins(edges)

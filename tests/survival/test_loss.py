@@ -75,9 +75,7 @@ def test_alpha_half_hand_computed_three_bins():
     events = torch.tensor([1, 0, 1, 0])
     each = nll_survival_loss(logits, bins, events, alpha=0.5, reduction="none")
     torch.testing.assert_close(each, expected)
-    torch.testing.assert_close(
-        nll_survival_loss(logits, bins, events, alpha=0.5), expected.mean()
-    )
+    torch.testing.assert_close(nll_survival_loss(logits, bins, events, alpha=0.5), expected.mean())
     torch.testing.assert_close(
         nll_survival_loss(logits, bins, events, alpha=0.5, reduction="sum"), expected.sum()
     )
@@ -89,7 +87,9 @@ def test_reductions_are_consistent():
     logits, bins, events = _batch(16, 3)
     each = nll_survival_loss(logits, bins, events, reduction="none")
     assert each.shape == (16,)
-    torch.testing.assert_close(nll_survival_loss(logits, bins, events, reduction="mean"), each.mean())
+    torch.testing.assert_close(
+        nll_survival_loss(logits, bins, events, reduction="mean"), each.mean()
+    )
     torch.testing.assert_close(nll_survival_loss(logits, bins, events, reduction="sum"), each.sum())
 
 

@@ -27,7 +27,9 @@ def test_survival_hand_case():
         survival_from_logits(logits), torch.tensor([[0.5, 0.375, 0.3]], dtype=torch.float64)
     )
     # risk = -(0.5 + 0.375 + 0.3) = -1.175
-    torch.testing.assert_close(risk_from_logits(logits), torch.tensor([-1.175], dtype=torch.float64))
+    torch.testing.assert_close(
+        risk_from_logits(logits), torch.tensor([-1.175], dtype=torch.float64)
+    )
 
 
 def test_risk_ordering_hand_case():

@@ -2,6 +2,15 @@
 
 from steph.survival.bins import TimeBins
 from steph.survival.loss import NLLSurvLoss, nll_survival_loss
+from steph.survival.metrics import (
+    CensoringDistribution,
+    ConcordanceResult,
+    brier_score,
+    concordance_index,
+    concordance_index_details,
+    integrated_brier_score,
+    uno_concordance_index,
+)
 from steph.survival.risk import hazards_from_logits, risk_from_logits, survival_from_logits
 
 __all__ = [
@@ -11,4 +20,11 @@ __all__ = [
     "hazards_from_logits",
     "survival_from_logits",
     "risk_from_logits",
+    "ConcordanceResult",
+    "CensoringDistribution",
+    "concordance_index",
+    "concordance_index_details",
+    "uno_concordance_index",
+    "brier_score",
+    "integrated_brier_score",
 ]
