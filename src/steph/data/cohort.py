@@ -1,0 +1,252 @@
+"""A cohort on disk: its label table joined to the feature files of its slides.
+
+Layout::
+
+    DATA/<cohort>/labels.csv              one row per slide (any convention of labels.py)
+    DATA/<cohort>/features/<slide>.h5     (or .pt; CLAM's h5_files/ and pt_files/ too)
+    DATA/<cohort>/splits/                 optional fold files (see splits.py)
+
+Loading checks every slide's file from its metadata only (``check="shape"``: the file exists,
+N > 0, rank 2, the same feature dimension for the whole cohort) or also reads the values
+(``check="full"``: no NaN/inf). Bags are read lazily by :meth:`Cohort.load_bag`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from steph.data.features import FeatureIndex, read_feature_shape, read_features
+from steph.data.labels import read_labels
+from steph.errors import DataError
+
+logger = logging.getLogger("steph.data.cohort")
+
+DEFAULT_LABELS = "labels.csv"
+FEATURES_DIRNAME = "features"
+SPLITS_DIRNAME = "splits"
+ON_BAD_SLIDE = ("raise", "skip")
+CHECKS = ("shape", "full")
+_MAX_LISTED = 20
+
+PATIENT_COLUMNS = ["patient_id", "time", "event", "slides", "n_patches"]
+SLIDE_COLUMNS = ["slide_id", "patient_id", "path", "n_patches", "dtype"]
+SKIPPED_COLUMNS = ["patient_id", "slide_id", "path", "reason"]
+
+
+def discover_cohorts(data_root: str | os.PathLike, labels: str = DEFAULT_LABELS) -> list[str]:
+    """Sorted names of the folders of `data_root` that hold a `labels` file."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"data root not found or not a folder: {root}")
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / labels).is_file())
+
+
+@dataclass
+class Cohort:
+    """Patients of one cohort with their labels and feature files.
+
+    ``patients``: one row per patient (sorted by id), columns ``patient_id, time, event,
+    slides`` (tuple of slide ids, in label-table order = concatenation order) and
+    ``n_patches`` (total over the slides). ``slides``: one row per slide with its file path,
+    patch count and stored dtype. ``skipped``: slides left out with ``on_bad_slide="skip"``
+    and why (empty otherwise)."""
+
+    name: str
+    root: Path
+    features_dir: Path
+    patients: pd.DataFrame
+    slides: pd.DataFrame
+    feature_dim: int
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
+    labels_path: Path | None = None
+    label_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._row = {p: i for i, p in enumerate(self.patients["patient_id"])}
+        self._paths: dict[str, list[Path]] = {}
+        for pid, path in zip(self.slides["patient_id"], self.slides["path"]):
+            self._paths.setdefault(pid, []).append(Path(path))
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cohort_dir: str | os.PathLike, *, labels: str | os.PathLike = DEFAULT_LABELS,
+             convention: str | None = None, endpoint: str | None = None,
+             columns: Mapping[str, str] | None = None, time_unit: str | None = None,
+             on_bad_slide: str = "raise", check: str = "shape") -> "Cohort":
+        """Read ``<cohort_dir>/<labels>`` and check every slide's feature file.
+
+        `labels` is relative to `cohort_dir` unless absolute. `convention`, `endpoint`,
+        `columns`, `time_unit` go to :func:`steph.data.labels.read_labels`.
+        ``on_bad_slide="raise"`` (default) raises one :class:`DataError` listing the problems
+        found (capped); ``"skip"`` leaves bad slides out (listed in ``skipped`` and the log)
+        and drops patients left without a slide."""
+        if on_bad_slide not in ON_BAD_SLIDE:
+            raise DataError(f"on_bad_slide must be one of {ON_BAD_SLIDE}, got {on_bad_slide!r}")
+        if check not in CHECKS:
+            raise DataError(f"check must be one of {CHECKS}, got {check!r}")
+        root = Path(cohort_dir)
+        if not root.is_dir():
+            raise DataError(f"cohort folder not found: {root}")
+        labels_path = Path(labels) if Path(labels).is_absolute() else root / labels
+        if not labels_path.is_file():
+            raise DataError(f"cohort {root.name!r}: no label file {labels_path}")
+        features_dir = root / FEATURES_DIRNAME
+        if not features_dir.is_dir():
+            raise DataError(f"cohort {root.name!r}: no features folder {features_dir}")
+
+        table = read_labels(labels_path, convention=convention, endpoint=endpoint,
+                            columns=columns, time_unit=time_unit)
+        index = FeatureIndex(features_dir)
+
+        records: list[dict[str, Any]] = []
+        problems: list[dict[str, Any]] = []
+        for pid, sid in zip(table["patient_id"], table["slide_id"]):
+            path = index.find(sid)
+            if path is None:
+                problems.append(dict(patient_id=pid, slide_id=sid, path=None,
+                                     reason=index.missing_message(sid)))
+                continue
+            try:
+                n, d, dtype = read_feature_shape(path, slide_id=sid)
+                if check == "full":
+                    read_features(path, slide_id=sid)  # values: NaN / inf
+            except DataError as e:
+                problems.append(dict(patient_id=pid, slide_id=sid, path=str(path),
+                                     reason=str(e)))
+                continue
+            records.append(dict(slide_id=sid, patient_id=pid, path=str(path), n_patches=n,
+                                dim=d, dtype=str(dtype)))
+
+        feature_dim = _majority_dim(records)
+        if feature_dim is not None:
+            keep = []
+            for r in records:
+                if r["dim"] != feature_dim:
+                    problems.append(dict(
+                        patient_id=r["patient_id"], slide_id=r["slide_id"], path=r["path"],
+                        reason=(f"slide {r['slide_id']!r} ({r['path']}): feature dimension "
+                                f"{r['dim']} differs from the rest of the cohort "
+                                f"({feature_dim})")))
+                else:
+                    keep.append(r)
+            records = keep
+
+        name = root.name
+        if problems and on_bad_slide == "raise":
+            lines = [p["reason"] for p in problems[:_MAX_LISTED]]
+            more = len(problems) - len(lines)
+            raise DataError(
+                f"cohort {name!r}: {len(problems)} of {len(table)} slide(s) have a problem "
+                f"(pass on_bad_slide='skip' to leave them out):\n  - " + "\n  - ".join(lines)
+                + (f"\n  ... and {more} more" if more else ""))
+        skipped = pd.DataFrame(problems, columns=SKIPPED_COLUMNS)
+        if problems:
+            logger.warning("cohort %s: skipped %d slide(s) with a problem; first: %s", name,
+                           len(problems), "; ".join(skipped["reason"].head(3)))
+
+        if not records:
+            raise DataError(f"cohort {name!r}: no usable slide (of {len(table)} in "
+                            f"{labels_path})")
+        slides = pd.DataFrame(records)
+        labelled = table.drop_duplicates("patient_id").set_index("patient_id")
+        all_patients = set(table["patient_id"])
+        by_patient = slides.groupby("patient_id", sort=True)
+        patients = pd.DataFrame({
+            "patient_id": list(by_patient.groups),
+        })
+        patients["time"] = labelled.loc[patients["patient_id"], "time"].to_numpy(dtype=float)
+        patients["event"] = labelled.loc[patients["patient_id"], "event"].to_numpy(
+            dtype=np.int64)
+        slide_lists = by_patient["slide_id"].agg(tuple)
+        patients["slides"] = [slide_lists[p] for p in patients["patient_id"]]
+        patients["n_patches"] = by_patient["n_patches"].sum().loc[
+            patients["patient_id"]].to_numpy(dtype=np.int64)
+        lost = sorted(all_patients - set(patients["patient_id"]))
+        if lost:
+            logger.warning("cohort %s: dropped %d patient(s) left with no usable slide: %s%s",
+                           name, len(lost), ", ".join(lost[:5]), " ..." if len(lost) > 5 else "")
+        logger.info("cohort %s: %d patient(s), %d slide(s), feature dim %d", name,
+                    len(patients), len(slides), feature_dim)
+        slides = slides[["slide_id", "patient_id", "path", "n_patches", "dtype"]]
+        return cls(name=name, root=root, features_dir=features_dir,
+                   patients=patients.reset_index(drop=True), slides=slides.reset_index(drop=True),
+                   feature_dim=int(feature_dim), skipped=skipped, labels_path=labels_path,
+                   label_info=dict(table.attrs, lost_patients=lost))
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def patient_ids(self) -> list[str]:
+        return self.patients["patient_id"].tolist()
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __contains__(self, patient_id: object) -> bool:
+        return patient_id in self._row
+
+    def __repr__(self) -> str:
+        return (f"Cohort({self.name!r}, patients={len(self.patients)}, "
+                f"slides={len(self.slides)}, feature_dim={self.feature_dim})")
+
+    def _check_patient(self, patient_id: str) -> int:
+        try:
+            return self._row[patient_id]
+        except KeyError:
+            raise DataError(f"cohort {self.name!r}: unknown patient {patient_id!r}") from None
+
+    def patient(self, patient_id: str) -> pd.Series:
+        """The patient's row of ``patients``."""
+        return self.patients.iloc[self._check_patient(patient_id)]
+
+    def slide_paths(self, patient_id: str) -> list[Path]:
+        """Feature files of the patient's slides, in concatenation order."""
+        self._check_patient(patient_id)
+        return list(self._paths[patient_id])
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.root / SPLITS_DIRNAME
+
+    def load_bag_array(self, patient_id: str) -> np.ndarray:
+        """All slides of the patient concatenated, float32 ``(N, D)`` numpy array."""
+        row = self._check_patient(patient_id)
+        slide_ids = self.patients.at[row, "slides"]
+        parts = []
+        for sid, path in zip(slide_ids, self._paths[patient_id]):
+            try:
+                arr = read_features(path, slide_id=sid)
+            except DataError as e:
+                raise DataError(f"cohort {self.name!r}, patient {patient_id!r}: {e}") from e
+            if arr.shape[1] != self.feature_dim:
+                raise DataError(
+                    f"cohort {self.name!r}, patient {patient_id!r}: slide {sid!r} ({path}) has "
+                    f"feature dimension {arr.shape[1]}, the cohort has {self.feature_dim} "
+                    "(the file changed since the cohort was loaded?)")
+            parts.append(arr)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def load_bag(self, patient_id: str) -> torch.Tensor:
+        """All slides of the patient concatenated: float32 tensor ``(N, D)``."""
+        return torch.from_numpy(self.load_bag_array(patient_id))
+
+
+def _majority_dim(records: list[dict[str, Any]]) -> int | None:
+    """The feature dimension most slides have (ties: the first seen)."""
+    if not records:
+        return None
+    counts = Counter(r["dim"] for r in records)
+    best = max(counts.values())
+    for r in records:
+        if counts[r["dim"]] == best:
+            return int(r["dim"])
+    return None  # pragma: no cover
