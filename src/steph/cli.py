@@ -1,2 +1,350 @@
-def main():
-    raise SystemExit("steph CLI is not built yet")
+"""The ``steph`` command line: thin wrappers over the package's functions.
+
+Errors caused by input (a missing data root, a bad config key, an unknown method, a broken
+feature file) print one clear message and exit non-zero; ``--debug`` anywhere on the command
+line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from steph.errors import ConfigError, StephError
+
+log = logging.getLogger("steph")
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def _load_cfg(config: str | None, sets: Sequence[str], **direct: Any):
+    from steph.config import load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in sets)
+    for key, value in direct.items():
+        if value is not None:
+            overrides[key] = value
+    return load_config(config, overrides)
+
+
+def _common_run_options(fn):
+    fn = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+                      help="Override one config value, e.g. --set train.lr=3e-4 (repeatable).")(fn)
+    fn = click.option("--config", type=click.Path(dir_okay=False), default=None,
+                      help="YAML config file (sections data, bins, model, train, steph, merge).")(fn)
+    fn = click.option("--epochs", type=click.IntRange(min=1), default=None,
+                      help="Training epochs (default 20).")(fn)
+    fn = click.option("--seed", type=int, default=None, help="Training seed (default 0).")(fn)
+    fn = click.option("--quiet", is_flag=True, help="No progress bars.")(fn)
+    return fn
+
+
+def _print_table(summary, methods: Sequence[str] | None = None) -> None:
+    from steph.experiments.summary import markdown_table
+
+    click.echo(markdown_table(summary, methods))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="steph")
+def cli() -> None:
+    """steph: cross-cancer knowledge transfer for WSI survival prediction (STEPH and baselines).
+
+    Add --debug anywhere to see full tracebacks.
+    """
+
+
+# -- synthetic data ----------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write.")
+@click.option("--preset", type=click.Choice(["demo", "transfer", "tcga13"]), default="demo",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--feature-dim", type=click.IntRange(min=2), default=None,
+              help="Feature dimension (preset default: demo 256, transfer 512, tcga13 1536).")
+@click.option("--patch-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="tcga13 only: bag sizes as a fraction of Table S1's (default 0.01).")
+@click.option("--layout", type=click.Choice(["contiguous", "trident"]), default=None,
+              help="HDF5 layout of the feature files (trident: one-row chunks).")
+@click.option("--overwrite", is_flag=True, help="Replace cohorts that already exist.")
+def synth(out: str, preset: str, seed: int, feature_dim: int | None, patch_scale: float | None,
+          layout: str | None, overwrite: bool) -> None:
+    """Write synthetic cohorts in the layout users bring (labels.csv + features/*.h5)."""
+    from steph.data import synthetic
+
+    cfg = synthetic.preset(preset, feature_dim=feature_dim, patch_scale=patch_scale, layout=layout)
+    synthetic.generate(cfg, out, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {len(cfg.cohorts)} cohort(s) ({', '.join(c.name for c in cfg.cohorts)}) "
+               f"to {out}")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+@cli.group()
+def data() -> None:
+    """Inspect a data root."""
+
+
+def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
+                  skip: bool | None = None):
+    from steph.data.cohort import Cohort, discover_cohorts
+
+    names = _split_list(cohorts) or discover_cohorts(root, cfg.data.labels)
+    if not names:
+        raise ConfigError(f"no cohort found under {root} (expected <cohort>/{cfg.data.labels})")
+    d = cfg.data
+    return [Cohort.load(Path(root) / n, labels=d.labels, convention=d.convention, endpoint=d.endpoint,
+                        time_unit=d.time_unit,
+                        on_bad_slide="skip" if (skip if skip is not None else d.on_bad_slide == "skip")
+                        else "raise",
+                        check=check or d.check) for n in names]
+
+
+@data.command("summary")
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
+@click.option("--cohorts", default=None, help="Comma-separated cohorts (default: all).")
+@click.option("--config", type=click.Path(dir_okay=False), default=None)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
+def data_summary(data_root: str, cohorts: str | None, config: str | None, out: str | None) -> None:
+    """Cohort characteristics like the appendix's Table S1."""
+    from steph.data.summary import summarize_cohorts
+    from steph.utils.io import write_csv
+
+    cfg = _load_cfg(config, [])
+    table = summarize_cohorts(_load_cohorts(data_root, cohorts, cfg))
+    click.echo(table.to_string(index=False))
+    if out:
+        write_csv(out, table)
+
+
+@data.command("check")
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
+@click.option("--cohorts", default=None, help="Comma-separated cohorts (default: all).")
+@click.option("--full", is_flag=True, help="Also read every value (NaN / inf), not only shapes.")
+@click.option("--skip-bad-slides", is_flag=True, help="List bad slides instead of failing.")
+@click.option("--config", type=click.Path(dir_okay=False), default=None)
+def data_check(data_root: str, cohorts: str | None, full: bool, skip_bad_slides: bool,
+               config: str | None) -> None:
+    """Check label tables and feature files; report every problem found."""
+    cfg = _load_cfg(config, [])
+    loaded = _load_cohorts(data_root, cohorts, cfg, check="full" if full else "shape",
+                           skip=skip_bad_slides)
+    bad = 0
+    for c in loaded:
+        click.echo(f"{c.name}: {len(c)} patients, {len(c.slides)} slides, dim {c.feature_dim}, "
+                   f"{len(c.skipped)} skipped slide(s)")
+        for _, row in c.skipped.iterrows():
+            click.echo(f"  - {row['reason']}")
+        bad += len(c.skipped)
+    if bad:
+        sys.exit(1)
+
+
+# -- training and cross-validation -----------------------------------------------------------------
+
+@cli.command()
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Runs directory.")
+@click.option("--cohort", required=True, help="Cohort to train on.")
+@click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--method", default="abmil", show_default=True, help="Method name (steph methods).")
+@click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@_common_run_options
+def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources: str | None,
+          sets: Sequence[str], config: str | None, epochs: int | None, seed: int | None,
+          quiet: bool) -> None:
+    """Train one cohort x fold (and, for transfer methods, the models it needs)."""
+    from steph.experiments.cv import Experiment, Job
+
+    cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
+    exp = Experiment(data_root, out, cfg, sources=_split_list(sources), progress=not quiet)
+    exp._check_cohorts([cohort], "target")
+    exp.split(cohort, fold)  # fails early on a bad fold
+    jobs = exp.plan([method], [cohort], [fold])
+    metrics = exp.run_all(jobs)[-1]
+    click.echo(f"{Job(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
+               f"(train {metrics['train_c_index']:.4f})")
+
+
+@cli.command()
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Runs directory.")
+@click.option("--methods", default="abmil", show_default=True,
+              help="Comma-separated methods (see `steph methods`).")
+@click.option("--targets", default=None, help="Comma-separated target cohorts (default: all).")
+@click.option("--folds", default=None, help="Folds, e.g. 0-4 or 0,2 (default: all).")
+@click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@_common_run_options
+def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
+       sources: str | None, sets: Sequence[str], config: str | None, epochs: int | None,
+       seed: int | None, quiet: bool) -> None:
+    """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
+    from steph.experiments.cv import run_cv
+    from steph.experiments.methods import resolve_methods
+
+    cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
+    names = resolve_methods(methods)
+    summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds, cfg=cfg,
+                     sources=_split_list(sources), progress=not quiet)
+    _print_table(summary, names)
+    click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Runs directory.")
+@click.option("--data", "data_root", default=None, type=click.Path(),
+              help="Data root (adds the oracle row for synthetic cohorts).")
+def summarize(out: str, data_root: str | None) -> None:
+    """Rebuild summary.csv / summary.md / summary.png from every finished run."""
+    from steph.experiments.summary import write_summary
+
+    summary = write_summary(out, data_root=data_root)
+    _print_table(summary)
+
+
+@cli.command()
+def methods() -> None:
+    """List the methods `steph cv` knows."""
+    from steph.experiments.methods import get_method, list_methods
+
+    for name in list_methods():
+        click.echo(f"{name:18s} {get_method(name).summary}")
+    click.echo(f"{'steph_k<N>':18s} STEPH with K = N selected sources")
+
+
+# -- prediction ------------------------------------------------------------------------------------
+
+def _patients_from_inputs(slides: Sequence[str], features: str | None, labels: str | None):
+    from steph.data.features import iter_feature_files, strip_wsi_extension
+    from steph.data.labels import read_labels
+
+    files = [Path(s) for s in slides]
+    if features:
+        files += list(iter_feature_files(features))
+    if not files:
+        raise ConfigError("give feature files with --slides or a folder with --features")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ConfigError(f"feature file(s) not found: {', '.join(missing[:5])}")
+    if labels is None:  # one patient per file
+        return [(f.stem, [f]) for f in files]
+    table = read_labels(labels)
+    by_stem = {f.stem: f for f in files}
+    patients: dict[str, list[Path]] = {}
+    for pid, sid in zip(table["patient_id"], table["slide_id"]):
+        f = by_stem.get(strip_wsi_extension(sid))
+        if f is not None:
+            patients.setdefault(pid, []).append(f)
+    if not patients:
+        raise ConfigError(f"no feature file matches a slide of {labels}")
+    return list(patients.items())
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(),
+              help="Artefact: a run directory or its model.safetensors.")
+@click.option("--slides", multiple=True, type=click.Path(),
+              help="Feature files (.h5 / .pt); repeat the option or list several.")
+@click.argument("more_slides", nargs=-1, type=click.Path())
+@click.option("--features", default=None, type=click.Path(file_okay=False),
+              help="A folder of feature files.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="A label/slide table to group slides into patients (else one file = one patient).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write a CSV here.")
+def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], features: str | None,
+            labels: str | None, out: str | None) -> None:
+    """Risk and survival curve per patient with a saved model."""
+    from steph.inference import predict_patients
+    from steph.utils.io import write_csv
+
+    patients = _patients_from_inputs([*slides, *more_slides], features, labels)
+    table = predict_patients(model, patients)
+    if out:
+        write_csv(out, table)
+        click.echo(f"wrote {len(table)} prediction(s) to {out}")
+    else:
+        click.echo(table[["patient_id", "n_patches", "risk"]].to_string(index=False))
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(), help="A STEPH artefact or run directory.")
+@click.argument("slides", nargs=-1, type=click.Path(), required=True)
+def explain(model: str, slides: Sequence[str]) -> None:
+    """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag."""
+    import numpy as np
+    import torch
+
+    from steph.data.features import read_features
+    from steph.inference import load_artefact
+
+    module, manifest = load_artefact(model)
+    if manifest["kind"] != "steph":
+        raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
+    bag = torch.from_numpy(np.concatenate([read_features(Path(s)) for s in slides]))
+    ex = module.explain(bag)
+    click.echo(f"selected sources: {', '.join(ex.selected)}")
+    click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
+    for i, name in enumerate(module.source_names):
+        click.echo(f"{name:12s} {float(ex.w[i]):8.4f} {float(ex.lam[i]):8.4f} "
+                   f"{ex.coefficients[name]:8.4f}")
+    click.echo(f"{'target':12s} {'':8s} {'':8s} {ex.coefficients[module.target_name]:8.4f}")
+
+
+# -- demo --------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--methods", default=None, help="Comma-separated methods (default: every method).")
+@click.option("--folds", default=None, help="Folds (default: 0-4).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: str, methods: str | None, folds: str | None, epochs: int | None, quiet: bool) -> None:
+    """Generate the demo cohorts and cross-validate every method on them (minutes on 2 cores)."""
+    from steph.experiments.demo import run_demo
+
+    run_demo(out, methods=_split_list(methods), folds=folds, epochs=epochs, progress=not quiet,
+             echo=click.echo)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cli.main(args=args, prog_name="steph", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except StephError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    except Exception as err:  # a bug, or an input we failed to validate
+        if debug:
+            raise
+        click.echo(f"error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

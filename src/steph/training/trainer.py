@@ -246,9 +246,9 @@ def fit(
                                          torch.tensor([item["event"]]), alpha=cfg.loss_alpha)
                 loss = surv if out.aux_loss is None else surv + out.aux_loss
                 (loss / cfg.bags_per_step).backward()
-                surv_losses.append(float(surv))
+                surv_losses.append(float(surv.detach()))
                 if out.aux_loss is not None:
-                    aux_losses.append(float(out.aux_loss))
+                    aux_losses.append(float(out.aux_loss.detach()))
                 risks.append(float(risk_from_logits(out.logits.detach())[0]))
                 times.append(float(item["time"]))
                 events.append(int(item["event"]))

@@ -1,0 +1,3 @@
+from steph.cli import main
+
+main()

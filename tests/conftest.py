@@ -1,0 +1,49 @@
+"""Fixtures shared by every test folder: a tiny synthetic world that trains in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from steph.config import build_config
+from steph.data import synthetic
+
+TINY_COHORTS = ("TGT", "RELA", "UNRB")
+
+
+def tiny_synth_config(feature_dim: int = 16) -> synthetic.SynthConfig:
+    kw = dict(patches_mean=20.0, patches_max=60, slides_per_patient=1.3)
+    return synthetic.SynthConfig(
+        feature_dim=feature_dim,
+        n_phenotypes=6,
+        latent_dim=8,
+        min_patches=4,
+        cohorts=(
+            synthetic.CohortSpec("TGT", 30, "a", 0.6, **kw),
+            synthetic.CohortSpec("RELA", 30, "a", 0.6, **kw),
+            synthetic.CohortSpec("UNRB", 30, "b", 0.6, **kw),
+        ),
+    )
+
+
+def tiny_experiment_config(**train):
+    """Small model and short training: 2 epochs of 4-bag steps."""
+    return build_config({
+        "model": {"hidden_dim": 16, "attn_dim": 8},
+        "train": {"epochs": 2, "bags_per_step": 4, "eval_every": 1, **train},
+        "steph": {"embed_dim": 16},
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data root with three tiny cohorts (read-only: copy it before changing anything)."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    synthetic.generate(tiny_synth_config(), root, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_experiment_config()
