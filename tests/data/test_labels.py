@@ -137,6 +137,15 @@ def test_ambiguous_convention_needs_an_override(write_csv):
         == "tcga_cdr"
 
 
+def test_boolean_event_values(write_csv):
+    p = write_csv("""
+        patient_id,slide_id,time,event
+        A,a,1,True
+        B,b,2,false
+    """)
+    assert read_labels(p)["event"].tolist() == [1, 0]
+
+
 def test_tsv(tmp_path):
     p = tmp_path / "labels.tsv"
     p.write_text("patient_id\tslide_id\ttime\tevent\nA\ta\t3\t0\n")

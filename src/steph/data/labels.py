@@ -227,11 +227,15 @@ def _line(i: int) -> int:
     return i + 2
 
 
-def _parse_numbers(raw: pd.Series, path: Path, column: str, ids: pd.Series
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(values, missing mask); non-numeric, non-blank cells are an error."""
+def _parse_numbers(raw: pd.Series, path: Path, column: str, ids: pd.Series,
+                   booleans: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(values, missing mask); non-numeric, non-blank cells are an error. With `booleans`,
+    true/false (any case) read as 1/0."""
     s = raw.astype(str).str.strip()
-    missing = s.str.lower().isin(MISSING_TOKENS).to_numpy()
+    low = s.str.lower()
+    missing = low.isin(MISSING_TOKENS).to_numpy()
+    if booleans:
+        s = s.mask(low == "true", "1").mask(low == "false", "0")
     values = pd.to_numeric(s.where(~missing), errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~missing & np.isnan(values))
     if len(bad):
@@ -269,7 +273,7 @@ def read_labels(path: str | os.PathLike, convention: str | None = None,
     sid = sid_raw.map(strip_wsi_extension)
 
     time, t_missing = _parse_numbers(table[spec.time], path, spec.time, pid)
-    flag, f_missing = _parse_numbers(table[spec.flag], path, spec.flag, pid)
+    flag, f_missing = _parse_numbers(table[spec.flag], path, spec.flag, pid, booleans=True)
 
     bad = np.flatnonzero(~t_missing & ~np.isfinite(time))
     if len(bad):
