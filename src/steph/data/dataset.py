@@ -1,0 +1,129 @@
+"""The bag Dataset: one item per patient, features read from disk on access.
+
+Items (the contract of ``docs/architecture.md``)::
+
+    {"features": FloatTensor (N, D), "bin": int64 0-d tensor, "time": float (days),
+     "event": int (1 = event), "patient_id": str}
+
+Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags
+bounded by that many megabytes (for small studies trained for many epochs).
+``max_instances`` subsamples huge bags to at most that many patches, the same subset every
+time for a given seed and patient (independent of worker, epoch and item order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from steph.errors import DataError
+from steph.survival.bins import TimeBins
+
+logger = logging.getLogger("steph.data.dataset")
+
+
+def _patient_seed(seed: int, patient_id: str) -> list[int]:
+    """Stable (not process-salted like hash()) seed material for one patient."""
+    digest = hashlib.blake2b(patient_id.encode("utf-8"), digest_size=8).digest()
+    return [int(seed) & 0xFFFFFFFF, int.from_bytes(digest, "little")]
+
+
+def subsample_indices(n: int, max_instances: int, seed: int, patient_id: str) -> np.ndarray:
+    """Sorted indices of ``max_instances`` distinct patches out of ``n`` (all when n is
+    not larger), deterministic for (seed, patient_id)."""
+    if n <= max_instances:
+        return np.arange(n)
+    rng = np.random.default_rng(_patient_seed(seed, patient_id))
+    return np.sort(rng.choice(n, size=max_instances, replace=False))
+
+
+class BagDataset(Dataset):
+    """Bags of `patient_ids` (in that order) from a :class:`~steph.data.cohort.Cohort`."""
+
+    def __init__(self, cohort: Any, patient_ids: Sequence[str], bins: TimeBins, *,
+                 cache_mb: float = 0, max_instances: int | None = None, seed: int = 0):
+        ids = [str(p) for p in patient_ids]
+        unknown = [p for p in ids if p not in cohort]
+        if unknown:
+            raise DataError(f"cohort {cohort.name!r}: {len(unknown)} unknown patient id(s): "
+                            + ", ".join(map(repr, unknown[:5]))
+                            + (" ..." if len(unknown) > 5 else ""))
+        if len(set(ids)) != len(ids):
+            raise DataError("BagDataset: repeated patient ids in patient_ids")
+        if max_instances is not None and max_instances < 1:
+            raise DataError(f"max_instances must be >= 1, got {max_instances}")
+        if cache_mb < 0:
+            raise DataError(f"cache_mb must be >= 0, got {cache_mb}")
+        self.cohort = cohort
+        self.patient_ids = ids
+        self.bins = bins
+        self.max_instances = max_instances
+        self.seed = int(seed)
+        rows = [cohort.patient(p) for p in ids]
+        self.times = np.array([float(r["time"]) for r in rows], dtype=float)
+        self.events = np.array([int(r["event"]) for r in rows], dtype=np.int64)
+        self.bin_indices = bins.to_bins(self.times) if ids else np.zeros(0, dtype=np.int64)
+        self.cache_bytes_max = int(cache_mb * 2**20)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def _load(self, patient_id: str) -> torch.Tensor:
+        # Cohort.load_bag raises a DataError naming the patient and the file for NaN/inf
+        bag = self.cohort.load_bag(patient_id)
+        if self.max_instances is not None and bag.shape[0] > self.max_instances:
+            idx = subsample_indices(bag.shape[0], self.max_instances, self.seed, patient_id)
+            bag = bag[torch.from_numpy(idx)].contiguous()
+        return bag
+
+    def features(self, patient_id: str) -> torch.Tensor:
+        """The (possibly subsampled) bag of one patient, through the cache (a cached tensor is
+        shared between calls: do not modify it in place)."""
+        if self.cache_bytes_max <= 0:
+            return self._load(patient_id)
+        hit = self._cache.get(patient_id)
+        if hit is not None:
+            self._cache.move_to_end(patient_id)
+            self.cache_hits += 1
+            return hit
+        self.cache_misses += 1
+        bag = self._load(patient_id)
+        size = bag.numel() * bag.element_size()
+        if size <= self.cache_bytes_max:
+            self._cache[patient_id] = bag
+            self._cache_bytes += size
+            while self._cache_bytes > self.cache_bytes_max:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.numel() * old.element_size()
+        return bag
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} bags")
+        pid = self.patient_ids[i]
+        return {
+            "features": self.features(pid),
+            "bin": torch.tensor(int(self.bin_indices[i]), dtype=torch.int64),
+            "time": float(self.times[i]),
+            "event": int(self.events[i]),
+            "patient_id": pid,
+        }
+
+    def cache_info(self) -> dict[str, int]:
+        return {"hits": self.cache_hits, "misses": self.cache_misses,
+                "entries": len(self._cache), "bytes": self._cache_bytes,
+                "max_bytes": self.cache_bytes_max}
+
+    def __repr__(self) -> str:
+        return (f"BagDataset({self.cohort.name!r}, {len(self)} bags, n_bins={self.bins.n_bins}, "
+                f"cache_mb={self.cache_bytes_max / 2**20:g}, max_instances={self.max_instances})")
