@@ -212,4 +212,4 @@ def test_many_slides_load_quickly(tmp_path):
     c = Cohort.load(root)
     elapsed = time.perf_counter() - t0
     assert len(c) == 500 and len(c.slides) == 1000
-    assert elapsed < 5.0, f"loading 1,000 slides took {elapsed:.2f}s"
+    assert elapsed < 10.0, f"loading 1,000 slides took {elapsed:.2f}s"  # ~0.6 s idle
