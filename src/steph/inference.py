@@ -91,6 +91,8 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if manifest.get("format") != FORMAT:
         raise RunError(f"{path}: unknown artefact format {manifest.get('format')!r}")
     kind = manifest["kind"]
+    if kind not in _BUILDERS:  # kinds registered by the merging baselines on import
+        import steph.merging.baselines  # noqa: F401
     if kind not in _BUILDERS:
         raise RunError(f"{path}: unknown model kind {kind!r}")
     module = _BUILDERS[kind](manifest["settings"])

@@ -1,1 +1,422 @@
-"""Model-merging baselines (method.md section 6); registered as methods on import."""
+"""Model-merging baselines (method.md section 6); they register themselves as methods on import.
+
+Every baseline uses the same model pool as STEPH (:class:`steph.merging.pool.ModelPool`): the
+shared initialisation theta_0, the target's own fold-k model and the fold-0 model of every source
+cohort, with task vectors ``tau_c = theta_c - theta_0``. Coefficients are always ordered as the
+pool orders its models: ``[target, source_1, ..., source_m]``.
+
+Methods (names as ``steph cv --methods`` knows them)
+----------------------------------------------------
+``model_avg``        no training: the plain average of the m + 1 models, over **all** tensors
+                     (heads included), ``theta_0 + (tau_t + sum_i tau_i) / (m + 1)``.
+``task_arithmetic``  no training (a sanity row): ``theta_0 + ta_coef (tau_t + sum_i tau_i)`` over
+                     all tensors, heads included.
+``adamerging``       ``theta_0 + c_t tau_t + sum_i c_i tau_i`` on the MIL encoder, one learnable
+                     coefficient per task vector (task-wise) initialised at ``init_coef``, a fresh
+                     head, trained with the survival loss on the target's training split.
+``ties_am``          AdaMerging over sources preprocessed pairwise with the target by TIES.
+``isoc_am``          AdaMerging over sources preprocessed pairwise with the target by Iso-C.
+``isocts_am``        AdaMerging over sources preprocessed pairwise with the target by Iso-CTS.
+``surgery_am``       AdaMerging plus Representation Surgery on the merged bag embedding.
+
+Choices (method.md is silent on these; each is deliberate)
+-----------------------------------------------------------
+* **Heads in Model Avg / Task Arithmetic.** These two methods do not train, so nothing could
+  replace the head: the head is merged like every other tensor (its own task vectors are
+  ``head_c - head_0``). A fresh random head would make the merged model predict noise.
+* **The target's task vector in AdaMerging** is one of the learned coefficients (method.md asks
+  for it; the reference release leaves it open): coefficients ``[c_t, c_1, ..., c_m]``, all
+  starting at ``init_coef`` (0.3), so the starting point is ``theta_0 + 0.3 (tau_t + sum tau_i)``.
+* **Coefficients are unconstrained** real numbers (no clamping to [0, 1], no softmax): the
+  reference release's ``MergedModel`` defaults to ``clamp_weights=False``. They are 1-d, hence
+  without weight decay (the trainer decays matrices only), and trained with the shared protocol
+  (AdamW, lr ``train.lr``, cosine schedule), like every other module of the project.
+* **Fresh head**: Linear(hidden -> n_bins) drawn from U(-1/sqrt(hidden), 1/sqrt(hidden)) (PyTorch's
+  default range for a Linear) with a generator seeded by the training seed, as STEPH's head;
+  never copied from a model of the pool. The encoder's tensors are never trained (theta_0 and the
+  task vectors are frozen buffers).
+* **Preprocessed AdaMerging (TIES / Iso-C / Iso-CTS AM).** Each *source* vector is replaced by
+  its pairwise merge with the target, ``preprocess_pairwise(tau_t, [tau_1..tau_m], method)``;
+  the target's own row stays the raw ``tau_t``. Reasons: (1) the preprocessing is defined
+  pairwise *with the target*, there is no "pair" for the target itself (``merge(tau_t, tau_t)``
+  would only rescale or sparsify the target's own knowledge); (2) this is what the reference
+  release does (it preprocesses only its list of source vectors); (3) it keeps every AdaMerging
+  variant starting from the same target contribution ``0.3 tau_t``, so the rows differ only by
+  how the sources are treated. TIES uses the module defaults of
+  :func:`steph.merging.preprocess.ties_merge` (global ranking, disjoint *sum*) with density
+  ``merge.ties_density``; Iso-CTS uses ``merge.iso_cts_fraction``.
+* **Representation Surgery** (Yang et al., ICML 2024) on the merged model's 512-d bag embedding
+  ``z`` (the attention-pooled vector that enters the head): ``z' = z - W_up ReLU(W_down z)``,
+  W_down: Linear(hidden -> rank), W_up: Linear(rank -> hidden), rank ``merge.surgery_rank``.
+  As in the Surgery paper's code: **no biases**, ``W_up = 0`` at the start (so training starts
+  exactly at plain AdaMerging with the same head), ``W_down`` drawn like a PyTorch Linear
+  (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(hidden), 1/sqrt(hidden))) from the same
+  seeded generator, after the head. Unlike the paper (frozen merge coefficients, an unsupervised
+  L1 alignment of ``z'`` with the individual models' features, one surgery module per task),
+  method.md trains the module **jointly** with the coefficients and the head with the survival
+  loss: labels exist, and there is one task. No extra loss term. The matrices get the trainer's
+  weight decay like every other matrix.
+* **One merge per optimiser step.** The merged encoder depends only on the coefficients, which
+  are constant within an optimiser step. ``begin_step()`` computes the merged flat vector once
+  (no autograd) as a leaf tensor requiring grad; every bag of the step runs against named views
+  of it and accumulates ``d loss / d theta`` into it; ``end_step()`` adds
+  ``d loss / d c = T (d loss / d theta)`` (one matrix-vector product with the stacked task
+  vectors ``T``) to the coefficients' gradient. This equals the per-bag autograd merge (the
+  merge is linear in ``c``), which the module still uses in training mode when no step is open
+  (e.g. outside the trainer). In eval mode the merged encoder is computed without autograd and
+  cached while the coefficients and buffers do not change.
+* **Export**: AdaMerging and its TIES / Iso-C / Iso-CTS variants become a plain ABMIL (merged
+  encoder + trained head, artefact kind ``"abmil"``); Surgery AM becomes a
+  :class:`SurgeryABMIL` (artefact kind ``"abmil_surgery"``): the merged ABMIL plus the surgery
+  module. Neither needs theta_0, a task vector or a source checkpoint at inference.
+* **Run configuration**: the trained methods record the ``train`` and ``merge`` sections; the two
+  untrained ones record ``merge`` but not ``train`` (training settings cannot change them;
+  those of their input models are recorded in the input runs).
+* **Logged statistics**: every forward returns ``stats={"coef": c}`` (the coefficients, target
+  first), so ``log.jsonl`` gets ``mean_coef`` per epoch (the mean over the epoch's bags).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from steph.config import MergeConfig
+from steph.errors import ConfigError
+from steph.experiments.methods import Built, Method, MethodContext, register_method
+from steph.inference import register_artefact
+from steph.merging.pool import ModelPool
+from steph.merging.preprocess import preprocess_pairwise
+from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
+from steph.models.abmil import ABMIL
+from steph.models.output import ModelOutput
+
+__all__ = [
+    "PREPROCESSING",
+    "AdaMerging",
+    "RepresentationSurgery",
+    "SurgeryABMIL",
+    "adamerging_stack",
+    "merged_abmil",
+    "model_average",
+    "static_merge",
+    "task_arithmetic",
+]
+
+# method name -> pairwise preprocessing of the source task vectors
+PREPROCESSING = {"adamerging": "none", "ties_am": "ties", "isoc_am": "iso_c",
+                 "isocts_am": "iso_cts", "surgery_am": "none"}
+
+
+# ------------------------------------------------------------------------------------------------
+# no training: Model Avg and Task Arithmetic over all tensors (heads included)
+# ------------------------------------------------------------------------------------------------
+
+def static_merge(pool: ModelPool, coef: float | Sequence[float]) -> TensorDict:
+    """``theta_0 + c_t tau_t + sum_i c_i tau_i`` over **every** tensor of the models (heads too).
+
+    ``coef``: one number for all m + 1 task vectors, or one per vector (target first)."""
+    stack = pool.stack(names=list(pool.theta0))  # rows [tau_t, tau_1..tau_m], all tensors
+    n = stack.vectors.shape[0]
+    c = torch.full((n,), float(coef)) if isinstance(coef, (int, float)) else \
+        torch.as_tensor(list(coef), dtype=torch.float32)
+    if c.shape != (n,):
+        raise ConfigError(f"static_merge: {n} task vectors but {c.numel()} coefficients")
+    return {k: v.clone() for k, v in stack.merged_dict(c).items()}
+
+
+def model_average(pool: ModelPool) -> TensorDict:
+    """The plain average of the target and the m sources: ``theta_0 + sum(tau) / (m + 1)``."""
+    return static_merge(pool, 1.0 / (len(pool.sources) + 1))
+
+
+def task_arithmetic(pool: ModelPool, coef: float = 0.3) -> TensorDict:
+    """``theta_0 + coef (tau_t + sum_i tau_i)`` over all tensors."""
+    return static_merge(pool, coef)
+
+
+def merged_abmil(state: Mapping[str, torch.Tensor], hparams: dict[str, Any]) -> ABMIL:
+    model = ABMIL(**hparams)
+    model.load_state_dict(dict(state))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Representation Surgery and its artefact
+# ------------------------------------------------------------------------------------------------
+
+class RepresentationSurgery(nn.Module):
+    """``z' = z - W_up ReLU(W_down z)`` (Yang et al., ICML 2024); bias-free, W_up = 0 at start."""
+
+    def __init__(self, dim: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"surgery rank must be >= 1, got {rank}")
+        self.dim, self.rank = int(dim), int(rank)
+        self.down = nn.Linear(self.dim, self.rank, bias=False)
+        self.up = nn.Linear(self.rank, self.dim, bias=False)
+        with torch.no_grad():
+            bound = 1.0 / self.dim ** 0.5  # kaiming_uniform(a=sqrt(5)) of a Linear
+            self.down.weight.uniform_(-bound, bound, generator=generator)
+            self.up.weight.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z - self.up(F.relu(self.down(z)))
+
+
+class SurgeryABMIL(nn.Module):
+    """A (merged) ABMIL whose bag embedding passes Representation Surgery before the head."""
+
+    def __init__(self, abmil: dict[str, Any], rank: int):
+        super().__init__()
+        self.abmil = ABMIL(**abmil)
+        self.surgery = RepresentationSurgery(self.abmil.hidden_dim, rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, _ = self.abmil.embed(x)
+        return self.abmil.head(self.surgery(z))
+
+    def settings(self) -> dict[str, Any]:
+        return {"abmil": self.abmil.hparams(), "rank": self.surgery.rank}
+
+
+@register_artefact("abmil_surgery")
+def _build_surgery_artefact(settings: dict[str, Any]) -> nn.Module:
+    return SurgeryABMIL(settings["abmil"], int(settings["rank"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# AdaMerging (and the preprocessed / surgery variants)
+# ------------------------------------------------------------------------------------------------
+
+def adamerging_stack(pool: ModelPool, preprocessing: str = "none",
+                     **options: Any) -> TaskVectorStack:
+    """Rows ``[tau_t, tau'_1, ..., tau'_m]`` of the MIL encoder, where ``tau'_i`` is the source
+    task vector preprocessed pairwise with the target (``"ties"``, ``"iso_c"``, ``"iso_cts"``)
+    or the raw one (``"none"``); the target's row is always the raw ``tau_t``."""
+    names = pool.encoder_names
+    tau_t, taus = pool.task_vectors(names)
+    if preprocessing != "none":
+        taus = preprocess_pairwise(tau_t, taus, preprocessing, **options)
+    elif options:
+        raise ConfigError(f"preprocessing 'none' takes no option, got {sorted(options)}")
+    theta0 = {n: pool.theta0[n] for n in names}
+    labels = [pool.target_name, *pool.source_names]
+    return TaskVectorStack.from_dicts(theta0, [tau_t, *taus], labels, names)
+
+
+class _Embedder(nn.Module):
+    """Calls ``ABMIL.embed`` so that ``functional_call`` can swap the encoder's tensors."""
+
+    def __init__(self, abmil: ABMIL):
+        super().__init__()
+        self.abmil = abmil
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.abmil.embed(x)[0]
+
+
+class AdaMerging(nn.Module):
+    """Task-wise AdaMerging on the MIL encoder with a fresh head (and optional surgery).
+
+    ``theta = theta_0 + sum_j c_j T_j`` with rows ``T = [tau_t, tau_1, ..., tau_m]`` (possibly
+    preprocessed, see :func:`adamerging_stack`), ``c`` learnable, all ``init_coef`` at start.
+    Trainable: ``coef``, the head and, with ``surgery_rank``, the surgery module. Frozen buffers:
+    ``theta0_flat`` and ``tau``. See the module docstring for the one-merge-per-step scheme.
+    """
+
+    def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any],
+                 init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None):
+        super().__init__()
+        if stack.vectors.shape[0] < 1:
+            raise ConfigError("AdaMerging needs at least one task vector")
+        self.layout: FlatLayout = stack.layout
+        self.labels = list(stack.labels)
+        self.register_buffer("theta0_flat", stack.base.detach().float().clone())
+        self.register_buffer("tau", stack.vectors.detach().float().clone())  # (T, P)
+        self.coef = nn.Parameter(torch.full((len(self.labels),), float(init_coef)))
+
+        self.abmil = ABMIL(**abmil_hparams)
+        encoder = set(self.layout.names)
+        missing = encoder - {n for n, _ in self.abmil.named_parameters()}
+        if missing:
+            raise ConfigError(f"task vectors hold tensors ABMIL does not have: {sorted(missing)}")
+        with torch.no_grad():  # the module is complete on its own: the encoder holds theta_0
+            for name, tensor in self.layout.unflatten(self.theta0_flat).items():
+                self.abmil.get_parameter(name).copy_(tensor)
+        for name, p in self.abmil.named_parameters():
+            p.requires_grad_(name not in encoder)
+        g = torch.Generator().manual_seed(int(head_seed))  # fresh head, not copied
+        with torch.no_grad():
+            bound = 1.0 / self.abmil.hidden_dim ** 0.5
+            self.abmil.head.weight.uniform_(-bound, bound, generator=g)
+            self.abmil.head.bias.uniform_(-bound, bound, generator=g)
+        self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
+                        if surgery_rank is not None else None)
+        # Not registered (it would duplicate ``abmil`` in the state dict).
+        object.__setattr__(self, "_embedder", _Embedder(self.abmil))
+        self._step_flat: torch.Tensor | None = None
+        self._step_params: TensorDict | None = None
+        self._step_coef_version: int | None = None
+        self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merged_flat(self, coef: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat ``theta_0 + coef @ tau`` (autograd to ``coef`` unless under no_grad)."""
+        return torch.addmv(self.theta0_flat, self.tau.t(), self.coef if coef is None else coef)
+
+    @torch.no_grad()
+    def merged_encoder(self) -> TensorDict:
+        """The merged encoder tensors at the current coefficients (copies, no autograd)."""
+        return {k: v.clone() for k, v in self.layout.unflatten(self.merged_flat()).items()}
+
+    def begin_step(self) -> None:
+        """Merge once for the optimiser step that starts (training mode only)."""
+        self._step_flat = self._step_params = self._step_coef_version = None
+        if not self.training:
+            return
+        with torch.no_grad():
+            flat = self.merged_flat()
+        self._step_flat = flat.requires_grad_(True)
+        self._step_params = self.layout.unflatten(self._step_flat)
+        self._step_coef_version = self.coef._version
+
+    def end_step(self) -> None:
+        """Push the step's accumulated ``d loss / d theta`` to the coefficients: ``T @ grad``."""
+        flat = self._step_flat
+        self._step_flat = self._step_params = self._step_coef_version = None
+        if flat is None or flat.grad is None:
+            return
+        g = torch.mv(self.tau, flat.grad)
+        if self.coef.grad is None:
+            self.coef.grad = g
+        else:
+            self.coef.grad.add_(g)
+
+    def _eval_params(self) -> TensorDict:
+        key = (self.theta0_flat.data_ptr(), self.theta0_flat._version, self.tau.data_ptr(),
+               self.tau._version, self.coef.data_ptr(), self.coef._version)
+        cache = self._eval_cache
+        if cache is None or cache[0] != key or not torch.equal(cache[1], self.coef.detach()):
+            with torch.no_grad():
+                params = self.layout.unflatten(self.merged_flat())
+            cache = (key, self.coef.detach().clone(), params)
+            self._eval_cache = cache
+        return cache[2]
+
+    def _params(self) -> TensorDict:
+        if not self.training:
+            return self._eval_params()
+        if self._step_params is not None:
+            if self.coef._version != self._step_coef_version:
+                raise RuntimeError("AdaMerging: the coefficients changed inside an optimiser step "
+                                   "(between begin_step() and end_step())")
+            return self._step_params
+        return self.layout.unflatten(self.merged_flat())  # per-bag merge through autograd
+
+    # -- forward ----------------------------------------------------------------------------------
+    def embedding(self, x: torch.Tensor,
+                  params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Bag embedding (1, hidden) of the merged encoder, after surgery when there is one."""
+        params = self._params() if params is None else params
+        z = functional_call(self._embedder, {f"abmil.{k}": v for k, v in params.items()}, (x,),
+                            strict=False)
+        return self.surgery(z) if self.surgery is not None else z
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        logits = self.abmil.head(self.embedding(x))
+        return ModelOutput(logits=logits, stats={"coef": self.coef.detach()})
+
+    # -- export -----------------------------------------------------------------------------------
+    def coefficients(self) -> dict[str, float]:
+        return {name: float(c) for name, c in zip(self.labels, self.coef.detach())}
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """A plain ABMIL (merged encoder + trained head), or a :class:`SurgeryABMIL`; eval mode."""
+        abmil = ABMIL(**self.abmil.hparams())
+        state = {k: v.detach().clone() for k, v in self.abmil.state_dict().items()}
+        state.update(self.merged_encoder())
+        abmil.load_state_dict(state)
+        if self.surgery is None:
+            return abmil.eval()
+        out = SurgeryABMIL(self.abmil.hparams(), self.surgery.rank)
+        out.abmil.load_state_dict(abmil.state_dict())
+        out.surgery.load_state_dict(self.surgery.state_dict())
+        return out.eval()
+
+    def export_settings(self) -> dict[str, Any]:
+        """Settings of the exported artefact (what its builder takes)."""
+        if self.surgery is None:
+            return self.abmil.hparams()
+        return {"abmil": self.abmil.hparams(), "rank": self.surgery.rank,
+                "coefficients": self.coefficients()}  # the last key is informative only
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# registration as methods
+# ------------------------------------------------------------------------------------------------
+
+def _merge_cfg(ctx: MethodContext) -> MergeConfig:
+    return ctx.cfg.merge
+
+
+def _static_method(name: str, summary: str, coef_of) -> Method:
+    def build(ctx: MethodContext) -> Built:
+        pool = ctx.pool()
+        model = merged_abmil(static_merge(pool, coef_of(ctx, pool)), ctx.hparams)
+        return Built(module=model, kind="abmil", settings=model.hparams)
+
+    return Method(name, summary, needs_pool=True, trains=False, build=build,
+                  config_sections=("data", "bins", "model", "merge"))
+
+
+def _preprocess_options(name: str, cfg: MergeConfig) -> dict[str, Any]:
+    method = PREPROCESSING[name]
+    if method == "ties":
+        return {"density": cfg.ties_density}
+    if method == "iso_cts":
+        return {"common_space_fraction": cfg.iso_cts_fraction}
+    return {}
+
+
+def _adamerging_method(name: str, summary: str, surgery: bool = False) -> Method:
+    def build(ctx: MethodContext) -> Built:
+        cfg = _merge_cfg(ctx)
+        pool = ctx.pool()
+        stack = adamerging_stack(pool, PREPROCESSING[name], **_preprocess_options(name, cfg))
+        model = AdaMerging(stack, ctx.hparams, init_coef=cfg.init_coef,
+                           head_seed=ctx.cfg.train.seed,
+                           surgery_rank=cfg.surgery_rank if surgery else None)
+        return Built(module=model, kind="abmil_surgery" if surgery else "abmil",
+                     settings=model.export_settings, export=model.export)
+
+    return Method(name, summary, needs_pool=True, trains=True, build=build,
+                  config_sections=("data", "bins", "model", "train", "merge"))
+
+
+register_method(_static_method(
+    "model_avg", "Model Avg: plain average of the target and source models (no training)",
+    lambda ctx, pool: 1.0 / (len(pool.sources) + 1)))
+register_method(_static_method(
+    "task_arithmetic", "Task Arithmetic: theta_0 + ta_coef * sum of all task vectors (no training)",
+    lambda ctx, pool: _merge_cfg(ctx).ta_coef))
+register_method(_adamerging_method(
+    "adamerging", "AdaMerging: learned task-wise coefficients (tau_t included) + fresh head"))
+register_method(_adamerging_method(
+    "ties_am", "TIES AM: AdaMerging over sources TIES-merged pairwise with the target"))
+register_method(_adamerging_method(
+    "isoc_am", "Iso-C AM: AdaMerging over sources Iso-C-merged pairwise with the target"))
+register_method(_adamerging_method(
+    "isocts_am", "Iso-CTS AM: AdaMerging over sources Iso-CTS-merged pairwise with the target"))
+register_method(_adamerging_method(
+    "surgery_am", "Surgery AM: AdaMerging + Representation Surgery of the bag embedding",
+    surgery=True))
