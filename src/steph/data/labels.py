@@ -195,8 +195,8 @@ def _resolve(path: Path, columns_found: list[str], convention: str | None,
         col(c)
     default_unit = "months" if convention == "mcat" else "days"
     if time_unit is not None and time_unit != default_unit:
-        logger.info("%s: times read in %s (convention %s uses %s)", path, time_unit,
-                    convention, default_unit)
+        logger.warning("%s: times read in %s as asked (convention %s uses %s)", path,
+                       time_unit, convention, default_unit)
     return _Spec(convention, col(req[0]), col(req[1]), col(req[2]), col(req[3]),
                  convention == "mcat", time_unit or default_unit)
 
