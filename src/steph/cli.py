@@ -316,12 +316,34 @@ def demo(out: str, methods: str | None, folds: str | None, epochs: int | None, q
              echo=click.echo)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the one current when it was created)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _configure_logging(debug: bool) -> None:
+    """steph's own messages at INFO on stderr; other libraries stay at their WARNING default."""
+    logger = logging.getLogger("steph")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(debug)
     try:
         cli.main(args=args, prog_name="steph", standalone_mode=False)
     except click.exceptions.Abort:

@@ -180,11 +180,30 @@ class Experiment:
         return ModelPool.from_files(theta0_path, (target, tgt / "model.safetensors"), paths,
                                     hparams=meta["hparams"])
 
+    def settings(self, job: Job) -> dict[str, Any]:
+        """What decides a run's result: its identity and the config sections its method uses."""
+        method = get_method(job.method)
+        return {
+            "run": {"cohort": job.cohort, "method": job.method, "fold": job.fold,
+                    "data_root": str(self.data_root.resolve()),
+                    "sources": self.sources_for(job.cohort) if method.needs_pool else []},
+            **config_for(method, self.cfg),
+        }
+
+    def finished_metrics(self, job: Job) -> dict[str, Any] | None:
+        """Metrics of a finished run (None if unfinished); refuses one made with other settings."""
+        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        if not is_finished(path):
+            return None
+        check_or_write_config(path, self.settings(job))
+        return read_json(path / METRICS)
+
     def run(self, job: Job) -> dict[str, Any]:
         """Train and evaluate one run unless it is finished; return its metrics."""
         path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
-        if is_finished(path):
-            return read_json(path / METRICS)
+        done = self.finished_metrics(job)
+        if done is not None:
+            return done
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold)
@@ -194,13 +213,7 @@ class Experiment:
         if meta["hparams"]["in_dim"] != cohort.feature_dim:
             raise RunError(f"cohort {cohort.name!r} has {cohort.feature_dim}-d features but the "
                            f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
-        settings = {
-            "run": {"cohort": job.cohort, "method": job.method, "fold": job.fold,
-                    "data_root": str(self.data_root.resolve()),
-                    "sources": self.sources_for(job.cohort) if method.needs_pool else []},
-            **config_for(method, self.cfg),
-        }
-        check_or_write_config(path, settings)
+        check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
         ctx = MethodContext(
             cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
@@ -249,8 +262,9 @@ class Experiment:
             waiting = []
             for job in pending:
                 path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
-                if is_finished(path):
-                    results[job] = read_json(path / METRICS)
+                done = self.finished_metrics(job)
+                if done is not None:
+                    results[job] = done
                     continue
                 if get_method(job.method).needs_pool and not self._prerequisites_done(job):
                     waiting.append(job)

@@ -1,0 +1,171 @@
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from steph.errors import ConfigError, RunError
+from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
+from steph.experiments.methods import MethodContext, get_method
+from steph.experiments.runs import ensure_theta0, load_theta0, run_dir
+from steph.merging.task_vectors import task_vector
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_data, tmp_path_factory):
+    """abmil + steph cross-validated on TGT, folds 0-1 (trains the fold-0 sources too)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    out = tmp_path_factory.mktemp("runs")
+    summary = run_cv(tiny_data, out, ["abmil", "steph"], targets=["TGT"], folds="0-1",
+                     cfg=tiny_experiment_config(), progress=False)
+    return out, summary
+
+
+def test_parse_folds():
+    assert parse_folds("0-4", 5) == [0, 1, 2, 3, 4]
+    assert parse_folds("3,1,1", 5) == [3, 1]
+    assert parse_folds(None, 3) == [0, 1, 2]
+    for bad in ["5", "x", "2-9"]:
+        with pytest.raises(ConfigError):
+            parse_folds(bad, 5)
+
+
+def test_plan_orders_prerequisites_first(tiny_data, tmp_path, tiny_cfg):
+    exp = Experiment(tiny_data, tmp_path, tiny_cfg)
+    jobs = exp.plan(["steph"], ["TGT"], [1])
+    assert jobs == [Job("TGT", "abmil", 1), Job("RELA", "abmil", 0), Job("UNRB", "abmil", 0),
+                    Job("TGT", "steph", 1)]
+    exp2 = Experiment(tiny_data, tmp_path, tiny_cfg, sources=["RELA"])
+    assert Job("UNRB", "abmil", 0) not in exp2.plan(["steph"], ["TGT"], [0])
+
+
+def test_summary_rows_and_files(tiny_runs):
+    out, summary = tiny_runs
+    assert {"cohort", "method", "fold", "c_index"} <= set(summary.columns)
+    got = summary[summary["method"].isin(["abmil", "steph"])]
+    assert sorted(zip(got["method"], got["fold"])) == [("abmil", 0), ("abmil", 1), ("steph", 0), ("steph", 1)]
+    assert got["c_index"].between(0, 1).all()
+    assert (summary["method"] == "oracle").sum() == 2  # synthetic truth available
+    on_disk = pd.read_csv(out / "summary.csv")
+    assert len(on_disk) == len(summary)
+    md = (out / "summary.md").read_text()
+    assert "| abmil |" in md and "| steph |" in md and "Avg." in md
+    assert (out / "summary.png").stat().st_size > 1000
+
+
+def test_run_directory_contents(tiny_runs):
+    out, _ = tiny_runs
+    d = run_dir(out, "TGT", "steph", 1)
+    for f in ["config.yaml", "log.jsonl", "model.safetensors", "model.json", "predictions.csv", "metrics.json"]:
+        assert (d / f).exists(), f
+    assert not (d / "checkpoint.safetensors").exists()
+    pred = pd.read_csv(d / "predictions.csv")
+    assert list(pred.columns) == ["patient_id", "split", "risk", "time", "event"]
+    splits = pd.read_csv(out / "splits" / "TGT" / "fold_1.csv")
+    test_ids = set(splits.loc[splits["split"] == "test", "patient_id"])
+    assert set(pred.loc[pred["split"] == "test", "patient_id"]) == test_ids
+    assert not test_ids & set(pred.loc[pred["split"] == "train", "patient_id"])
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert {"c_index", "train_c_index"} <= set(metrics)
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    assert len(log[-1]["mean_w"]) == 2 and len(log[-1]["mean_lambda"]) == 2  # per source
+
+
+def test_finished_runs_are_skipped(tiny_runs, tiny_data):
+    out, _ = tiny_runs
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
+    run_cv(tiny_data, out, ["abmil", "steph"], targets=["TGT"], folds="0-1",
+           cfg=tiny_experiment_config(), progress=False)
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
+    # a run started with other settings is refused instead of silently mixed
+    with pytest.raises(RunError, match="other settings"):
+        run_cv(tiny_data, out, ["abmil"], targets=["TGT"], folds="0",
+               cfg=tiny_experiment_config(epochs=3), progress=False)
+
+
+def test_task_vectors_are_relative_to_the_shared_theta0(tiny_runs):
+    out, _ = tiny_runs
+    theta0, _ = load_theta0(out)
+    from steph.utils.io import load_tensors
+
+    tgt = load_tensors(run_dir(out, "TGT", "abmil", 1) / "model.safetensors")
+    tau = task_vector(tgt, theta0)
+    assert any(v.abs().sum() > 0 for v in tau.values())
+
+
+def test_two_cohorts_start_bit_identical(tiny_data, tmp_path, tiny_cfg):
+    exp = Experiment(tiny_data, tmp_path, tiny_cfg)
+    starts = []
+    for cohort in ["TGT", "UNRB"]:
+        c = exp.cohort(cohort)
+        path = exp.theta0(c.feature_dim)
+        theta0, meta = load_theta0(tmp_path)
+        ctx = MethodContext(cfg=tiny_cfg, target=cohort, fold=0, hparams=meta["hparams"], theta0=theta0,
+                            bins=None, n_patients=len(c), n_train=0)
+        starts.append(get_method("abmil").build(ctx).module.state_dict())
+    for k in starts[0]:
+        assert torch.equal(starts[0][k], starts[1][k]), k
+    assert path.exists()
+
+
+def test_theta0_mismatch_is_refused(tmp_path, tiny_cfg):
+    ensure_theta0(tmp_path, tiny_cfg.model, 16, 32)
+    ensure_theta0(tmp_path, tiny_cfg.model, 16, 32)  # same: fine
+    with pytest.raises(RunError, match="same theta_0"):
+        ensure_theta0(tmp_path, tiny_cfg.model, 24, 32)
+
+
+def test_unknown_cohorts_and_methods(tiny_data, tmp_path, tiny_cfg):
+    with pytest.raises(ConfigError, match="unknown target"):
+        run_cv(tiny_data, tmp_path, ["abmil"], targets=["NOPE"], cfg=tiny_cfg, progress=False)
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_cv(tiny_data, tmp_path, ["abmil", "magic"], cfg=tiny_cfg, progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, tiny_cfg):
+    """A run killed mid-training (checkpoint on disk, no metrics) finishes on the next call with
+    the same metrics as an uninterrupted run."""
+    from steph.training import trainer
+
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"epochs": 3})})
+    ref = run_cv(tiny_data, tmp_path / "ref", ["abmil"], targets=["TGT"], folds="0", cfg=cfg, progress=False)
+
+    real_save = trainer._save_checkpoint
+    calls = {"n": 0}
+
+    def dying_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed right after the checkpoint of epoch 2
+
+    trainer._save_checkpoint = dying_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cv(tiny_data, tmp_path / "run", ["abmil"], targets=["TGT"], folds="0", cfg=cfg, progress=False)
+    finally:
+        trainer._save_checkpoint = real_save
+    d = run_dir(tmp_path / "run", "TGT", "abmil", 0)
+    assert (d / "checkpoint.safetensors").exists() and not (d / "metrics.json").exists()
+    again = run_cv(tiny_data, tmp_path / "run", ["abmil"], targets=["TGT"], folds="0", cfg=cfg, progress=False)
+    a = ref[ref.method == "abmil"].iloc[0]
+    b = again[again.method == "abmil"].iloc[0]
+    assert a["c_index"] == b["c_index"] and a["train_c_index"] == b["train_c_index"]
+    from steph.utils.io import load_tensors
+
+    wa = load_tensors(run_dir(tmp_path / "ref", "TGT", "abmil", 0) / "model.safetensors")
+    wb = load_tensors(d / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    shutil.rmtree(tmp_path / "ref")

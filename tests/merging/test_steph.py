@@ -1,0 +1,214 @@
+"""STEPH against its definition (method.md section 5), computed independently on dicts."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from steph.config import StephConfig
+from steph.merging.pool import ModelPool
+from steph.merging.steph import STEPH
+from steph.models import ABMIL
+
+HP = dict(in_dim=12, n_bins=4, hidden_dim=8, attn_dim=6)
+
+
+def make_pool(m=4, scale=0.1, seed=0, hp=HP):
+    torch.manual_seed(seed)
+    theta0 = ABMIL(**hp).state_dict()
+
+    def trained(s):
+        g = torch.Generator().manual_seed(s)
+        return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+
+    return ModelPool(theta0=theta0, target=trained(100),
+                     sources={f"S{i}": trained(i) for i in range(m)}, target_name="T")
+
+
+def make_steph(m=4, active=False, **cfg):
+    """``active``: positive output biases, so every w and r is past its ReLU (all paths live)."""
+    pool = make_pool(m)
+    model = STEPH(pool.stack(), HP, StephConfig(embed_dim=10, **cfg))
+    if active:
+        with torch.no_grad():
+            for net in ("h_agg", "h_mix"):
+                if hasattr(model, net):
+                    getattr(model, net)[-1].bias.fill_(1.0)
+    return model, pool
+
+
+def expected_merged(pool, w, lam, selected):
+    """theta_0 + sum_{i in S} w_i (lam_i tau_t + (1 - lam_i) tau_i), tensor by tensor."""
+    tau_t, taus = pool.task_vectors()
+    out = {}
+    for name in tau_t:
+        acc = pool.theta0[name].clone()
+        for i in selected:
+            acc = acc + w[i] * (lam[i] * tau_t[name] + (1 - lam[i]) * taus[i][name])
+        out[name] = acc
+    return out
+
+
+def test_merged_parameters_equal_the_formula():
+    model, pool = make_steph(m=6, top_k=3)
+    x = torch.randn(20, HP["in_dim"])
+    ex = model.explain(x)
+    w, lam = ex.w, ex.lam
+    top = torch.topk(w, 3).indices.tolist()
+    assert sorted(ex.selected) == sorted(f"S{i}" for i in top)
+    exp = expected_merged(pool, w, lam, top)
+    assert set(ex.merged) == set(exp) and len(exp) == 8
+    for name in exp:
+        torch.testing.assert_close(ex.merged[name], exp[name], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_uses_the_merged_encoder_and_its_own_head():
+    model, pool = make_steph()
+    model.eval()
+    x = torch.randn(15, HP["in_dim"])
+    ex = model.explain(x)
+    ref = ABMIL(**HP).eval()
+    sd = {**pool.theta0, **ex.merged, "head.weight": model.abmil.head.weight,
+          "head.bias": model.abmil.head.bias}
+    ref.load_state_dict(sd)
+    torch.testing.assert_close(model(x).logits, ref(x))
+
+
+def test_head_is_fresh_not_copied():
+    model, pool = make_steph()
+    for src in [pool.theta0, pool.target, *pool.sources.values()]:
+        assert not torch.equal(model.abmil.head.weight, src["head.weight"])
+
+
+def test_lambda_is_one_when_r_is_zero():
+    model, _ = make_steph()
+    with torch.no_grad():  # H_mix's last layer outputs <= 0 -> ReLU gives r = 0
+        model.h_mix[-1].weight.zero_()
+        model.h_mix[-1].bias.fill_(-1.0)
+    _, lam = model.weights(torch.randn(9, HP["in_dim"]))
+    assert torch.equal(lam, torch.ones_like(lam))
+
+
+def test_only_selected_sources_contribute():
+    model, _ = make_steph(m=5, top_k=2, active=True)
+    model.eval()
+    x = torch.randn(10, HP["in_dim"])
+    ex = model.explain(x)
+    sel = [model.source_names.index(s) for s in ex.selected]
+    other = next(i for i in range(5) if i not in sel)
+    base = model(x).logits
+    with torch.no_grad():
+        model.tau[1 + other].add_(torch.randn_like(model.tau[1 + other]))  # a non-selected source
+    torch.testing.assert_close(model(x).logits, base)
+    with torch.no_grad():
+        model.tau[1 + sel[0]].add_(torch.randn_like(model.tau[1 + sel[0]]))  # a selected one
+    assert not torch.allclose(model(x).logits, base)
+    assert ex.coefficients[f"S{other}"] == 0.0
+
+
+def test_gradients_reach_exactly_the_trainable_parts():
+    model, _ = make_steph(active=True)
+    model.train()
+    out = model(torch.randn(11, HP["in_dim"]))
+    (out.logits.sum() + out.aux_loss).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_prefixes = ("embed.", "h_agg.", "h_mix.", "abmil.head.")
+    assert trainable and all(n.startswith(expected_prefixes) for n in trainable)
+    for n, p in model.named_parameters():
+        if n.startswith(expected_prefixes):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert not model.tau.requires_grad and not model.theta0_flat.requires_grad
+
+
+def test_frozen_parts_do_not_change_during_training(tmp_path):
+    from steph.config import TrainConfig
+    from steph.training.trainer import fit
+
+    model, _ = make_steph()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("embed", "h_", "abmil.head"))}
+    g = torch.Generator().manual_seed(0)
+    bags = [{"features": torch.randn(8, HP["in_dim"], generator=g), "bin": torch.tensor(i % 4),
+             "time": float(i + 1), "event": i % 2, "patient_id": str(i)} for i in range(8)]
+    fit(model, bags, TrainConfig(epochs=2, bags_per_step=4, lr=1e-2, eval_every=0), tmp_path, progress=False)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_loss_terms_match_definitions():
+    model, _ = make_steph(m=5, top_k=3, gamma=0.3, beta=0.7)
+    model.eval()
+    x = torch.randn(7, HP["in_dim"])
+    w, lam = model.weights(x)
+    top = torch.topk(w, 3).indices
+    l_agg = torch.log(torch.exp(w).sum()) ** 2 + w[top].sum() / 3
+    l_mix = (lam[top] ** 2).mean()
+    out = model(x)
+    torch.testing.assert_close(out.aux_loss, 0.3 * l_agg + 0.7 * l_mix)
+
+
+def test_gamma_by_cohort_size():
+    pool = make_pool()
+    cfg = StephConfig(embed_dim=4)
+    assert STEPH(pool.stack(), HP, cfg, n_patients=501).gamma() == 0.005
+    assert STEPH(pool.stack(), HP, cfg, n_patients=500).gamma() == 0.05
+    assert STEPH(pool.stack(), HP, StephConfig(embed_dim=4, gamma=0.01), n_patients=900).gamma() == 0.01
+
+
+def test_ablations_change_what_they_claim():
+    x = torch.randn(6, HP["in_dim"])
+    m, _ = make_steph(mixing="none")
+    assert not hasattr(m, "h_mix")
+    assert torch.equal(m.weights(x)[1], torch.ones(4))
+    m, _ = make_steph(mixing="free")
+    assert not hasattr(m, "h_mix") and m.rho_free.requires_grad
+    lam = m.weights(x)[1]
+    assert torch.allclose(lam, lam[0].expand(4)) and 0.99 < lam[0] < 1.0  # input-independent
+    m, _ = make_steph(aggregation="free")
+    assert not hasattr(m, "h_agg")
+    assert torch.allclose(m.weights(x)[0], torch.full((4,), 0.25))
+    m, _ = make_steph(top_k=10_000)
+    assert m.top_k == 4 and m.select(torch.rand(4)).sum() == 4
+    m, _ = make_steph(top_k=1)
+    assert m.select(torch.tensor([0.1, 0.5, 0.2, 0.0])).tolist() == [0, 1, 0, 0]
+
+
+def test_efficiency_figures_at_paper_scale():
+    hp = dict(in_dim=1536, n_bins=32)
+    pool = make_pool(m=12, scale=0.01, hp=hp)
+    model = STEPH(pool.stack(), hp)
+    assert model.trainable_parameter_count() == 1_340_984  # Table S4: 1.34 M
+    model.eval()
+    n = 10_000
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.randn(n, 1536))
+    abmil = 2 * n * (1536 * 512 + 2 * 512 * 384 + 384) + 2 * n * 512 + 2 * 512 * 32
+    embed = 2 * n * 1536 * 512
+    hyper = 2 * (2 * (512 * 512 + 512 * 12))
+    # the merge itself is one addmv, which torch's flop counter does not count (2 * 13 * 1.18 M
+    # = 0.03 GFLOPs more if it did)
+    assert fc.get_total_flops() == abmil + embed + hyper
+    assert round(fc.get_total_flops() / 1e9, 1) == 39.3
+
+
+def test_artefact_round_trip(tmp_path):
+    from steph.inference import load_artefact, save_artefact
+    from steph.survival.bins import TimeBins
+
+    model, _ = make_steph()
+    model.eval()
+    x = torch.randn(13, HP["in_dim"])
+    save_artefact(tmp_path / "m.safetensors", model, "steph", model.settings(), TimeBins.uniform(4, 100.0), 12)
+    loaded, manifest = load_artefact(tmp_path / "m.safetensors")
+    assert manifest["settings"]["sources"] == ["S0", "S1", "S2", "S3"]
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_needs_a_source():
+    pool = make_pool(m=1)
+    stack = pool.stack()
+    stack.vectors = stack.vectors[:1]
+    stack.labels = stack.labels[:1]
+    with pytest.raises(ValueError, match="at least one source"):
+        STEPH(stack, HP)

@@ -1,0 +1,98 @@
+"""The command line as a user meets it: exit codes and messages, no tracebacks."""
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from steph.cli import main
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err
+
+
+def test_help_and_methods(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "cv" in out and "demo" in out and "predict" in out
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0 and "steph" in out and "abmil" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["cv", "--data", "/nonexistent/data", "--out", "/tmp/x"], "data root not found"),
+    (["cv", "--data", "{data}", "--out", "{tmp}", "--methods", "abmil,wizard"], "unknown method 'wizard'"),
+    (["cv", "--data", "{data}", "--out", "{tmp}", "--targets", "NOPE"], "unknown target"),
+    (["cv", "--data", "{data}", "--out", "{tmp}", "--folds", "7"], "out of range"),
+    (["cv", "--data", "{data}", "--out", "{tmp}", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+    (["cv", "--data", "{data}", "--out", "{tmp}", "--config", "{bad_cfg}"], "unknown key 'training'"),
+    (["train", "--data", "{data}", "--out", "{tmp}", "--cohort", "TGT", "--fold", "9"], "no fold 9"),
+])
+def test_bad_input_is_one_clear_line(args, needle, capsys, tiny_data, tmp_path):
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text(yaml.safe_dump({"training": {"epochs": 3}}))
+    args = [a.format(data=tiny_data, tmp=tmp_path / "runs", bad_cfg=bad_cfg) for a in args]
+    code, out, err = run(args, capsys)
+    assert code != 0
+    assert needle in err
+    assert "Traceback" not in err and "Traceback" not in out
+
+
+def test_usage_error_exit_code(capsys):
+    code, _, err = run(["cv", "--epochs", "zero"], capsys)
+    assert code == 2 and "zero" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    from steph.errors import StephError
+
+    with pytest.raises(StephError):
+        main(["cv", "--data", "/nonexistent", "--out", "/tmp/x", "--debug"])
+
+
+def test_synth_and_data_commands(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, out, _ = run(["synth", "--out", str(data), "--preset", "demo", "--feature-dim", "8"], capsys)
+    assert code == 0 and (data / "ALPHA" / "labels.csv").exists()
+    code, out, _ = run(["data", "summary", "--data", str(data)], capsys)
+    assert code == 0 and "ALPHA" in out and "DELTA" in out
+    code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "ALPHA", "--full"], capsys)
+    assert code == 0 and "0 skipped" in out
+    code, _, err = run(["synth", "--out", str(data), "--preset", "demo"], capsys)
+    assert code == 1 and "already holds a cohort" in err  # never overwrites silently
+
+
+def test_train_predict_explain(tmp_path, capsys, tiny_data):
+    data = tiny_data
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"hidden_dim": 8, "attn_dim": 4}, "steph": {"embed_dim": 8},
+                                   "train": {"bags_per_step": 4}}))
+    runs = tmp_path / "runs"
+    code, out, err = run(["train", "--data", str(data), "--out", str(runs), "--cohort", "TGT",
+                          "--method", "steph", "--epochs", "1", "--config", str(cfg), "--quiet"], capsys)
+    assert code == 0, err
+    assert "TGT/steph/fold0: test C-index" in out
+    art = runs / "TGT" / "steph" / "fold0"
+    slides = sorted((data / "TGT" / "features").glob("*.h5"))[:3]
+    pred_csv = tmp_path / "pred.csv"
+    code, out, err = run(["predict", "--model", str(art), "--labels", str(data / "TGT" / "labels.csv"),
+                          "--out", str(pred_csv), *map(str, slides)], capsys)
+    assert code == 0, err
+    pred = pd.read_csv(pred_csv)
+    assert pred["patient_id"].nunique() == len(pred) >= 1 and "S@365" in pred.columns
+    code, out, err = run(["explain", "--model", str(art), str(slides[0])], capsys)
+    assert code == 0 and "selected sources" in out and "RELA" in out
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("steph") or str((__import__("pathlib").Path(sys.executable).parent / "steph"))
+    res = subprocess.run([exe, "cv", "--data", "/nonexistent", "--out", "/tmp/x"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
