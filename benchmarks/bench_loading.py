@@ -29,8 +29,8 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                              "steph": "raw chunk-index read (steph)"}[how]
                     record(layout, label, sec, int(stored))
 
-            def via_read_features() -> int:
+            def via_read_features(files: list[Path] = files) -> int:
                 return sum(read_features(f).nbytes for f in files)
             sec, _ = _time_passes(via_read_features, args.repeats)
             record(layout, "read_features (float32 + finite check)", sec, int(stored))
 
             if layout == "h5-trident":
-                def plain() -> int:
+                def plain(files: list[Path] = files) -> int:
                     return sum(read_features(f, h5_method="read_direct").nbytes for f in files)
                 sec, _ = _time_passes(plain, args.repeats)
                 record(layout, "read_features, plain h5py (before)", sec, int(stored))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             cohort = Cohort.load(dirs[layout])
             load_s = time.perf_counter() - t0
 
-            def via_cohort() -> int:
+            def via_cohort(cohort: Cohort = cohort) -> int:
                 return sum(cohort.load_bag(pid).numel() for pid in cohort.patient_ids)
             sec, _ = _time_passes(via_cohort, args.repeats)
             record(layout, "Cohort.load_bag", sec, int(stored),

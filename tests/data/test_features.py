@@ -79,10 +79,10 @@ def test_h5_batch_dim(tmp_path, chunks):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(chunks=(1, 16)),                      # TRIDENT: raw fast path
-    dict(chunks=(8, 16)),                      # multi-row chunks, partial last chunk
-    dict(chunks=(1, 16), compression="gzip"),  # filtered: plain h5py
-    dict(chunks=(1, 8)),                       # chunks not spanning a row: plain h5py
+    {"chunks": (1, 16)},                      # TRIDENT: raw fast path
+    {"chunks": (8, 16)},                      # multi-row chunks, partial last chunk
+    {"chunks": (1, 16), "compression": "gzip"},  # filtered: plain h5py
+    {"chunks": (1, 8)},                       # chunks not spanning a row: plain h5py
 ])
 def test_chunked_reads_match_h5py(tmp_path, kw):
     x = _x(n=203)

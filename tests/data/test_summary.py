@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from steph.data.cohort import Cohort
-from steph.data.summary import SUMMARY_COLUMNS, format_summary, summarize_cohort, \
-    summarize_cohorts
+from steph.data.summary import SUMMARY_COLUMNS, format_summary, summarize_cohort, summarize_cohorts
 
 from .conftest import default_patients
 

@@ -29,13 +29,13 @@ from steph.data.splits import (
 from steph.data.summary import format_summary, summarize_cohort, summarize_cohorts
 
 __all__ = [
-    "BagDataset",
     "CONVENTIONS",
-    "Cohort",
     "ENDPOINTS",
+    "WSI_EXTENSIONS",
+    "BagDataset",
+    "Cohort",
     "FeatureIndex",
     "Split",
-    "WSI_EXTENSIONS",
     "check_split",
     "check_splits",
     "create_splits",

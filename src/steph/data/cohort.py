@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -82,7 +83,7 @@ class Cohort:
     def load(cls, cohort_dir: str | os.PathLike, *, labels: str | os.PathLike = DEFAULT_LABELS,
              convention: str | None = None, endpoint: str | None = None,
              columns: Mapping[str, str] | None = None, time_unit: str | None = None,
-             on_bad_slide: str = "raise", check: str = "shape") -> "Cohort":
+             on_bad_slide: str = "raise", check: str = "shape") -> Cohort:
         """Read ``<cohort_dir>/<labels>`` and check every slide's feature file.
 
         `labels` is relative to `cohort_dir` unless absolute. `convention`, `endpoint`,
@@ -113,30 +114,31 @@ class Cohort:
         for pid, sid in zip(table["patient_id"], table["slide_id"]):
             path = index.find(sid)
             if path is None:
-                problems.append(dict(patient_id=pid, slide_id=sid, path=None,
-                                     reason=index.missing_message(sid)))
+                problems.append({"patient_id": pid, "slide_id": sid, "path": None,
+                                 "reason": index.missing_message(sid)})
                 continue
             try:
                 n, d, dtype = read_feature_shape(path, slide_id=sid)
                 if check == "full":
                     read_features(path, slide_id=sid)  # values: NaN / inf
             except DataError as e:
-                problems.append(dict(patient_id=pid, slide_id=sid, path=str(path),
-                                     reason=str(e)))
+                problems.append({"patient_id": pid, "slide_id": sid, "path": str(path),
+                                 "reason": str(e)})
                 continue
-            records.append(dict(slide_id=sid, patient_id=pid, path=str(path), n_patches=n,
-                                dim=d, dtype=str(dtype)))
+            records.append({"slide_id": sid, "patient_id": pid, "path": str(path),
+                            "n_patches": n, "dim": d, "dtype": str(dtype)})
 
         feature_dim = _majority_dim(records)
         if feature_dim is not None:
             keep = []
             for r in records:
                 if r["dim"] != feature_dim:
-                    problems.append(dict(
-                        patient_id=r["patient_id"], slide_id=r["slide_id"], path=r["path"],
-                        reason=(f"slide {r['slide_id']!r} ({r['path']}): feature dimension "
-                                f"{r['dim']} differs from the rest of the cohort "
-                                f"({feature_dim})")))
+                    problems.append({
+                        "patient_id": r["patient_id"], "slide_id": r["slide_id"],
+                        "path": r["path"],
+                        "reason": (f"slide {r['slide_id']!r} ({r['path']}): feature dimension "
+                                   f"{r['dim']} differs from the rest of the cohort "
+                                   f"({feature_dim})")})
                 else:
                     keep.append(r)
             records = keep

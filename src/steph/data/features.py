@@ -27,8 +27,9 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -455,17 +456,16 @@ def write_features_h5(path: str | os.PathLike, features: Any, coords: Any = None
         c = _as_numpy(coords)
         if c.shape != (feats.shape[0], 2):
             raise ValueError(f"coords must have shape ({feats.shape[0]}, 2), got {c.shape}")
-    n, d = feats.shape
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            if layout == "trident":
-                f.create_dataset("features", data=feats, chunks=(1, d), maxshape=(None, d))
-                if c is not None:
-                    f.create_dataset("coords", data=c, chunks=(1, 2), maxshape=(None, 2))
-            else:
-                f.create_dataset("features", data=feats)
-                if c is not None:
-                    f.create_dataset("coords", data=c)
+    _n, d = feats.shape
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        if layout == "trident":
+            f.create_dataset("features", data=feats, chunks=(1, d), maxshape=(None, d))
+            if c is not None:
+                f.create_dataset("coords", data=c, chunks=(1, 2), maxshape=(None, 2))
+        else:
+            f.create_dataset("features", data=feats)
+            if c is not None:
+                f.create_dataset("coords", data=c)
     return path
 
 
