@@ -127,7 +127,7 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     dim = int(manifest["feature_dim"])
     rows = []
     patients = list(patients)
-    for pid, files in tqdm(patients, desc="predict", unit="patient", disable=not progress):
+    for pid, files in tqdm(patients, desc="predict", unit="patient", disable=None if progress else True):
         if not files:
             raise DataError(f"patient {pid!r}: no feature file given")
         arrays = [read_features(Path(f)) for f in files]

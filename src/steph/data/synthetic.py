@@ -250,7 +250,7 @@ def generate(cfg: SynthConfig, out: str | Path, seed: int = 0, overwrite: bool =
         feat_dir.mkdir(parents=True, exist_ok=True)
         it = slides
         if progress and tqdm is not None:
-            it = tqdm(slides, desc=f"synth {spec.name}", unit="slide", leave=False)
+            it = tqdm(slides, desc=f"synth {spec.name}", unit="slide", leave=False, disable=None)
         for slide_id, phen, shift in it:
             x, coords = _patch_features(cfg, world, phen, shift, rng)
             write_features_h5(feat_dir / f"{slide_id}.h5", x.astype(np.float16), coords=coords,

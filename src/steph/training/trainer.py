@@ -227,7 +227,7 @@ def fit(
     end_step = getattr(model, "end_step", None)
 
     t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=not progress,
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
                initial=start_epoch, total=cfg.epochs, leave=False)
     for epoch in bar:
         model.train()
@@ -281,5 +281,9 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
+        if bar.disable and progress:  # no terminal (a cluster log): one line per epoch instead
+            log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s)", desc, epoch + 1,
+                     cfg.epochs, row["train_loss"], row["train_cindex"],
+                     f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-", row["seconds"])
     bar.close()
     return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0)

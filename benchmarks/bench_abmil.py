@@ -1,0 +1,102 @@
+"""Training-step time of steph's ABMIL on one 10,000-instance bag, relative to a plain PyTorch
+ABMIL written inline here (target: ratio <= 1.1), plus inference latency and FLOPs.
+
+    python benchmarks/bench_abmil.py [--instances 10000] [--dim 1536] [--rounds 7] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
+
+from steph.models import ABMIL  # noqa: E402
+from steph.survival.loss import nll_survival_loss  # noqa: E402
+
+
+class PlainABMIL(nn.Module):
+    """The textbook gated-attention MIL, written without any steph code."""
+
+    def __init__(self, d: int, n_bins: int = 32):
+        super().__init__()
+        self.fc = nn.Linear(d, 512)
+        self.att_a = nn.Linear(512, 384)
+        self.att_b = nn.Linear(512, 384)
+        self.att_c = nn.Linear(384, 1)
+        self.drop = nn.Dropout(0.25)
+        self.cls = nn.Linear(512, n_bins)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        a = self.drop(torch.tanh(self.att_a(h)))
+        b = self.drop(torch.sigmoid(self.att_b(h)))
+        w = torch.softmax(self.att_c(a * b).squeeze(-1), dim=0)
+        return self.cls((w @ h).unsqueeze(0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--instances", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.instances, args.dim)
+    ours, plain = ABMIL(args.dim, 32), PlainABMIL(args.dim, 32)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    b, e = torch.tensor([5]), torch.tensor([1])
+
+    def step(model, opt):
+        def run():
+            opt.zero_grad()
+            nll_survival_loss(model(x), b, e).backward()
+            opt.step()
+        return run
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    ours.train(), plain.train()
+    train = interleaved({"steph ABMIL": step(ours, ours_opt), "plain ABMIL": step(plain, plain_opt)},
+                        rounds=args.rounds)
+    ours.eval(), plain.eval()
+    inf = interleaved({"steph ABMIL": infer(ours), "plain ABMIL": infer(plain)}, rounds=args.rounds)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        ours(x)
+    res = {
+        "instances": args.instances, "dim": args.dim, "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in ours.parameters()),
+        "gflops_inference": fc.get_total_flops() / 1e9,
+        "train_step_s": train, "inference_s": inf,
+        "train_step_ratio": train["steph ABMIL"] / train["plain ABMIL"],
+        "inference_ratio": inf["steph ABMIL"] / inf["plain ABMIL"],
+    }
+    print(f"ABMIL, {args.instances} x {args.dim} bag, {res['threads']} threads, median of {args.rounds} rounds")
+    print(f"  parameters {res['params']:,}   inference {res['gflops_inference']:.2f} GFLOPs")
+    print(f"  training step: steph {train['steph ABMIL'] * 1e3:.1f} ms, plain {train['plain ABMIL'] * 1e3:.1f} ms,"
+          f" ratio {res['train_step_ratio']:.3f} (target <= 1.1)")
+    print(f"  inference:     steph {inf['steph ABMIL'] * 1e3:.1f} ms, plain {inf['plain ABMIL'] * 1e3:.1f} ms,"
+          f" ratio {res['inference_ratio']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

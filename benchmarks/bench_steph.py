@@ -1,0 +1,115 @@
+"""STEPH's cost next to ABMIL's on one 10,000-instance bag (Table S4 / S7 of the appendix):
+
+* learnable parameters and inference FLOPs (paper: 1.34 M and 40.1 GFLOPs; ABMIL 1.20 M, 23.6);
+* inference latency ratio STEPH / ABMIL (target <= 1.9; the FLOP ratio is ~1.7);
+* training-step time ratio STEPH / ABMIL (target <= 2.0);
+* growth of STEPH's training step from m = 6 to m = 12 sources with K = m (target <= +15 %).
+
+    python benchmarks/bench_steph.py [--instances 10000] [--dim 1536] [--rounds 7] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
+
+from steph.config import StephConfig  # noqa: E402
+from steph.merging.pool import ModelPool  # noqa: E402
+from steph.merging.steph import STEPH  # noqa: E402
+from steph.models import ABMIL  # noqa: E402
+from steph.models.output import as_output  # noqa: E402
+from steph.survival.loss import nll_survival_loss  # noqa: E402
+
+
+def make_steph(m: int, dim: int, top_k: int) -> STEPH:
+    torch.manual_seed(0)
+    hp = dict(in_dim=dim, n_bins=32)
+    theta0 = ABMIL(**hp).state_dict()
+    noisy = lambda: {k: v + 0.01 * torch.randn_like(v) for k, v in theta0.items()}  # noqa: E731
+    pool = ModelPool(theta0=theta0, target=noisy(), sources={f"S{i}": noisy() for i in range(m)},
+                     target_name="T")
+    return STEPH(pool.stack(), hp, StephConfig(top_k=top_k))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--instances", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.randn(args.instances, args.dim)
+    b, e = torch.tensor([5]), torch.tensor([1])
+    abmil = ABMIL(args.dim, 32)
+    steph12 = make_steph(12, args.dim, 5)
+    dense6, dense12 = make_steph(6, args.dim, 6), make_steph(12, args.dim, 12)
+
+    def train_step(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            opt.zero_grad()
+            out = as_output(model(x))
+            loss = nll_survival_loss(out.logits, b, e)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            loss.backward()
+            opt.step()
+        return run
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    for mdl in (abmil, steph12, dense6, dense12):
+        mdl.eval()
+    flops = {}
+    for name, mdl in [("ABMIL", abmil), ("STEPH", steph12)]:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            mdl(x)
+        flops[name] = fc.get_total_flops() / 1e9
+    inf = interleaved({"ABMIL": infer(abmil), "STEPH": infer(steph12)}, rounds=args.rounds)
+    for mdl in (abmil, steph12, dense6, dense12):
+        mdl.train()
+    train = interleaved({"ABMIL": train_step(abmil), "STEPH": train_step(steph12),
+                         "STEPH m=6 K=6": train_step(dense6), "STEPH m=12 K=12": train_step(dense12)},
+                        rounds=args.rounds)
+    res = {
+        "instances": args.instances, "dim": args.dim, "threads": torch.get_num_threads(),
+        "params_M": {"ABMIL": sum(p.numel() for p in abmil.parameters()) / 1e6,
+                     "STEPH": steph12.trainable_parameter_count() / 1e6},
+        "gflops": flops, "inference_s": inf, "train_step_s": train,
+        "inference_ratio": inf["STEPH"] / inf["ABMIL"],
+        "train_ratio": train["STEPH"] / train["ABMIL"],
+        "m12_over_m6": train["STEPH m=12 K=12"] / train["STEPH m=6 K=6"],
+    }
+    print(f"{args.instances} x {args.dim} bag, {res['threads']} threads, median of {args.rounds} interleaved rounds")
+    print(f"  learnable params: ABMIL {res['params_M']['ABMIL']:.2f} M, STEPH {res['params_M']['STEPH']:.2f} M "
+          "(paper 1.20 / 1.34)")
+    print(f"  inference GFLOPs: ABMIL {flops['ABMIL']:.1f}, STEPH {flops['STEPH']:.1f} (paper 23.6 / 40.1), "
+          f"ratio {flops['STEPH'] / flops['ABMIL']:.2f}")
+    print(f"  inference latency: ABMIL {inf['ABMIL'] * 1e3:.0f} ms, STEPH {inf['STEPH'] * 1e3:.0f} ms, "
+          f"ratio {res['inference_ratio']:.2f} (target <= 1.9)")
+    print(f"  training step: ABMIL {train['ABMIL'] * 1e3:.0f} ms, STEPH {train['STEPH'] * 1e3:.0f} ms, "
+          f"ratio {res['train_ratio']:.2f} (target <= 2.0)")
+    print(f"  STEPH training step m=6 (K=6) {train['STEPH m=6 K=6'] * 1e3:.0f} ms, m=12 (K=12) "
+          f"{train['STEPH m=12 K=12'] * 1e3:.0f} ms: +{(res['m12_over_m6'] - 1) * 100:.1f} % (target <= +15 %)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
