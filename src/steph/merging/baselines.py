@@ -58,10 +58,13 @@ Choices (method.md is silent on these; each is deliberate)
   weight decay like every other matrix.
 * **One merge per optimiser step.** The merged encoder depends only on the coefficients, which
   are constant within an optimiser step. ``begin_step()`` computes the merged flat vector once
-  (no autograd) as a leaf tensor requiring grad; every bag of the step runs against named views
-  of it and accumulates ``d loss / d theta`` into it; ``end_step()`` adds
+  (no autograd); its named views, detached into leaf tensors that require grad (they share the
+  flat vector's storage), are the encoder of every bag of the step, and accumulate
+  ``d loss / d theta``; ``end_step()`` concatenates those gradients in the flat layout and adds
   ``d loss / d c = T (d loss / d theta)`` (one matrix-vector product with the stacked task
-  vectors ``T``) to the coefficients' gradient. This equals the per-bag autograd merge (the
+  vectors ``T``) to the coefficients' gradient. (Per-tensor leaves rather than one flat leaf:
+  the backward pass of a view of a flat leaf materialises a full-length gradient per view and
+  per bag, measurably slower.) This equals the per-bag autograd merge (the
   merge is linear in ``c``), which the module still uses in training mode when no step is open
   (e.g. outside the trainer). In eval mode the merged encoder is computed without autograd and
   cached while the coefficients and buffers do not change.
@@ -260,7 +263,6 @@ class AdaMerging(nn.Module):
                         if surgery_rank is not None else None)
         # Not registered (it would duplicate ``abmil`` in the state dict).
         object.__setattr__(self, "_embedder", _Embedder(self.abmil))
-        self._step_flat: torch.Tensor | None = None
         self._step_params: TensorDict | None = None
         self._step_coef_version: int | None = None
         self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
@@ -276,23 +278,29 @@ class AdaMerging(nn.Module):
         return {k: v.clone() for k, v in self.layout.unflatten(self.merged_flat()).items()}
 
     def begin_step(self) -> None:
-        """Merge once for the optimiser step that starts (training mode only)."""
-        self._step_flat = self._step_params = self._step_coef_version = None
+        """Merge once for the optimiser step that starts (training mode only).
+
+        The merged flat vector is computed without autograd; its named views are detached into
+        leaf tensors (sharing its storage) that require grad, so each bag's backward pass
+        accumulates ``d loss / d theta`` per tensor (no full-length gradient buffer per bag)."""
+        self._step_params = self._step_coef_version = None
         if not self.training:
             return
         with torch.no_grad():
             flat = self.merged_flat()
-        self._step_flat = flat.requires_grad_(True)
-        self._step_params = self.layout.unflatten(self._step_flat)
+        self._step_params = {k: v.detach().requires_grad_(True)
+                             for k, v in self.layout.unflatten(flat).items()}
         self._step_coef_version = self.coef._version
 
     def end_step(self) -> None:
         """Push the step's accumulated ``d loss / d theta`` to the coefficients: ``T @ grad``."""
-        flat = self._step_flat
-        self._step_flat = self._step_params = self._step_coef_version = None
-        if flat is None or flat.grad is None:
+        params = self._step_params
+        self._step_params = self._step_coef_version = None
+        if params is None or all(p.grad is None for p in params.values()):
             return
-        g = torch.mv(self.tau, flat.grad)
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params.values()])  # layout order = the flat vector's order
+        g = torch.mv(self.tau, grad)
         if self.coef.grad is None:
             self.coef.grad = g
         else:
