@@ -77,6 +77,19 @@ class StephConfig(_Strict):
     aggregation: Literal["hyper", "free"] = "hyper"  # free: w as a learned vector
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
     embed_dim: int = Field(512, ge=1)
+    # Start of the merge weights: "complete" sets H_agg's output bias (or the free w) to 1/K so
+    # that sum_{i in S} w_i ~ 1 and theta(X) starts near theta_0 + tau_t (the target's model);
+    # "default" keeps PyTorch's initialisation (w ~ 0.03: theta(X) starts near theta_0).
+    w_init: Literal["complete", "default"] = "complete"
+    # Output activation of H_agg (the reference release offers relu / softplus / sigmoid; the
+    # paper uses relu). softplus never has zero gradient, so a small w can recover.
+    w_activation: Literal["relu", "softplus"] = "relu"
+    # Epochs at the start during which w and lambda are held fixed (no gradient) so that the
+    # fresh head first adapts to the initial merged encoder.
+    head_warmup_epochs: int = Field(0, ge=0)
+    # Bias of the fresh head: "baseline" = logit of the training split's discrete baseline hazard
+    # (weights stay random); "random" = PyTorch's default range for the bias too.
+    head_bias: Literal["baseline", "random"] = "baseline"
 
 
 class MergeConfig(_Strict):
@@ -87,6 +100,7 @@ class MergeConfig(_Strict):
     ties_density: float = Field(0.2, gt=0.0, le=1.0)
     iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
     surgery_rank: int = Field(16, ge=1)
+    head_bias: Literal["baseline", "random"] = "baseline"  # fresh heads, as steph.head_bias
 
 
 class ExperimentConfig(_Strict):

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -61,7 +62,8 @@ def _ctx(pool: ModelPool, cfg: ExperimentConfig | None = None) -> MethodContext:
     cfg = cfg or build_config({})
     return MethodContext(cfg=cfg, target="T", fold=0, hparams=HP, theta0=pool.theta0,
                          bins=TimeBins.uniform(HP["n_bins"], 1000.0), n_patients=20, n_train=16,
-                         pool_loader=lambda: pool)
+                         pool_loader=lambda: pool, train_bins=np.arange(16) % HP["n_bins"],
+                         train_events=np.arange(16) % 2)
 
 
 # ------------------------------------------------------------------------------------------------

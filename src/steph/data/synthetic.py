@@ -67,7 +67,7 @@ class SynthConfig:
     within_noise: float = 0.5  # latent noise of one patch around its prototype
     feature_noise: float = 0.3  # isotropic noise added in feature space
     cohort_shift: float = 0.5  # scale of each cohort's latent offset
-    composition_concentration: float = 6.0  # Dirichlet concentration of a patient's mix
+    composition_concentration: float = 2.0  # Dirichlet concentration of a patient's mix
     effect_size: float = 1.0  # std of the true log-hazard within a cohort
     n_prognostic: int = 3  # phenotypes with a non-zero effect per family
     weibull_shape: float = 1.2

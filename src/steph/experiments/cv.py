@@ -218,6 +218,7 @@ class Experiment:
         ctx = MethodContext(
             cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
+            train_bins=train_ds.bin_indices, train_events=train_ds.events,
             pool_loader=(lambda: self.pool_for(job.cohort, job.fold)) if method.needs_pool else None)
         built = method.build(ctx)
         t0 = time.perf_counter()

@@ -39,7 +39,19 @@ class MethodContext:
     n_patients: int  # size of the target cohort
     n_train: int
     pool_loader: Callable[[], ModelPool] | None = None
+    train_bins: Any = None  # bin index and event of every training bag (for a fresh head's bias)
+    train_events: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def head_bias(self, mode: str) -> torch.Tensor | None:
+        """The fresh head's bias: the training split's baseline hazard logits, or None (random)."""
+        if mode == "random":
+            return None
+        if self.train_bins is None or self.train_events is None:
+            raise ConfigError("a baseline-hazard head bias needs the training labels")
+        from steph.survival.baseline import baseline_hazard_logits
+
+        return baseline_hazard_logits(self.train_bins, self.train_events, self.bins.n_bins)
 
     def pool(self) -> ModelPool:
         if self.pool_loader is None:
@@ -120,7 +132,7 @@ def _steph_method(name: str, summary: str, **overrides: Any) -> Method:
         cfg = ctx.cfg.steph.model_copy(update=overrides)
         pool = ctx.pool()
         model = STEPH(pool.stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
-                      n_patients=ctx.n_patients)
+                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias))
         return Built(module=model, kind="steph", settings=model.settings)
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,

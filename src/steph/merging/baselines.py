@@ -234,7 +234,8 @@ class AdaMerging(nn.Module):
     """
 
     def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any],
-                 init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None):
+                 init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None,
+                 head_bias: torch.Tensor | None = None):
         super().__init__()
         if stack.vectors.shape[0] < 1:
             raise ConfigError("AdaMerging needs at least one task vector")
@@ -259,6 +260,8 @@ class AdaMerging(nn.Module):
             bound = 1.0 / self.abmil.hidden_dim ** 0.5
             self.abmil.head.weight.uniform_(-bound, bound, generator=g)
             self.abmil.head.bias.uniform_(-bound, bound, generator=g)
+            if head_bias is not None:  # e.g. baseline hazard logits; the weights stay fresh
+                self.abmil.head.bias.copy_(head_bias)
         self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
                         if surgery_rank is not None else None)
         # Not registered (it would duplicate ``abmil`` in the state dict).
@@ -403,7 +406,8 @@ def _adamerging_method(name: str, summary: str, surgery: bool = False) -> Method
         stack = adamerging_stack(pool, PREPROCESSING[name], **_preprocess_options(name, cfg))
         model = AdaMerging(stack, ctx.hparams, init_coef=cfg.init_coef,
                            head_seed=ctx.cfg.train.seed,
-                           surgery_rank=cfg.surgery_rank if surgery else None)
+                           surgery_rank=cfg.surgery_rank if surgery else None,
+                           head_bias=ctx.head_bias(cfg.head_bias))
         return Built(module=model, kind="abmil_surgery" if surgery else "abmil",
                      settings=model.export_settings, export=model.export)
 

@@ -60,9 +60,11 @@ class MergeExplanation:
 
 class STEPH(nn.Module):
     def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any], cfg: StephConfig | None = None,
-                 head_seed: int = 0, n_patients: int = 0):
+                 head_seed: int = 0, n_patients: int = 0, head_bias: torch.Tensor | None = None):
         """``stack``: rows ``[tau_t, tau_1, ..., tau_m]`` of the MIL encoder, labels = cohorts.
-        ``n_patients``: size of the target cohort, which picks gamma when it is not set."""
+        ``n_patients``: size of the target cohort, which picks gamma when it is not set.
+        ``head_bias``: initial bias of the fresh head (e.g. baseline hazard logits); its weights
+        are always freshly drawn."""
         super().__init__()
         self.n_patients = int(n_patients)
         cfg = cfg or StephConfig()
@@ -91,13 +93,19 @@ class STEPH(nn.Module):
             bound = 1.0 / self.abmil.hidden_dim ** 0.5
             self.abmil.head.weight.uniform_(-bound, bound, generator=g)
             self.abmil.head.bias.uniform_(-bound, bound, generator=g)
+            if head_bias is not None:
+                self.abmil.head.bias.copy_(head_bias)
 
         in_dim, d = self.abmil.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
+        w0 = 1.0 / self.top_k  # "complete" start: the K selected weights sum to ~1
         if cfg.aggregation == "hyper":
             self.h_agg = hypernet(d, m, cfg.dropout)
+            if cfg.w_init == "complete":
+                with torch.no_grad():
+                    self.h_agg[-1].bias.add_(w0)
         else:
-            self.w_free = nn.Parameter(torch.full((m,), 1.0 / m))
+            self.w_free = nn.Parameter(torch.full((m,), w0 if cfg.w_init == "complete" else 1.0 / m))
         if cfg.mixing == "hyper":
             self.h_mix = hypernet(d, m, cfg.dropout)
         elif cfg.mixing == "free":
@@ -114,7 +122,8 @@ class STEPH(nn.Module):
         z = None
         if self.cfg.aggregation == "hyper" or self.cfg.mixing == "hyper":
             z = self.bag_embedding(x)
-        w = F.relu(self.h_agg(z)) if self.cfg.aggregation == "hyper" else F.relu(self.w_free)
+        act = F.softplus if self.cfg.w_activation == "softplus" else F.relu
+        w = act(self.h_agg(z)) if self.cfg.aggregation == "hyper" else act(self.w_free)
         if self.cfg.mixing == "hyper":
             lam = 1.0 / (1.0 + F.relu(self.h_mix(z)))
         elif self.cfg.mixing == "free":
@@ -152,11 +161,17 @@ class STEPH(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor):
         w, lam = self.weights(x)
+        if self.training and getattr(self, "hold_weights", False):
+            w, lam = w.detach(), lam.detach()
         mask = self.select(w)
         coef = self.coefficients(w, lam, mask)
         params = self.layout.unflatten(self.merged_flat(coef))
         logits = functional_call(self.abmil, params, (x,), strict=False)
         return logits, w, lam, mask, coef, params
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the trainer (epoch is 0-based): hold w and lambda during the head warm-up."""
+        self.hold_weights = epoch < self.cfg.head_warmup_epochs
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         logits, w, lam, mask, _, _ = self._run(x)

@@ -13,6 +13,7 @@ ends with the same weights as an uninterrupted run.
 A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
 an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
 baselines whose merged weights are constant within a step use them to merge once per step.
+``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too.
 """
 
 from __future__ import annotations
@@ -225,12 +226,15 @@ def fit(
         torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
     begin_step = getattr(model, "begin_step", None)
     end_step = getattr(model, "end_step", None)
+    epoch_start = getattr(model, "on_epoch_start", None)
 
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
                initial=start_epoch, total=cfg.epochs, leave=False)
     for epoch in bar:
         model.train()
+        if epoch_start is not None:
+            epoch_start(epoch)
         t_epoch = time.perf_counter()
         order = _epoch_permutation(cfg.seed, epoch, n)[: steps_per_epoch * cfg.bags_per_step]
         surv_losses, aux_losses, risks, times, events = [], [], [], [], []
