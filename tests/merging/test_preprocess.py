@@ -643,3 +643,19 @@ def test_errors():
     bad_dtype["feat_proj.0.bias"] = bad_dtype["feat_proj.0.bias"].double()
     with pytest.raises(DataError, match="dtype"):
         iso_cts_pair(a, bad_dtype)
+
+
+def test_svd_falls_back_when_lapack_fails_to_converge(monkeypatch):
+    """gesdd can fail on ill-conditioned input; the result must then come from gesvd."""
+    import steph.merging.preprocess as pp
+
+    a = torch.randn(7, 5, dtype=torch.float64)
+    expected = torch.linalg.svd(a, full_matrices=False)
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    u, s, vh = pp._svd(a)
+    torch.testing.assert_close(s, expected.S)
+    torch.testing.assert_close((u * s) @ vh, a)

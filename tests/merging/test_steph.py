@@ -212,3 +212,52 @@ def test_needs_a_source():
     stack.labels = stack.labels[:1]
     with pytest.raises(ValueError, match="at least one source"):
         STEPH(stack, HP)
+
+
+def test_complete_start_sets_w_near_one_over_k():
+    pool = make_pool(m=6)
+    torch.manual_seed(7)
+    model = STEPH(pool.stack(), HP, StephConfig(embed_dim=10, top_k=5))
+    with torch.no_grad():  # remove the random part of H_agg's output: what is left is the bias
+        model.h_agg[-1].weight.zero_()
+    w, _ = model.weights(torch.randn(5, HP["in_dim"]))
+    torch.manual_seed(7)
+    default = STEPH(pool.stack(), HP, StephConfig(embed_dim=10, top_k=5, w_init="default"))
+    assert torch.allclose(w, (model.h_agg[-1].bias.detach()).clamp(min=0))
+    diff = model.h_agg[-1].bias.detach() - default.h_agg[-1].bias.detach()
+    assert torch.allclose(diff, torch.full((6,), 0.2))  # 1/K on top of the same random init
+
+
+def test_head_bias_is_set_and_weights_stay_fresh():
+    pool = make_pool()
+    bias = torch.linspace(-3, -1, HP["n_bins"])
+    a = STEPH(pool.stack(), HP, StephConfig(embed_dim=10), head_bias=bias)
+    b = STEPH(pool.stack(), HP, StephConfig(embed_dim=10))
+    assert torch.equal(a.abmil.head.bias.detach(), bias)
+    assert torch.equal(a.abmil.head.weight, b.abmil.head.weight)
+    assert not torch.equal(b.abmil.head.bias.detach(), bias)
+
+
+def test_softplus_keeps_gradient_for_negative_outputs():
+    model, _ = make_steph(w_activation="softplus")
+    with torch.no_grad():
+        model.h_agg[-1].bias.fill_(-20.0)
+    w, _ = model.weights(torch.randn(4, HP["in_dim"]))
+    assert (w > 0).all() and (w < 1e-6).all()
+    w.sum().backward()
+    assert model.h_agg[-1].bias.grad.abs().sum() > 0
+
+
+def test_head_warmup_holds_w_and_lambda():
+    model, _ = make_steph(head_warmup_epochs=1, active=True)
+    model.train()
+    model.on_epoch_start(0)
+    out = model(torch.randn(6, HP["in_dim"]))
+    (out.logits.sum() + out.aux_loss).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.h_agg.parameters())
+    assert model.abmil.head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.on_epoch_start(1)
+    out = model(torch.randn(6, HP["in_dim"]))
+    (out.logits.sum() + out.aux_loss).backward()
+    assert model.h_agg[-1].weight.grad.abs().sum() > 0

@@ -306,7 +306,16 @@ def ties_pair(
 
 
 def _svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.linalg.svd(a, full_matrices=False)
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # LAPACK's default divide-and-conquer driver (gesdd) can fail to converge on
+        # ill-conditioned matrices (seen on Iso-CTS's stacked bases); gesvd is slower but robust.
+        import scipy.linalg
+
+        u, s, vh = scipy.linalg.svd(a.detach().double().cpu().numpy(), full_matrices=False,
+                                    lapack_driver="gesvd")
+        return tuple(torch.from_numpy(x).to(dtype=a.dtype, device=a.device) for x in (u, s, vh))
 
 
 def _polar(a: Tensor) -> Tensor:
