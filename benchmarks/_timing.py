@@ -15,8 +15,11 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: i
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        # rotate the order every round so no candidate always runs first (cache, clocks)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             t = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -150,10 +150,18 @@ register_method(_steph_method("steph_free_w", "STEPH ablation: w a free learned 
                               aggregation="free"))
 
 
+# Settings that change speed or memory but never a result: not part of a run's identity.
+PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
+
+
 def config_for(method: Method, cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings that decide a run of ``method`` (what its config.yaml records)."""
     full = cfg.to_dict()
-    return {k: full[k] for k in method.config_sections}
+    out = {k: dict(full[k]) for k in method.config_sections}
+    for section, keys in PERFORMANCE_ONLY.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
+    return out
 
 
 def resolve_methods(spec: str | list[str]) -> list[str]:
