@@ -3,9 +3,26 @@ hits all of them alike; ratios are taken between medians of the same run."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
+
+
+def bag_arguments(doc: str) -> argparse.Namespace:
+    """The options every model benchmark takes; sets the thread count when given."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instances", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2,

@@ -6,7 +6,6 @@ ABMIL written inline here (target: ratio <= 1.1), plus inference latency and FLO
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
+from _timing import bag_arguments, interleaved  # noqa: E402
 
 from steph.models import ABMIL  # noqa: E402
 from steph.survival.loss import nll_survival_loss  # noqa: E402
@@ -44,15 +43,7 @@ class PlainABMIL(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--instances", type=int, default=10_000)
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=str, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bag_arguments(__doc__)
     torch.manual_seed(0)
     x = torch.randn(args.instances, args.dim)
     ours, plain = ABMIL(args.dim, 32), PlainABMIL(args.dim, 32)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved  # noqa: E402
+from _timing import bag_arguments, interleaved  # noqa: E402
 
 from steph.config import StephConfig  # noqa: E402
 from steph.merging.pool import ModelPool  # noqa: E402
@@ -40,15 +39,7 @@ def make_steph(m: int, dim: int, top_k: int) -> STEPH:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--instances", type=int, default=10_000)
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", type=str, default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bag_arguments(__doc__)
     x = torch.randn(args.instances, args.dim)
     b, e = torch.tensor([5]), torch.tensor([1])
     abmil = ABMIL(args.dim, 32)

@@ -96,7 +96,7 @@ from steph.inference import register_artefact
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL
+from steph.models.abmil import ABMIL, init_fresh_head
 from steph.models.output import ModelOutput
 
 __all__ = [
@@ -256,12 +256,7 @@ class AdaMerging(nn.Module):
         for name, p in self.abmil.named_parameters():
             p.requires_grad_(name not in encoder)
         g = torch.Generator().manual_seed(int(head_seed))  # fresh head, not copied
-        with torch.no_grad():
-            bound = 1.0 / self.abmil.hidden_dim ** 0.5
-            self.abmil.head.weight.uniform_(-bound, bound, generator=g)
-            self.abmil.head.bias.uniform_(-bound, bound, generator=g)
-            if head_bias is not None:  # e.g. baseline hazard logits; the weights stay fresh
-                self.abmil.head.bias.copy_(head_bias)
+        init_fresh_head(self.abmil.head, g, head_bias)  # surgery draws from g after the head
         self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
                         if surgery_rank is not None else None)
         # Not registered (it would duplicate ``abmil`` in the state dict).

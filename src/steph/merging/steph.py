@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from steph.config import StephConfig
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL
+from steph.models.abmil import ABMIL, init_fresh_head
 from steph.models.output import ModelOutput
 
 # A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
@@ -88,13 +88,7 @@ class STEPH(nn.Module):
                 self.abmil.get_parameter(name).copy_(tensor)
         for name, p in self.abmil.named_parameters():
             p.requires_grad_(name not in self.layout.names)
-        g = torch.Generator().manual_seed(head_seed)  # a fresh head, not copied from any model
-        with torch.no_grad():
-            bound = 1.0 / self.abmil.hidden_dim ** 0.5
-            self.abmil.head.weight.uniform_(-bound, bound, generator=g)
-            self.abmil.head.bias.uniform_(-bound, bound, generator=g)
-            if head_bias is not None:
-                self.abmil.head.bias.copy_(head_bias)
+        init_fresh_head(self.abmil.head, torch.Generator().manual_seed(head_seed), head_bias)
 
         in_dim, d = self.abmil.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())

@@ -89,3 +89,17 @@ class ABMIL(nn.Module):
 def encoder_parameter_names(model: nn.Module) -> list[str]:
     """Names of the MIL-encoder tensors (everything but the head), in registration order."""
     return [n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+
+
+def init_fresh_head(head: nn.Linear, generator: torch.Generator,
+                    bias: torch.Tensor | None = None) -> None:
+    """Draw a head afresh (not copied from any model): U(+-1/sqrt(fan_in)) from ``generator``.
+
+    ``bias``, when given, replaces the drawn bias (e.g. the training split's baseline hazard
+    logits, see steph.survival.baseline); the weights always stay freshly drawn."""
+    with torch.no_grad():
+        bound = 1.0 / head.in_features ** 0.5
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+        if bias is not None:
+            head.bias.copy_(bias)
