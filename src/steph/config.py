@@ -23,6 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from steph.errors import ConfigError
 
 
+# Settings that change speed or memory but never a result: not part of a run's identity.
+PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
+
+
+def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a settings tree without the keys of PERFORMANCE_ONLY."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
+    for section, keys in PERFORMANCE_ONLY.items():
+        if isinstance(out.get(section), dict):
+            for key in keys:
+                out[section].pop(key, None)
+    return out
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -169,3 +169,18 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, tiny_cf
     wb = load_tensors(d / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     shutil.rmtree(tmp_path / "ref")
+
+
+def test_performance_settings_do_not_change_a_runs_identity(tiny_runs, tiny_data):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    out, _ = tiny_runs
+    cfg = tiny_experiment_config(threads=1)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_mb": 64})})
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
+    run_cv(tiny_data, out, ["abmil", "steph"], targets=["TGT"], folds="0-1", cfg=cfg, progress=False)
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}

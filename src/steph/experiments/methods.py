@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from steph.config import ExperimentConfig
+from steph.config import ExperimentConfig, without_performance_keys
 from steph.errors import ConfigError
 from steph.merging.pool import ModelPool
 from steph.models import ABMIL
@@ -150,18 +150,10 @@ register_method(_steph_method("steph_free_w", "STEPH ablation: w a free learned 
                               aggregation="free"))
 
 
-# Settings that change speed or memory but never a result: not part of a run's identity.
-PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
-
-
 def config_for(method: Method, cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings that decide a run of ``method`` (what its config.yaml records)."""
     full = cfg.to_dict()
-    out = {k: dict(full[k]) for k in method.config_sections}
-    for section, keys in PERFORMANCE_ONLY.items():
-        for key in keys:
-            out.get(section, {}).pop(key, None)
-    return out
+    return without_performance_keys({k: full[k] for k in method.config_sections})
 
 
 def resolve_methods(spec: str | list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from steph.config import ModelConfig
+from steph.config import ModelConfig, without_performance_keys
 from steph.errors import RunError
 from steph.models import ABMIL
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json, write_text
@@ -90,7 +90,9 @@ def check_or_write_config(path: Path, settings: dict[str, Any]) -> None:
     """Save the effective settings; a run started with other settings is an error, not a mix."""
     cfg_path = path / CONFIG
     if cfg_path.exists():
-        found = yaml.safe_load(cfg_path.read_text()) or {}
+        # performance-only keys (data.cache_mb, train.threads) never make two runs differ
+        found = without_performance_keys(yaml.safe_load(cfg_path.read_text()) or {})
+        settings = without_performance_keys(settings)
         if _canon(found) != _canon(settings):
             diff = sorted(_diff_keys(found, settings))
             raise RunError(
