@@ -183,13 +183,14 @@ def _make_world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
     mixing = rng.normal(0.0, 1.0 / math.sqrt(L), size=(L, D))
     offset = rng.normal(0.0, 0.5, size=D)
     families = sorted({c.family for c in cfg.cohorts})
-    # Each family gets its own prognostic phenotypes: a rotating window over the phenotype
-    # list, so two families overlap in at most one phenotype and one of those may be reversed.
+    # Each family gets its own prognostic phenotypes: consecutive windows of k phenotypes,
+    # disjoint while P allows (P >= k x families); beyond that the windows wrap around and
+    # families share phenotypes, possibly with reversed effects.
     effects, bases = {}, {}
     k = cfg.n_prognostic
     for i, fam in enumerate(families):
         beta = np.zeros(P)
-        idx = [(i * (k - 1) + j) % P for j in range(k)] if len(families) > 1 else list(range(k))
+        idx = [(i * k + j) % P for j in range(k)]
         signs = rng.choice([-1.0, 1.0], size=k)
         signs[0] = 1.0
         beta[idx] = signs * rng.uniform(1.0, 2.0, size=k)
