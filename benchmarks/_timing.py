@@ -42,3 +42,32 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: i
                 fn()
             samples[name].append((time.perf_counter() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def train_step(model, x, bins, events):
+    """One optimiser step on one bag (survival loss plus the model's auxiliary loss, if any)."""
+    import torch
+
+    from steph.models.output import as_output
+    from steph.survival.loss import nll_survival_loss
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run():
+        opt.zero_grad()
+        out = as_output(model(x))
+        loss = nll_survival_loss(out.logits, bins, events)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        loss.backward()
+        opt.step()
+    return run
+
+
+def inference(model, x):
+    import torch
+
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run

@@ -16,10 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import bag_arguments, interleaved  # noqa: E402
+from _timing import bag_arguments, inference, interleaved, train_step  # noqa: E402
 
 from steph.models import ABMIL  # noqa: E402
-from steph.survival.loss import nll_survival_loss  # noqa: E402
 
 
 class PlainABMIL(nn.Module):
@@ -47,28 +46,14 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.instances, args.dim)
     ours, plain = ABMIL(args.dim, 32), PlainABMIL(args.dim, 32)
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
     b, e = torch.tensor([5]), torch.tensor([1])
 
-    def step(model, opt):
-        def run():
-            opt.zero_grad()
-            nll_survival_loss(model(x), b, e).backward()
-            opt.step()
-        return run
-
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model(x)
-        return run
-
     ours.train(), plain.train()
-    train = interleaved({"steph ABMIL": step(ours, ours_opt), "plain ABMIL": step(plain, plain_opt)},
+    train = interleaved({"steph ABMIL": train_step(ours, x, b, e), "plain ABMIL": train_step(plain, x, b, e)},
                         rounds=args.rounds)
     ours.eval(), plain.eval()
-    inf = interleaved({"steph ABMIL": infer(ours), "plain ABMIL": infer(plain)}, rounds=args.rounds)
+    inf = interleaved({"steph ABMIL": inference(ours, x), "plain ABMIL": inference(plain, x)},
+                      rounds=args.rounds)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         ours(x)
     res = {

@@ -18,14 +18,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import bag_arguments, interleaved  # noqa: E402
+from _timing import bag_arguments, inference, interleaved, train_step  # noqa: E402
 
 from steph.config import StephConfig  # noqa: E402
 from steph.merging.pool import ModelPool  # noqa: E402
 from steph.merging.steph import STEPH  # noqa: E402
 from steph.models import ABMIL  # noqa: E402
-from steph.models.output import as_output  # noqa: E402
-from steph.survival.loss import nll_survival_loss  # noqa: E402
 
 
 def make_steph(m: int, dim: int, top_k: int) -> STEPH:
@@ -46,24 +44,7 @@ def main() -> None:
     steph12 = make_steph(12, args.dim, 5)
     dense6, dense12 = make_steph(6, args.dim, 6), make_steph(12, args.dim, 12)
 
-    def train_step(model):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def run():
-            opt.zero_grad()
-            out = as_output(model(x))
-            loss = nll_survival_loss(out.logits, b, e)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            loss.backward()
-            opt.step()
-        return run
-
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model(x)
-        return run
+    ts = lambda m: train_step(m, x, b, e)  # noqa: E731
 
     for mdl in (abmil, steph12, dense6, dense12):
         mdl.eval()
@@ -72,11 +53,11 @@ def main() -> None:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             mdl(x)
         flops[name] = fc.get_total_flops() / 1e9
-    inf = interleaved({"ABMIL": infer(abmil), "STEPH": infer(steph12)}, rounds=args.rounds)
+    inf = interleaved({"ABMIL": inference(abmil, x), "STEPH": inference(steph12, x)}, rounds=args.rounds)
     for mdl in (abmil, steph12, dense6, dense12):
         mdl.train()
-    train = interleaved({"ABMIL": train_step(abmil), "STEPH": train_step(steph12),
-                         "STEPH m=6 K=6": train_step(dense6), "STEPH m=12 K=12": train_step(dense12)},
+    train = interleaved({"ABMIL": ts(abmil), "STEPH": ts(steph12),
+                         "STEPH m=6 K=6": ts(dense6), "STEPH m=12 K=12": ts(dense12)},
                         rounds=args.rounds)
     res = {
         "instances": args.instances, "dim": args.dim, "threads": torch.get_num_threads(),

@@ -28,7 +28,6 @@ The model, and why each part is there:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -322,15 +321,3 @@ def _patch_features(cfg: SynthConfig, world: _World, phen: np.ndarray, shift: np
     idx = np.arange(n)
     coords = np.stack([(idx % side) * 256, (idx // side) * 256], axis=1).astype(np.int32)
     return x.astype(np.float32), coords
-
-
-def oracle_table(root: str | Path, cohort: str) -> pd.DataFrame:
-    """The true log-hazard of each patient of a synthetic cohort (for the oracle C-index)."""
-    path = Path(root) / cohort / "true_risk.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a synthetic cohort (no true_risk.csv)")
-    return pd.read_csv(path, dtype={"patient_id": str})
-
-
-def describe(cfg: SynthConfig) -> str:
-    return json.dumps([asdict(c) for c in cfg.cohorts], indent=1)

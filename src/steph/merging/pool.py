@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from steph.errors import RunError
 from steph.merging.task_vectors import TaskVectorStack, TensorDict, task_vector
 from steph.models.abmil import ENCODER_PREFIXES
-from steph.utils.io import load_tensors, read_json
+from steph.utils.io import load_tensors
 
 
 @dataclass
@@ -67,12 +66,3 @@ class ModelPool:
         return cls(theta0=load(theta0), target=load(target[1]),
                    sources={name: load(p) for name, p in sources}, target_name=target[0],
                    hparams=dict(hparams or {}))
-
-
-def load_hparams(theta0_path: str | Path) -> dict:
-    meta = Path(theta0_path).with_suffix(".json")
-    return read_json(meta)["hparams"] if meta.exists() else {}
-
-
-def state_dict_float(module: torch.nn.Module) -> TensorDict:
-    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}

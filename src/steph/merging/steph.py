@@ -104,7 +104,6 @@ class STEPH(nn.Module):
             self.h_mix = hypernet(d, m, cfg.dropout)
         elif cfg.mixing == "free":
             self.rho_free = nn.Parameter(torch.full((m,), _FREE_RHO_INIT))
-        self._encoder_names = set(self.layout.names)
 
     # -- the pieces of the formula ------------------------------------------------------------
     def bag_embedding(self, x: torch.Tensor) -> torch.Tensor:
