@@ -360,3 +360,24 @@ def test_cli_pack(make_cohort, capsys):
     assert Cohort.load(a.root).pack is not None
     code, _, err = run("data", "pack", "--data", str(root / "nope"))
     assert code == 1 and "data root not found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 65504.0])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_read_features_stored_keeps_the_dtype_and_checks_values(tmp_path, bad, dtype):
+    from steph.data.features import read_features, read_features_stored
+
+    x = np.random.default_rng(1).standard_normal((80, 5)).astype(dtype)
+    x[41, 2] = bad
+    path = write_features_h5(tmp_path / "s.h5", x, layout="trident")
+    if np.isfinite(bad):  # the largest float16 is a value, not an overflow
+        got = read_features_stored(path)
+        assert got.dtype == dtype and got.shape == (80, 5)
+        np.testing.assert_array_equal(bits(got.astype(np.float32)), bits(read_features(path)))
+        return
+    with pytest.raises(DataError) as stored:
+        read_features_stored(path)
+    with pytest.raises(DataError) as f32:
+        read_features(path)
+    assert str(stored.value) == str(f32.value) and "first rows: [41]" in str(f32.value)
+    assert read_features_stored(path, check_finite=False).shape == (80, 5)

@@ -177,6 +177,10 @@ class PackedStore:
             self._coords = self._open(entry, (self.rows, 2), _COORDS_DTYPE)
         return self._coords
 
+    def close(self) -> None:
+        """Release the memory maps (bags already read stay valid); reopened on next use."""
+        self._features = self._coords = None
+
     def verify(self) -> None:
         """Open the data files and check their ``.npy`` headers against the index."""
         _ = self.features, self.coords
