@@ -168,3 +168,31 @@ def test_forced_chunking_is_differentiable_with_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12)
+
+
+def test_chunking_reaches_models_that_call_abmil_with_merged_parameters(monkeypatch):
+    """STEPH runs ABMIL through torch.func.functional_call with merged tensors: eval-mode
+    prediction is chunked there too, with the same result."""
+    from steph.config import StephConfig
+    from steph.merging.pool import ModelPool
+    from steph.merging.steph import STEPH
+
+    torch.manual_seed(0)
+    hp = {"in_dim": 12, "n_bins": 4, "hidden_dim": 8, "attn_dim": 6}
+    theta0 = ABMIL(**hp).state_dict()
+    noisy = {f"S{i}": {k: v + 0.1 * torch.randn_like(v) for k, v in theta0.items()}
+             for i in range(4)}
+    pool = ModelPool(theta0=theta0, target=noisy.pop("S3"), sources=noisy, target_name="T")
+    model = STEPH(pool.stack(), hp, StephConfig(embed_dim=10)).eval()
+    x = torch.randn(60, 12)
+    with torch.no_grad():
+        model.abmil.chunk_size = 0
+        one = model(x).logits
+        model.abmil.chunk_size = 7
+        calls = []
+        real = ABMIL._embed_chunked
+        monkeypatch.setattr(ABMIL, "_embed_chunked",
+                            lambda self, x, c: calls.append(c) or real(self, x, c))
+        chunked = model(x).logits
+    assert calls == [7]
+    torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-6)
