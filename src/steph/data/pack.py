@@ -446,14 +446,16 @@ def _write_data(cohort: Cohort, folder: Path, coords: bool) -> dict[str, Any]:
     try:
         offset = 0
         for sid, pid, path in plan:
-            before = os.stat(path)
             where = f"cohort {cohort.name!r}, patient {pid!r}"
             try:
+                before = os.stat(path)
                 arr = read_features_stored(path, slide_id=sid)
                 c = read_coords(path, slide_id=sid) if cw is not None else None
+                after = os.stat(path)
+            except OSError as e:
+                raise DataError(f"{where}: slide {sid!r}: {e}") from e
             except DataError as e:
                 raise DataError(f"{where}: {e}") from e
-            after = os.stat(path)
             if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
                     arr.shape != (n_of[pid, sid], dim)):
                 raise DataError(f"{where}: slide {sid!r} ({path}) changed while it was packed "
@@ -462,6 +464,9 @@ def _write_data(cohort: Cohort, folder: Path, coords: bool) -> dict[str, Any]:
             kind = None
             if cw is not None:
                 kind = None if c is None else ("int64" if c.dtype.kind in "iu" else "float64")
+                if kind == "int64" and c.size and int(np.abs(c).max()) > 2**53:
+                    raise DataError(f"{where}: slide {sid!r} ({path}): coords beyond 2**53 "
+                                    "cannot be packed exactly (pack with --no-coords)")
                 cw.write(np.zeros((len(arr), 2)) if c is None else c)
             slides.append({"slide_id": sid, "patient_id": pid, "path": _rel(path, cohort.root),
                            "size": after.st_size, "mtime_ns": after.st_mtime_ns,
