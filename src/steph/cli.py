@@ -190,7 +190,7 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
        seed: int | None, quiet: bool) -> None:
     """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
     from steph.experiments.cv import run_cv
-    from steph.experiments.methods import resolve_methods
+    from steph.methods import resolve_methods
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     names = resolve_methods(methods)
@@ -215,11 +215,12 @@ def summarize(out: str, data_root: str | None) -> None:
 @cli.command()
 def methods() -> None:
     """List the methods `steph cv` knows."""
-    from steph.experiments.methods import get_method, list_methods
+    from steph.methods import get_method, list_methods, method_patterns
 
     for name in list_methods():
         click.echo(f"{name:18s} {get_method(name).summary}")
-    click.echo(f"{'steph_k<N>':18s} STEPH with K = N selected sources")
+    for hint, summary in method_patterns():
+        click.echo(f"{hint:18s} {summary}")
 
 
 # -- prediction ------------------------------------------------------------------------------------

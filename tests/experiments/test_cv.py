@@ -7,7 +7,7 @@ import torch
 
 from steph.errors import ConfigError, RunError
 from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
-from steph.experiments.methods import MethodContext, get_method
+from steph.methods import MethodContext, get_method
 from steph.experiments.runs import ensure_theta0, load_theta0, run_dir
 from steph.merging.task_vectors import task_vector
 
@@ -184,3 +184,31 @@ def test_performance_settings_do_not_change_a_runs_identity(tiny_runs, tiny_data
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
     run_cv(tiny_data, out, ["abmil", "steph"], targets=["TGT"], folds="0-1", cfg=cfg, progress=False)
     assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
+
+
+def test_rerun_gives_the_same_bytes_and_timing_lives_in_run_json(tiny_runs, tiny_data,
+                                                                  tmp_path_factory):
+    """metrics.json, predictions.csv, model weights and summary.csv depend only on the command
+    and the data: a second run of the same grid into another folder writes the same bytes.
+    Timing and host go to run.json / timing.csv instead."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    first, _ = tiny_runs
+    second = tmp_path_factory.mktemp("runs-again")
+    run_cv(tiny_data, second, ["abmil", "steph"], targets=["TGT"], folds="0-1",
+           cfg=tiny_experiment_config(), progress=False)
+    for rel in ["TGT/abmil/fold1/metrics.json", "TGT/steph/fold0/metrics.json",
+                "TGT/steph/fold1/predictions.csv", "TGT/steph/fold1/model.safetensors",
+                "TGT/steph/fold1/model.json", "summary.csv"]:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    metrics = json.loads((first / "TGT/steph/fold0/metrics.json").read_text())
+    assert "train_seconds" not in metrics
+    record = json.loads((first / "TGT/steph/fold0/run.json").read_text())
+    assert record["train_seconds"] > 0 and record["host"] and len(record["epoch_seconds"]) == 2
+    timing = pd.read_csv(first / "timing.csv")
+    assert set(timing["method"]) == {"abmil", "steph"} and (timing["train_seconds"] > 0).all()
+    assert "mean s/run" in (first / "summary.md").read_text()

@@ -25,7 +25,7 @@ from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
 from steph.data.splits import Split, load_or_create_splits
 from steph.errors import ConfigError, DataError, RunError
-from steph.experiments.methods import Method, MethodContext, config_for, get_method, resolve_methods
+from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
@@ -35,6 +35,7 @@ from steph.experiments.runs import (
     is_finished,
     load_theta0,
     run_dir,
+    write_run_record,
 )
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
@@ -218,10 +219,13 @@ class Experiment:
         ctx = MethodContext(
             cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
-            train_bins=train_ds.bin_indices, train_events=train_ds.events,
+            train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
+            train_data=train_ds, test_data=test_ds,
             pool_loader=(lambda: self.pool_for(job.cohort, job.fold)) if method.needs_pool else None)
-        built = method.build(ctx)
         t0 = time.perf_counter()
+        built = method.build(ctx)
+        for ds in (train_ds, test_ds):
+            ds.set_bag_inputs(dict(built.bag_inputs))
         history: list[dict[str, Any]] = []
         if method.trains:
             result = fit(built.module, train_ds, self.cfg.train, path, test=test_ds,
@@ -233,6 +237,8 @@ class Experiment:
     def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
                 seconds: float) -> dict[str, Any]:
+        """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
+        command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
         test_pred, test_curves = predict(module, test_ds)
         train_pred, _ = predict(module, train_ds)
@@ -243,13 +249,18 @@ class Experiment:
             "c_index": _cindex(test_pred), "train_c_index": _cindex(train_pred),
             "n_train": len(train_ds), "n_test": len(test_ds),
             "test_events": int(test_pred["event"].sum()),
-            "epochs": len(history), "train_seconds": round(seconds, 2),
+            "epochs": len(history),
         }
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
+        if built.info is not None:
+            metrics.update(built.info())
         save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
                       cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
                                                 "fold": job.fold})
         write_csv(path / PREDICTIONS, preds)
+        # epochs that ran before a resume count too: their times are in the history
+        train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
+        write_run_record(path, train_seconds=train_seconds, history=history)
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])

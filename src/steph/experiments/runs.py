@@ -2,8 +2,10 @@
 
 ``RUNS/<cohort>/<method>/fold<k>/`` holds ``config.yaml`` (the effective settings), the training
 ``log.jsonl`` and ``checkpoint.safetensors`` while it trains, then ``model.safetensors`` +
-``model.json`` (a self-contained artefact), ``predictions.csv`` and, written last,
-``metrics.json``: a run is finished when its metrics file exists.
+``model.json`` (a self-contained artefact), ``predictions.csv``, ``run.json`` (how long it took,
+where and with what software: everything that may differ between two runs of the same command)
+and, written last, ``metrics.json`` (only what the command and the data decide, so reruns give
+the same bytes): a run is finished when its metrics file exists.
 
 ``RUNS/theta0.safetensors`` is the shared initialisation of every cancer-specific model of the
 experiment directory, created once. ``RUNS/splits/<cohort>/`` holds the folds when the cohort
@@ -34,6 +36,7 @@ CONFIG = "config.yaml"
 PREDICTIONS = "predictions.csv"
 WEIGHTS = "model.safetensors"
 MANIFEST = "model.json"
+RUN_RECORD = "run.json"
 
 
 def run_dir(root: str | Path, cohort: str, method: str, fold: int) -> Path:
@@ -115,6 +118,37 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if _canon(a) == _canon(b) else [prefix.rstrip(".")]
+
+
+# -- provenance -------------------------------------------------------------------------------
+
+def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]]) -> None:
+    """``run.json``: timing, host and software of a finished run (not part of its result)."""
+    import platform
+
+    import steph
+
+    record = {
+        "train_seconds": round(float(train_seconds), 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "steph": getattr(steph, "__version__", "unknown"),
+        "threads": torch.get_num_threads(),
+        "epoch_seconds": [r.get("seconds") for r in history],
+    }
+    write_json(path / RUN_RECORD, record)
+
+
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run, or {} when there is none (runs written before it existed)."""
+    p = Path(path) / RUN_RECORD
+    try:
+        return read_json(p)
+    except (OSError, ValueError):
+        return {}
 
 
 # -- a lock so that several processes (a cluster job array) can share one runs directory --------

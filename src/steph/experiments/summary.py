@@ -1,6 +1,7 @@
-"""Collect finished runs into ``summary.csv`` (one row per cohort, method, fold), a Markdown table
-of mean +- std per cohort and method with the average over cohorts (like the paper's tables),
-and a plot of the per-fold C-indices.
+"""Collect finished runs into ``summary.csv`` (one row per cohort, method, fold; results only, so
+that reruns give the same bytes), ``timing.csv`` (training time and host of every run, from
+``run.json``), a Markdown table of mean +- std per cohort and method with the average over
+cohorts (like the paper's tables), and a plot of the per-fold C-indices.
 
 For synthetic cohorts (a ``true_risk.csv`` beside the labels) an ``oracle`` row gives the
 C-index of the true log-hazard on the same test patients: the ceiling any model can reach.
@@ -15,13 +16,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from steph.experiments.runs import METRICS, PREDICTIONS, run_dir
+from steph.experiments.runs import METRICS, PREDICTIONS, read_run_record, run_dir
 from steph.survival.metrics import concordance_index
 from steph.utils.io import atomic_path, write_csv, write_text
 
 ORACLE = "oracle"
 COLUMNS = ["cohort", "method", "fold", "c_index", "train_c_index", "uno_c_index", "ibs",
-           "n_train", "n_test", "test_events", "train_seconds"]
+           "n_train", "n_test", "test_events"]
+TIMING_COLUMNS = ["cohort", "method", "fold", "train_seconds", "host"]
 
 
 def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
@@ -43,6 +45,23 @@ def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
         order = {name: i for i, name in enumerate(methods)}
         df = df.assign(_o=df["method"].map(order)).sort_values(["cohort", "_o", "fold"]).drop(columns="_o")
     return df.reset_index(drop=True)
+
+
+def collect_timing(runs_root: str | Path, summary: pd.DataFrame) -> pd.DataFrame:
+    """Training seconds and host of every run of ``summary`` (from run.json; runs written
+    before run.json existed kept their time in metrics.json)."""
+    rows = []
+    for cohort, method, fold in summary[["cohort", "method", "fold"]].itertuples(index=False):
+        if method == ORACLE:
+            continue
+        path = run_dir(runs_root, cohort, method, int(fold))
+        rec = read_run_record(path)
+        seconds = rec.get("train_seconds")
+        if seconds is None:
+            seconds = json.loads((path / METRICS).read_text()).get("train_seconds", np.nan)
+        rows.append({"cohort": cohort, "method": method, "fold": int(fold),
+                     "train_seconds": seconds, "host": rec.get("host", "")})
+    return pd.DataFrame(rows, columns=TIMING_COLUMNS)
 
 
 def oracle_rows(runs_root: str | Path, data_root: str | Path, summary: pd.DataFrame) -> pd.DataFrame:
@@ -91,11 +110,11 @@ def markdown_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
     return "\n".join(lines) + "\n"
 
 
-def timing_table(summary: pd.DataFrame) -> str:
-    runs = summary[summary["method"] != ORACLE]
-    if runs.empty:
+def timing_table(timing: pd.DataFrame) -> str:
+    """Mean and total training seconds per method (``timing``: rows of :func:`collect_timing`)."""
+    if timing.empty:
         return ""
-    t = runs.groupby("method", sort=False)["train_seconds"].agg(["mean", "sum", "count"])
+    t = timing.groupby("method", sort=False)["train_seconds"].agg(["mean", "sum", "count"])
     lines = ["| method | runs | mean s/run | total s |", "|---|---|---|---|"]
     for m, r in t.iterrows():
         lines.append(f"| {m} | {int(r['count'])} | {r['mean']:.1f} | {r['sum']:.1f} |")
@@ -143,8 +162,10 @@ def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
         if not oracle.empty:
             summary = pd.concat([summary, oracle], ignore_index=True)
     write_csv(root / "summary.csv", summary)
+    timing = collect_timing(root, summary)
+    write_csv(root / "timing.csv", timing)
     text = ["# Test C-index (5-fold cross-validation: mean ± std over folds)", "",
-            markdown_table(summary, methods), "", "## Training time", "", timing_table(summary)]
+            markdown_table(summary, methods), "", "## Training time", "", timing_table(timing)]
     write_text(root / "summary.md", "\n".join(text))
     if plot and not summary.empty:
         plot_summary(summary, root / "summary.png")

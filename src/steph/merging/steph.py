@@ -35,6 +35,7 @@ from steph.config import StephConfig
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.abmil import ABMIL, init_fresh_head
 from steph.models.output import ModelOutput
+from steph.models.registry import register_artefact
 
 # A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
 # would sit where ReLU-type parametrisations have no gradient.
@@ -214,3 +215,8 @@ class STEPH(nn.Module):
                                 vectors=torch.zeros(len(labels), layout.size), labels=labels)
         return cls(stack, settings["abmil"], StephConfig(**settings["steph"]),
                    n_patients=int(settings.get("n_patients", 0)))
+
+
+@register_artefact("steph")
+def _steph_artefact(settings: dict[str, Any]) -> STEPH:
+    return STEPH.from_settings(settings)

@@ -17,3 +17,19 @@ class ModelOutput:
 
 def as_output(out: torch.Tensor | ModelOutput) -> ModelOutput:
     return out if isinstance(out, ModelOutput) else ModelOutput(logits=out)
+
+
+def module_bag_inputs(module: object, item: dict) -> dict[str, torch.Tensor]:
+    """The extra per-bag inputs ``module`` declares (its ``bag_inputs`` attribute, e.g.
+    ``("edge_index",)``), taken from a dataset item; they are passed as keyword arguments."""
+    names = getattr(module, "bag_inputs", ()) or ()
+    missing = [n for n in names if n not in item]
+    if missing:
+        raise KeyError(f"{type(module).__name__} needs per-bag input(s) {missing}, which the "
+                       "dataset does not provide")
+    return {n: item[n] for n in names}
+
+
+def forward_item(module, item: dict) -> ModelOutput:
+    """Run ``module`` on one dataset item: its bag plus the extra inputs it declares."""
+    return as_output(module(item["features"], **module_bag_inputs(module, item)))

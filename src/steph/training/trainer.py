@@ -10,6 +10,8 @@ scheduler position, the RNG state and the epoch history are written to one safet
 atomically. Restarting with the same arguments continues after the last completed epoch and
 ends with the same weights as an uninterrupted run.
 
+A module sees one bag at a time, ``module(features, **extras)``, where ``extras`` are the per-bag
+inputs it names in a ``bag_inputs`` attribute (e.g. a graph), taken from the dataset item.
 A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
 an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
 baselines whose merged weights are constant within a step use them to merge once per step.
@@ -33,11 +35,11 @@ from torch import nn
 
 from steph.config import TrainConfig
 from steph.errors import RunError
-from steph.models.output import ModelOutput, as_output
+from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
-from steph.utils.io import load_tensors, save_tensors, write_text
+from steph.utils.io import load_tensor_metadata, load_tensors, save_tensors, write_text
 
 log = logging.getLogger("steph.training")
 
@@ -111,10 +113,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
+    meta = load_tensor_metadata(path)
     tensors = load_tensors(path)
     params = dict(model.named_parameters())
     for key, value in tensors.items():
@@ -150,7 +149,7 @@ def predict(model: nn.Module, dataset: Sequence[dict[str, Any]],
     rows, curves = [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        logits = as_output(model(item["features"])).logits
+        logits = forward_item(model, item).logits
         row = {"patient_id": item["patient_id"], "risk": float(risk_from_logits(logits)[0]),
                "time": float(item["time"]), "event": int(item["event"])}
         if loss_alpha is not None:
@@ -245,7 +244,7 @@ def fit(
                 begin_step()
             for idx in order[s * cfg.bags_per_step:(s + 1) * cfg.bags_per_step]:
                 item = train[idx]
-                out: ModelOutput = as_output(model(item["features"]))
+                out: ModelOutput = forward_item(model, item)
                 surv = nll_survival_loss(out.logits, item["bin"].view(1),
                                          torch.tensor([item["event"]]), alpha=cfg.loss_alpha)
                 loss = surv if out.aux_loss is None else surv + out.aux_loss

@@ -1,0 +1,44 @@
+"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from steph.merging.steph import STEPH
+from steph.methods.registry import (
+    Built,
+    Method,
+    MethodContext,
+    register_method,
+    register_method_pattern,
+)
+
+STEPH_SECTIONS = ("data", "bins", "model", "train", "steph")
+
+
+def steph_method(name: str, summary: str, **overrides: Any) -> Method:
+    """A STEPH variant: ``overrides`` replace settings of the ``steph`` config section."""
+
+    def build(ctx: MethodContext) -> Built:
+        cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
+        model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
+                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias))
+        return Built(module=model, kind="steph", settings=model.settings)
+
+    return Method(name, summary, needs_pool=True, trains=True, build=build,
+                  config_sections=STEPH_SECTIONS)
+
+
+register_method(steph_method("steph", "STEPH: sparse task-vector mixup with hypernetworks"))
+register_method(steph_method("steph_lambda1", "STEPH ablation: no mixup (lambda = 1)",
+                             mixing="none"))
+register_method(steph_method("steph_free_lambda", "STEPH ablation: lambda a free learned vector",
+                             mixing="free"))
+register_method(steph_method("steph_dense", "STEPH ablation: no sparsity (K = m)",
+                             top_k=10_000))
+register_method(steph_method("steph_free_w", "STEPH ablation: w a free learned vector",
+                             aggregation="free"))
+register_method_pattern(
+    r"steph_k(\d+)",
+    lambda m: steph_method(m.group(0), f"STEPH with K = {m.group(1)}", top_k=int(m.group(1))),
+    "steph_k<N>", "STEPH with K = N selected sources (Table S3's sweep)")
