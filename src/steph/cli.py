@@ -184,10 +184,12 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
 @click.option("--targets", default=None, help="Comma-separated target cohorts (default: all).")
 @click.option("--folds", default=None, help="Folds, e.g. 0-4 or 0,2 (default: all).")
 @click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the cross-validation with this many split seeds (data.split_seed + r).")
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
-       sources: str | None, sets: Sequence[str], config: str | None, epochs: int | None,
-       seed: int | None, quiet: bool) -> None:
+       sources: str | None, repeats: int, sets: Sequence[str], config: str | None,
+       epochs: int | None, seed: int | None, quiet: bool) -> None:
     """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
     from steph.experiments.cv import run_cv
     from steph.methods import resolve_methods
@@ -195,7 +197,7 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     names = resolve_methods(methods)
     summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds, cfg=cfg,
-                     sources=_split_list(sources), progress=not quiet)
+                     sources=_split_list(sources), progress=not quiet, repeats=repeats)
     _print_table(summary, names)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
 

@@ -23,7 +23,7 @@ import pandas as pd
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
-from steph.data.splits import Split, load_or_create_splits
+from steph.data.splits import Split, has_split_files, load_or_create_splits
 from steph.errors import ConfigError, DataError, RunError
 from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.experiments.runs import (
@@ -49,12 +49,20 @@ log = logging.getLogger("steph.experiments")
 
 @dataclass(frozen=True)
 class Job:
+    """One run of the grid: a method on a cohort's fold, in one repeat of the CV (repeat r
+    uses split seed ``data.split_seed + r``)."""
+
     cohort: str
     method: str
     fold: int
+    repeat: int = 0
 
     def __str__(self) -> str:
-        return f"{self.cohort}/{self.method}/fold{self.fold}"
+        rep = f"rep{self.repeat}/" if self.repeat else ""
+        return f"{self.cohort}/{self.method}/{rep}fold{self.fold}"
+
+    def path(self, runs_root: str | Path) -> Path:
+        return run_dir(runs_root, self.cohort, self.method, self.fold, self.repeat)
 
 
 def parse_folds(spec: str | Sequence[int] | None, n_folds: int) -> list[int]:
@@ -99,7 +107,7 @@ class Experiment:
         if self._sources:
             self._check_cohorts(self._sources, "source")
         self._cohorts: dict[str, Cohort] = {}
-        self._splits: dict[str, list[Split]] = {}
+        self._splits: dict[tuple[str, int], list[Split]] = {}
 
     def _check_cohorts(self, names: Iterable[str], what: str) -> None:
         unknown = [n for n in names if n not in self.cohort_names]
@@ -117,15 +125,23 @@ class Experiment:
                 time_unit=d.time_unit, on_bad_slide=d.on_bad_slide, check=d.check)
         return self._cohorts[name]
 
-    def splits(self, name: str) -> list[Split]:
-        if name not in self._splits:
+    def splits(self, name: str, repeat: int = 0) -> list[Split]:
+        """The cohort's folds in repeat ``repeat`` (split seed ``data.split_seed + repeat``)."""
+        if (name, repeat) not in self._splits:
             d = self.cfg.data
-            self._splits[name] = load_or_create_splits(
-                self.cohort(name), self.runs_root / "splits" / name, k=d.n_folds, seed=d.split_seed)
-        return self._splits[name]
+            cohort = self.cohort(name)
+            out = self.runs_root / "splits" / name
+            if repeat:
+                if has_split_files(Path(cohort.root) / "splits"):
+                    raise ConfigError(f"cohort {name!r} brings its own splits ({cohort.root / 'splits'}); "
+                                      "--repeats needs folds that steph draws itself")
+                out = out / f"rep{repeat}"
+            self._splits[(name, repeat)] = load_or_create_splits(
+                cohort, out, k=d.n_folds, seed=d.split_seed + repeat)
+        return self._splits[(name, repeat)]
 
-    def split(self, name: str, fold: int) -> Split:
-        splits = self.splits(name)
+    def split(self, name: str, fold: int, repeat: int = 0) -> Split:
+        splits = self.splits(name, repeat)
         for s in splits:
             if s.fold == fold:
                 return s
@@ -152,48 +168,57 @@ class Experiment:
         return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int]) -> list[Job]:
+    def prerequisites(self, job: Job) -> list[Job]:
+        """Runs that must be finished before ``job`` starts: for a transfer method, the target's
+        own model of the same fold and repeat, then every source's fold-0 model (method.md
+        section 4; sources never see a target patient, so every repeat shares repeat 0's)."""
+        if not get_method(job.method).needs_pool:
+            return []
+        return [Job(job.cohort, "abmil", job.fold, job.repeat),
+                *(Job(s, "abmil", 0) for s in self.sources_for(job.cohort))]
+
+    def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int],
+             repeats: int = 1) -> list[Job]:
         """Every run needed, prerequisites first, each once."""
+        if repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {repeats}")
         jobs: list[Job] = []
         for t in targets:
             for name in methods:
-                m = get_method(name)
-                for k in folds:
-                    if m.needs_pool:
-                        jobs.append(Job(t, "abmil", k))
-                        jobs += [Job(s, "abmil", 0) for s in self.sources_for(t)]
-                    jobs.append(Job(t, name, k))
+                for r in range(repeats):
+                    for k in folds:
+                        job = Job(t, name, k, r)
+                        jobs += [*self.prerequisites(job), job]
         ordered = [j for j in jobs if j.method == "abmil"] + [j for j in jobs if j.method != "abmil"]
         return list(dict.fromkeys(ordered))
 
     # -- one run -----------------------------------------------------------------------------
-    def pool_for(self, target: str, fold: int) -> ModelPool:
+    def pool_for(self, job: Job) -> ModelPool:
         theta0_path = self.runs_root / "theta0.safetensors"
         _, meta = load_theta0(self.runs_root)
-        paths = [(s, run_dir(self.runs_root, s, "abmil", 0) / "model.safetensors")
-                 for s in self.sources_for(target)]
-        missing = [str(p.parent) for _, p in paths if not is_finished(p.parent)]
-        tgt = run_dir(self.runs_root, target, "abmil", fold)
-        if not is_finished(tgt):
-            missing.insert(0, str(tgt))
+        target, *sources = self.prerequisites(job)
+        missing = [str(j.path(self.runs_root)) for j in (target, *sources)
+                   if not is_finished(j.path(self.runs_root))]
         if missing:
             raise RunError(f"prerequisite runs not finished: {', '.join(missing)}")
-        return ModelPool.from_files(theta0_path, (target, tgt / "model.safetensors"), paths,
-                                    hparams=meta["hparams"])
+        weights = "model.safetensors"
+        return ModelPool.from_files(
+            theta0_path, (job.cohort, target.path(self.runs_root) / weights),
+            [(s.cohort, s.path(self.runs_root) / weights) for s in sources], hparams=meta["hparams"])
 
     def settings(self, job: Job) -> dict[str, Any]:
         """What decides a run's result: its identity and the config sections its method uses."""
         method = get_method(job.method)
-        return {
-            "run": {"cohort": job.cohort, "method": job.method, "fold": job.fold,
-                    "data_root": str(self.data_root.resolve()),
-                    "sources": self.sources_for(job.cohort) if method.needs_pool else []},
-            **config_for(method, self.cfg),
-        }
+        run = {"cohort": job.cohort, "method": job.method, "fold": job.fold,
+               "data_root": str(self.data_root.resolve()),
+               "sources": self.sources_for(job.cohort) if method.needs_pool else []}
+        if job.repeat:  # repeat 0 keeps the identity runs had before repeats existed
+            run["repeat"] = job.repeat
+        return {"run": run, **config_for(method, self.cfg)}
 
     def finished_metrics(self, job: Job) -> dict[str, Any] | None:
         """Metrics of a finished run (None if unfinished); refuses one made with other settings."""
-        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        path = job.path(self.runs_root)
         if not is_finished(path):
             return None
         check_or_write_config(path, self.settings(job))
@@ -201,13 +226,13 @@ class Experiment:
 
     def run(self, job: Job) -> dict[str, Any]:
         """Train and evaluate one run unless it is finished; return its metrics."""
-        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        path = job.path(self.runs_root)
         done = self.finished_metrics(job)
         if done is not None:
             return done
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
-        split = self.split(job.cohort, job.fold)
+        split = self.split(job.cohort, job.fold, job.repeat)
         bins = self.bins_for(cohort, split)
         theta0_path = self.theta0(cohort.feature_dim)
         theta0, meta = load_theta0(self.runs_root)
@@ -221,7 +246,7 @@ class Experiment:
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
             train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
             train_data=train_ds, test_data=test_ds,
-            pool_loader=(lambda: self.pool_for(job.cohort, job.fold)) if method.needs_pool else None)
+            pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
         t0 = time.perf_counter()
         built = method.build(ctx)
         for ds in (train_ds, test_ds):
@@ -245,7 +270,7 @@ class Experiment:
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
-            "cohort": job.cohort, "method": job.method, "fold": job.fold,
+            "cohort": job.cohort, "method": job.method, "fold": job.fold, "repeat": job.repeat,
             "c_index": _cindex(test_pred), "train_c_index": _cindex(train_pred),
             "n_train": len(train_ds), "n_test": len(test_ds),
             "test_events": int(test_pred["event"].sum()),
@@ -256,7 +281,7 @@ class Experiment:
             metrics.update(built.info())
         save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
                       cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
-                                                "fold": job.fold})
+                                                "fold": job.fold, "repeat": job.repeat})
         write_csv(path / PREDICTIONS, preds)
         # epochs that ran before a resume count too: their times are in the history
         train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
@@ -273,12 +298,12 @@ class Experiment:
         while pending:
             waiting = []
             for job in pending:
-                path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+                path = job.path(self.runs_root)
                 done = self.finished_metrics(job)
                 if done is not None:
                     results[job] = done
                     continue
-                if get_method(job.method).needs_pool and not self._prerequisites_done(job):
+                if not all(is_finished(p.path(self.runs_root)) for p in self.prerequisites(job)):
                     waiting.append(job)
                     continue
                 lock = RunLock(path.parent / f".{path.name}.lock")
@@ -295,11 +320,6 @@ class Experiment:
                     time.sleep(poll_seconds)
             pending = waiting
         return [results[j] for j in jobs]
-
-    def _prerequisites_done(self, job: Job) -> bool:
-        need = [run_dir(self.runs_root, job.cohort, "abmil", job.fold)]
-        need += [run_dir(self.runs_root, s, "abmil", 0) for s in self.sources_for(job.cohort)]
-        return all(is_finished(p) for p in need)
 
 
 def _cindex(pred: pd.DataFrame) -> float:
@@ -336,7 +356,7 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True) -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1) -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
 
     Example::
@@ -351,9 +371,9 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     target_names = list(targets) if targets else list(exp.cohort_names)
     exp._check_cohorts(target_names, "target")
     fold_ids = parse_folds(folds, exp.cfg.data.n_folds)
-    jobs = exp.plan(method_names, target_names, fold_ids)
+    jobs = exp.plan(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(jobs),
-             sum(is_finished(run_dir(exp.runs_root, j.cohort, j.method, j.fold)) for j in jobs))
+             sum(is_finished(j.path(exp.runs_root)) for j in jobs))
     exp.run_all(jobs)
     return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                         methods=method_names, folds=fold_ids)
+                         methods=method_names, folds=fold_ids, repeats=repeats)

@@ -39,8 +39,11 @@ MANIFEST = "model.json"
 RUN_RECORD = "run.json"
 
 
-def run_dir(root: str | Path, cohort: str, method: str, fold: int) -> Path:
-    return Path(root) / cohort / method / f"fold{fold}"
+def run_dir(root: str | Path, cohort: str, method: str, fold: int, repeat: int = 0) -> Path:
+    """``RUNS/<cohort>/<method>/fold<k>``; repeats of the cross-validation with other split
+    seeds (``--repeats``) live in ``RUNS/<cohort>/<method>/rep<r>/fold<k>`` (r >= 1)."""
+    base = Path(root) / cohort / method
+    return (base / f"rep{repeat}" if repeat else base) / f"fold{fold}"
 
 
 def is_finished(path: str | Path) -> bool:
