@@ -39,6 +39,7 @@ from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.utils.faults import fault_point
 from steph.utils.io import load_tensor_metadata, load_tensors, save_tensors, write_text
 
 log = logging.getLogger("steph.training")
@@ -263,6 +264,7 @@ def fit(
             opt.step()
             sched.step()
             step += 1
+            fault_point("train:step")
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": opt.param_groups[0]["lr"],
@@ -281,6 +283,7 @@ def fit(
         history.append(row)
         _save_checkpoint(ckpt, model, opt, epoch + 1, step, history)
         _write_log(run_dir / LOG_FILE, history)
+        fault_point("train:epoch")
         if on_epoch_end is not None:
             on_epoch_end(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")

@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from steph.utils.faults import fault_point
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -25,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fault_point(f"write:{path.name}")
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
