@@ -34,15 +34,19 @@ from steph.experiments.runs import (
     ensure_theta0,
     is_finished,
     load_theta0,
+    read_attempts,
     run_dir,
+    start_over,
     write_run_record,
 )
+from steph.experiments.search import run_search, with_overrides
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
+from steph.models.output import TrainingRestart
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
-from steph.utils.io import read_json, write_csv, write_json
+from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
 
@@ -225,7 +229,12 @@ class Experiment:
         return read_json(path / METRICS)
 
     def run(self, job: Job) -> dict[str, Any]:
-        """Train and evaluate one run unless it is finished; return its metrics."""
+        """Train and evaluate one run unless it is finished; return its metrics.
+
+        A method may first choose a setting by inner cross-validation (``Method.search``), and
+        a module may ask for a fresh start with other settings (``TrainingRestart``, e.g.
+        STEPH's collapse guard): each restart is recorded in ``attempts.json`` before the next
+        attempt starts, so an interrupted run resumes the right attempt."""
         path = job.path(self.runs_root)
         done = self.finished_metrics(job)
         if done is not None:
@@ -241,27 +250,101 @@ class Experiment:
                            f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
         check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
-        ctx = MethodContext(
-            cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
+        t0 = time.perf_counter()
+        cfg, info = self.cfg, {}
+        spec = method.search(cfg) if method.search is not None else None
+        if spec is not None:
+            found = self._search(job, method, spec, cohort, split, theta0, meta)
+            cfg = with_overrides(cfg, {spec.key: found.value})
+            info.update(found.metrics())
+        attempts = read_attempts(path)
+        for attempt in attempts:
+            cfg = with_overrides(cfg, attempt["overrides"])
+        history: list[dict[str, Any]] = []
+        while True:
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train_ds, test_ds, path,
+                                pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
+            built = method.build(ctx)
+            for ds in (train_ds, test_ds):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            if not method.trains:
+                break
+            try:
+                history = fit(built.module, train_ds, cfg.train, path, test=test_ds,
+                              progress=self.progress, desc=str(job)).history
+                break
+            except TrainingRestart as restart:
+                attempts.append(start_over(path, restart, len(attempts)))
+                log.warning("%s: %s; starting again with %s", job, restart.reason,
+                            ", ".join(f"{k}={v}" for k, v in restart.overrides.items()))
+                cfg = with_overrides(cfg, restart.overrides)
+        if attempts:
+            info["restarts"] = attempts
+        seconds = time.perf_counter() - t0
+        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history,
+                            seconds, info)
+
+    def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
+                 theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
+                 path: Path, pool_loader=None) -> MethodContext:
+        return MethodContext(
+            cfg=cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
             train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
-            train_data=train_ds, test_data=test_ds,
-            pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
-        t0 = time.perf_counter()
-        built = method.build(ctx)
-        for ds in (train_ds, test_ds):
-            ds.set_bag_inputs(dict(built.bag_inputs))
-        history: list[dict[str, Any]] = []
-        if method.trains:
-            result = fit(built.module, train_ds, self.cfg.train, path, test=test_ds,
-                         progress=self.progress, desc=str(job))
-            history = result.history
-        seconds = time.perf_counter() - t0
-        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history, seconds)
+            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader)
+
+    def _search(self, job: Job, method: Method, spec, cohort: Cohort, split: Split,
+                theta0: dict, meta: dict):
+        """Run (or resume) ``spec``'s inner cross-validation on ``job``'s training patients."""
+        target_job, *sources = self.prerequisites(job)
+        target_method = get_method(target_job.method)
+        patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+                    .reset_index()[["patient_id", "time", "event"]])
+        weights = "model.safetensors"
+
+        def inner_data(j: int, train_ids, val_ids):
+            inner = Split(j, tuple(train_ids), tuple(val_ids))
+            bins = self.bins_for(cohort, inner)
+            train, val = self.datasets(cohort, inner, bins)
+            return bins, train, val
+
+        def train_target(j: int, train_ids, run: Path) -> Path:
+            if not (run / weights).exists():
+                bins, train, _ = inner_data(j, train_ids, ())
+                ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
+                built = target_method.build(ctx)
+                fit(built.module, train, self.cfg.train, run, progress=False,
+                    desc=f"{job} search target {j}")
+                save_tensors(run / weights, built.module.state_dict())
+                (run / CHECKPOINT).unlink(missing_ok=True)
+            return run / weights
+
+        def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
+            bins, train, val = inner_data(j, train_ids, val_ids)
+            cfg = with_overrides(self.cfg, {spec.key: value})
+            pool = lambda: ModelPool.from_files(  # noqa: E731
+                self.runs_root / "theta0.safetensors", (job.cohort, target),
+                [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
+                hparams=meta["hparams"])
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
+            built = method.build(ctx)
+            for ds in (train, val):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            try:
+                fit(built.module, train, cfg.train, run, progress=False,
+                    desc=f"{job} search {spec.key}={value} inner {j}")
+            except TrainingRestart as restart:  # e.g. collapsed: scored as it stands
+                log.info("%s search %s=%s inner %d: %s", job, spec.key, value, j, restart.reason)
+            module = built.export() if built.export is not None else built.module
+            return _cindex(predict(module, val)[0])
+
+        return run_search(spec, job.path(self.runs_root) / "search", patients,
+                          self.cfg.data.split_seed, train_target, train_candidate,
+                          outer_target=target_job.path(self.runs_root) / weights)
 
     def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
-                seconds: float) -> dict[str, Any]:
+                seconds: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
         command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
@@ -278,7 +361,8 @@ class Experiment:
         }
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
         if built.info is not None:
-            metrics.update(built.info())
+            metrics.update(built.info(history))
+        metrics.update(info or {})
         save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
                       cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
                                                 "fold": job.fold, "repeat": job.repeat})
@@ -356,7 +440,7 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True, repeats: int = 1) -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1, baseline: str = "abmil") -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
 
     Example::
@@ -376,4 +460,4 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
              sum(is_finished(j.path(exp.runs_root)) for j in jobs))
     exp.run_all(jobs)
     return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                         methods=method_names, folds=fold_ids, repeats=repeats)
+                         methods=method_names, folds=fold_ids, repeats=repeats, baseline=baseline)
