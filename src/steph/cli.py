@@ -55,6 +55,18 @@ def _print_table(summary, methods: Sequence[str] | None = None) -> None:
     click.echo(markdown_table(summary, methods))
 
 
+def _print_comparisons(runs_root: str) -> None:
+    import pandas as pd
+
+    from steph.experiments.compare import comparison_markdown
+
+    path = Path(runs_root) / "comparisons.csv"
+    if path.exists():
+        comp = pd.read_csv(path)
+        if len(comp):
+            click.echo(comparison_markdown(comp))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="steph")
 def cli() -> None:
@@ -212,19 +224,25 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
 @click.option("--targets", default=None, help="Comma-separated target cohorts (default: all).")
 @click.option("--folds", default=None, help="Folds, e.g. 0-4 or 0,2 (default: all).")
 @click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the cross-validation with this many split seeds (data.split_seed + r).")
+@click.option("--baseline", default="abmil", show_default=True,
+              help="Method every other method is compared with (paired, same test folds).")
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
-       sources: str | None, sets: Sequence[str], config: str | None, epochs: int | None,
-       seed: int | None, quiet: bool) -> None:
+       sources: str | None, repeats: int, baseline: str, sets: Sequence[str], config: str | None,
+       epochs: int | None, seed: int | None, quiet: bool) -> None:
     """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
     from steph.experiments.cv import run_cv
-    from steph.experiments.methods import resolve_methods
+    from steph.methods import resolve_methods
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     names = resolve_methods(methods)
     summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds, cfg=cfg,
-                     sources=_split_list(sources), progress=not quiet)
+                     sources=_split_list(sources), progress=not quiet, repeats=repeats,
+                     baseline=baseline)
     _print_table(summary, names)
+    _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
 
 
@@ -232,22 +250,26 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Runs directory.")
 @click.option("--data", "data_root", default=None, type=click.Path(),
               help="Data root (adds the oracle row for synthetic cohorts).")
-def summarize(out: str, data_root: str | None) -> None:
-    """Rebuild summary.csv / summary.md / summary.png from every finished run."""
+@click.option("--baseline", default="abmil", show_default=True,
+              help="Method every other method is compared with (paired, same test folds).")
+def summarize(out: str, data_root: str | None, baseline: str) -> None:
+    """Rebuild summary.csv / comparisons.csv / summary.md / summary.png from finished runs."""
     from steph.experiments.summary import write_summary
 
-    summary = write_summary(out, data_root=data_root)
+    summary = write_summary(out, data_root=data_root, baseline=baseline)
     _print_table(summary)
+    _print_comparisons(out)
 
 
 @cli.command()
 def methods() -> None:
     """List the methods `steph cv` knows."""
-    from steph.experiments.methods import get_method, list_methods
+    from steph.methods import get_method, list_methods, method_patterns
 
     for name in list_methods():
         click.echo(f"{name:18s} {get_method(name).summary}")
-    click.echo(f"{'steph_k<N>':18s} STEPH with K = N selected sources")
+    for hint, summary in method_patterns():
+        click.echo(f"{hint:18s} {summary}")
 
 
 # -- prediction ------------------------------------------------------------------------------------

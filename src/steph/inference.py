@@ -8,9 +8,8 @@ feature dimension.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,43 +18,26 @@ from torch import nn
 
 from steph.errors import DataError, RunError
 from steph.models.output import as_output
+from steph.models.registry import artefact_kinds, build_artefact
 from steph.survival.bins import TimeBins
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "steph-artefact/1"
 
-# kind -> function(settings) returning an empty module of the right shape
-_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 
-
-def register_artefact(kind: str) -> Callable:
-    def deco(fn: Callable[[dict[str, Any]], nn.Module]) -> Callable[[dict[str, Any]], nn.Module]:
-        _BUILDERS[kind] = fn
-        return fn
-
-    return deco
-
-
-@register_artefact("abmil")
-def _build_abmil(settings: dict[str, Any]) -> nn.Module:
-    from steph.models import ABMIL
-
-    return ABMIL(**settings)
-
-
-@register_artefact("steph")
-def _build_steph(settings: dict[str, Any]) -> nn.Module:
-    from steph.merging.steph import STEPH
-
-    return STEPH.from_settings(settings)
+def _kinds_registered() -> None:
+    """Every module registers its artefact kind where it is defined: import those packages."""
+    import steph.merging  # noqa: F401  (STEPH, the merged baselines)
+    import steph.models  # noqa: F401  (the MIL networks)
 
 
 def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
                   bins: TimeBins, feature_dim: int, info: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``."""
     path = Path(path)
-    if kind not in _BUILDERS:
+    _kinds_registered()
+    if kind not in artefact_kinds():
         raise RunError(f"no artefact builder for model kind {kind!r}")
     manifest = {
         "format": FORMAT,
@@ -63,7 +45,6 @@ def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict
         "settings": settings,
         "bins": bins.to_dict(),
         "feature_dim": int(feature_dim),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "info": info or {},
     }
     save_tensors(path, module.state_dict(), metadata={"format": FORMAT, "kind": kind})
@@ -91,11 +72,10 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if manifest.get("format") != FORMAT:
         raise RunError(f"{path}: unknown artefact format {manifest.get('format')!r}")
     kind = manifest["kind"]
-    if kind not in _BUILDERS:  # kinds registered by the merging baselines on import
-        import steph.merging.baselines  # noqa: F401
-    if kind not in _BUILDERS:
-        raise RunError(f"{path}: unknown model kind {kind!r}")
-    module = _BUILDERS[kind](manifest["settings"])
+    _kinds_registered()
+    if kind not in artefact_kinds():
+        raise RunError(f"{path}: unknown model kind {kind!r} (known: {', '.join(artefact_kinds())})")
+    module = build_artefact(kind, manifest["settings"])
     state = load_tensors(path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:

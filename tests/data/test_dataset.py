@@ -124,6 +124,8 @@ def test_full_bags_drops_the_training_sampler(make_cohort):
     np.testing.assert_array_equal(full[0]["features"].numpy(), w.features["B-SZ"])
     assert tuple(ds[0]["features"].shape) == (8, 6)  # the training view is unchanged
     np.testing.assert_array_equal(full.bin_indices, ds.bin_indices)
+    ds.set_bag_inputs({"n": lambda pid: len(pid)})
+    assert ds.full_bags()[1]["n"] == 1  # per-bag inputs carried over
 
 
 def test_nan_bag_names_patient_and_file(make_cohort):
@@ -145,3 +147,18 @@ def test_dataloader(make_cohort):
                         generator=torch.Generator().manual_seed(0))
     seen = sorted(item["patient_id"] for item in loader)
     assert seen == ["A", "B", "C", "D"]
+
+
+def test_bag_input_providers_add_item_keys(make_cohort):
+    from steph.data.cohort import Cohort
+    from steph.data.dataset import BagDataset
+    from steph.survival.bins import TimeBins
+
+    written = make_cohort()
+    cohort = Cohort.load(written.root)
+    ids = list(cohort.patients["patient_id"])[:3]
+    ds = BagDataset(cohort, ids, TimeBins.uniform(4, 4000.0))
+    ds.set_bag_inputs({"n": lambda pid: torch.tensor(len(pid))})
+    assert [int(ds[i]["n"]) for i in range(3)] == [len(p) for p in ids]
+    with pytest.raises(ValueError, match="reserved"):
+        ds.set_bag_inputs({"features": lambda pid: None})

@@ -7,7 +7,7 @@ import torch
 
 from steph.errors import ConfigError, RunError
 from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
-from steph.experiments.methods import MethodContext, get_method
+from steph.methods import MethodContext, get_method
 from steph.experiments.runs import ensure_theta0, load_theta0, run_dir
 from steph.merging.task_vectors import task_vector
 
@@ -184,3 +184,73 @@ def test_performance_settings_do_not_change_a_runs_identity(tiny_runs, tiny_data
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
     run_cv(tiny_data, out, ["abmil", "steph"], targets=["TGT"], folds="0-1", cfg=cfg, progress=False)
     assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*/*/fold*/metrics.json")}
+
+
+def test_rerun_gives_the_same_bytes_and_timing_lives_in_run_json(tiny_runs, tiny_data,
+                                                                  tmp_path_factory):
+    """metrics.json, predictions.csv, model weights and summary.csv depend only on the command
+    and the data: a second run of the same grid into another folder writes the same bytes.
+    Timing and host go to run.json / timing.csv instead."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    first, _ = tiny_runs
+    second = tmp_path_factory.mktemp("runs-again")
+    run_cv(tiny_data, second, ["abmil", "steph"], targets=["TGT"], folds="0-1",
+           cfg=tiny_experiment_config(), progress=False)
+    for rel in ["TGT/abmil/fold1/metrics.json", "TGT/steph/fold0/metrics.json",
+                "TGT/steph/fold1/predictions.csv", "TGT/steph/fold1/model.safetensors",
+                "TGT/steph/fold1/model.json", "summary.csv"]:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    metrics = json.loads((first / "TGT/steph/fold0/metrics.json").read_text())
+    assert "train_seconds" not in metrics
+    record = json.loads((first / "TGT/steph/fold0/run.json").read_text())
+    assert record["train_seconds"] > 0 and record["host"] and len(record["epoch_seconds"]) == 2
+    timing = pd.read_csv(first / "timing.csv")
+    assert set(timing["method"]) == {"abmil", "steph"} and (timing["train_seconds"] > 0).all()
+    assert "mean s/run" in (first / "summary.md").read_text()
+
+
+def test_repeats_use_other_split_seeds_and_share_source_models(tiny_data, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    cfg = tiny_experiment_config(epochs=1)
+    exp = Experiment(tiny_data, tmp_path, cfg)
+    jobs = exp.plan(["steph"], ["TGT"], [0], repeats=2)
+    assert Job("TGT", "steph", 0, 1) in jobs and Job("TGT", "abmil", 0, 1) in jobs
+    assert Job("RELA", "abmil", 0, 1) not in jobs  # sources: repeat 0's fold-0 models
+    assert [j.repeat for j in exp.prerequisites(Job("TGT", "steph", 0, 1))] == [1, 0, 0]
+    # a different split seed gives different folds
+    assert exp.split("TGT", 0, 1).test_ids != exp.split("TGT", 0, 0).test_ids
+    summary = run_cv(tiny_data, tmp_path, ["abmil"], targets=["TGT"], folds="0", cfg=cfg,
+                     progress=False, repeats=2)
+    got = summary[summary["method"] == "abmil"]
+    assert sorted(got["repeat"]) == [0, 1]
+    assert (tmp_path / "TGT" / "abmil" / "rep1" / "fold0" / "metrics.json").exists()
+    assert (tmp_path / "splits" / "TGT" / "rep1").is_dir()
+    assert "2 repeats" in (tmp_path / "summary.md").read_text()
+    # the one-repeat summary of the same folder leaves repeat 1 out
+    again = run_cv(tiny_data, tmp_path, ["abmil"], targets=["TGT"], folds="0", cfg=cfg,
+                   progress=False)
+    assert sorted(again.loc[again["method"] == "abmil", "repeat"]) == [0]
+
+
+def test_repeats_refuse_cohorts_with_their_own_splits(tiny_data, tmp_path, tiny_cfg):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    exp0 = Experiment(data, tmp_path / "r0", tiny_cfg)
+    split_dir = data / "TGT" / "splits"
+    split_dir.mkdir()
+    exp0.splits("TGT")  # writes RUNS/splits/TGT/fold_*.csv
+    for f in (tmp_path / "r0" / "splits" / "TGT").glob("fold_*.csv"):
+        shutil.copy(f, split_dir / f.name)
+    exp = Experiment(data, tmp_path / "r1", tiny_cfg)
+    with pytest.raises(ConfigError, match="own splits"):
+        exp.splits("TGT", repeat=1)

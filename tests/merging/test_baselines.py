@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 
 from steph.config import ExperimentConfig, TrainConfig, build_config
-from steph.experiments.methods import MethodContext, get_method
+from steph.methods import MethodContext, get_method
 from steph.inference import load_artefact, save_artefact
 from steph.merging import baselines as B
 from steph.merging.pool import ModelPool

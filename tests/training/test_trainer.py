@@ -152,3 +152,39 @@ def test_same_seed_same_weights_different_seed_differs(tmp_path):
         out.append(m.head.weight.detach().clone())
     assert torch.equal(out[0], out[1])
     assert not torch.equal(out[0], out[2])
+
+
+class _NeedsMask(torch.nn.Module):
+    """A toy MIL module that takes an extra per-bag input: a 0/1 mask over its instances."""
+
+    bag_inputs = ("mask",)
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+        self.seen: list[int] = []
+
+    def forward(self, x, mask):
+        self.seen.append(int(mask.sum()))
+        return self.lin((x * mask[:, None]).mean(0, keepdim=True))
+
+
+def test_extra_bag_inputs_reach_the_module(tmp_path):
+    bags = make_bags(8)
+    for i, b in enumerate(bags):
+        n = b["features"].shape[0]
+        b["mask"] = (torch.arange(n) < 1 + i % 2).float()  # 1 or 2 instances kept
+    model = _NeedsMask()
+    fit(model, bags, TrainConfig(epochs=1, bags_per_step=4), tmp_path, progress=False)
+    assert len(model.seen) == 8 and set(model.seen) == {1, 2}
+    from steph.training.trainer import predict
+
+    model.seen.clear()
+    predict(model, bags)
+    assert sorted(model.seen) == sorted(1 + i % 2 for i in range(8))
+
+
+def test_missing_bag_input_is_named(tmp_path):
+    with pytest.raises(KeyError, match="mask"):
+        fit(_NeedsMask(), make_bags(4), TrainConfig(epochs=1, bags_per_step=4), tmp_path,
+            progress=False)

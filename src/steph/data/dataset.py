@@ -5,6 +5,10 @@ Items (the contract of ``docs/architecture.md``)::
     {"features": FloatTensor (N, D), "bin": int64 0-d tensor, "time": float (days),
      "event": int (1 = event), "patient_id": str}
 
+Methods whose modules take extra per-bag inputs (a graph over the patches, cached embeddings)
+attach providers with :meth:`BagDataset.set_bag_inputs`; each item then also holds
+``name: provider(patient_id)``.
+
 Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags
 bounded by that many megabytes (for small studies trained for many epochs).
 
@@ -85,11 +89,19 @@ class BagDataset(Dataset):
         self.times = np.array([float(r["time"]) for r in rows], dtype=float)
         self.events = np.array([int(r["event"]) for r in rows], dtype=np.int64)
         self.bin_indices = bins.to_bins(self.times) if ids else np.zeros(0, dtype=np.int64)
+        self.bag_input_providers: dict[str, Any] = {}
         self.cache_bytes_max = int(cache_mb * 2**20)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def set_bag_inputs(self, providers: dict[str, Any]) -> None:
+        """Attach extra per-bag inputs: ``name -> provider(patient_id) -> tensor``."""
+        reserved = {"features", "bin", "time", "event", "patient_id"} & set(providers)
+        if reserved:
+            raise ValueError(f"per-bag input names {sorted(reserved)} are reserved")
+        self.bag_input_providers = dict(providers)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -127,20 +139,26 @@ class BagDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} bags")
         pid = self.patient_ids[i]
-        return {
+        item = {
             "features": self.features(pid),
             "bin": torch.tensor(int(self.bin_indices[i]), dtype=torch.int64),
             "time": float(self.times[i]),
             "event": int(self.events[i]),
             "patient_id": pid,
         }
+        for name, provider in self.bag_input_providers.items():
+            item[name] = provider(pid)
+        return item
 
     def full_bags(self) -> BagDataset:
-        """The same patients and labels without patch sampling (``max_instances=None``), for
-        evaluation and prediction; the cache size is kept, the cache itself is not shared."""
-        return BagDataset(self.cohort, self.patient_ids, self.bins,
+        """The same patients, labels and per-bag inputs without patch sampling
+        (``max_instances=None``), for evaluation and prediction; the cache size is kept, the
+        cache itself is not shared."""
+        full = BagDataset(self.cohort, self.patient_ids, self.bins,
                           cache_mb=self.cache_bytes_max / 2**20, max_instances=None,
                           seed=self.seed)
+        full.set_bag_inputs(self.bag_input_providers)
+        return full
 
     def cache_info(self) -> dict[str, int]:
         return {"hits": self.cache_hits, "misses": self.cache_misses,

@@ -396,7 +396,9 @@ def check_split_overlap(split: Split, source: Any = None) -> None:
                         f"test: {_listing(both)}")
 
 
-def _has_split_files(folder: Path) -> bool:
+def has_split_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds split files steph can read (a cohort's own ``splits/``)."""
+    folder = Path(folder)
     if not folder.is_dir():
         return False
     return any(_NATIVE_RE.match(p.name) or _MCAT_RE.match(p.name) or _PERFOLD_RE.match(p.name)
@@ -415,7 +417,7 @@ def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFA
        ``splits_meta.json``, and return what was written, re-read."""
     ids = list(cohort.patient_ids)
     own = Path(cohort.root) / "splits"
-    if _has_split_files(own):
+    if has_split_files(own):
         splits = read_splits(own, ids)
         if len(splits) != k:
             logger.warning("cohort %s: using its own %d fold(s) from %s (k=%d ignored)",
@@ -428,7 +430,7 @@ def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFA
 
     out_dir = Path(out_dir)
     meta_path = out_dir / META_FILE
-    if _has_split_files(out_dir):
+    if has_split_files(out_dir):
         meta = read_json(meta_path) if meta_path.is_file() else {}
         if meta and (meta.get("k") != k or meta.get("seed") != seed):
             raise DataError(f"{out_dir}: holds splits made with k={meta.get('k')}, "

@@ -1,7 +1,7 @@
 """The cohort x fold x method grid, run directories, summary tables and plots, the demo."""
 
 from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
-from steph.experiments.methods import get_method, list_methods, register_method
+from steph.methods import get_method, list_methods, register_method
 from steph.experiments.summary import collect, markdown_table, write_summary
 
 __all__ = [

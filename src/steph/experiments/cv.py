@@ -23,9 +23,9 @@ import pandas as pd
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
-from steph.data.splits import Split, load_or_create_splits
+from steph.data.splits import Split, has_split_files, load_or_create_splits
 from steph.errors import ConfigError, DataError, RunError
-from steph.experiments.methods import Method, MethodContext, config_for, get_method, resolve_methods
+from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
@@ -34,26 +34,39 @@ from steph.experiments.runs import (
     ensure_theta0,
     is_finished,
     load_theta0,
+    read_attempts,
     run_dir,
+    start_over,
+    write_run_record,
 )
+from steph.experiments.search import run_search, with_overrides
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
+from steph.models.output import TrainingRestart
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
-from steph.utils.io import read_json, write_csv, write_json
+from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
 
 
 @dataclass(frozen=True)
 class Job:
+    """One run of the grid: a method on a cohort's fold, in one repeat of the CV (repeat r
+    uses split seed ``data.split_seed + r``)."""
+
     cohort: str
     method: str
     fold: int
+    repeat: int = 0
 
     def __str__(self) -> str:
-        return f"{self.cohort}/{self.method}/fold{self.fold}"
+        rep = f"rep{self.repeat}/" if self.repeat else ""
+        return f"{self.cohort}/{self.method}/{rep}fold{self.fold}"
+
+    def path(self, runs_root: str | Path) -> Path:
+        return run_dir(runs_root, self.cohort, self.method, self.fold, self.repeat)
 
 
 def parse_folds(spec: str | Sequence[int] | None, n_folds: int) -> list[int]:
@@ -98,7 +111,7 @@ class Experiment:
         if self._sources:
             self._check_cohorts(self._sources, "source")
         self._cohorts: dict[str, Cohort] = {}
-        self._splits: dict[str, list[Split]] = {}
+        self._splits: dict[tuple[str, int], list[Split]] = {}
 
     def _check_cohorts(self, names: Iterable[str], what: str) -> None:
         unknown = [n for n in names if n not in self.cohort_names]
@@ -116,15 +129,23 @@ class Experiment:
                 time_unit=d.time_unit, on_bad_slide=d.on_bad_slide, check=d.check)
         return self._cohorts[name]
 
-    def splits(self, name: str) -> list[Split]:
-        if name not in self._splits:
+    def splits(self, name: str, repeat: int = 0) -> list[Split]:
+        """The cohort's folds in repeat ``repeat`` (split seed ``data.split_seed + repeat``)."""
+        if (name, repeat) not in self._splits:
             d = self.cfg.data
-            self._splits[name] = load_or_create_splits(
-                self.cohort(name), self.runs_root / "splits" / name, k=d.n_folds, seed=d.split_seed)
-        return self._splits[name]
+            cohort = self.cohort(name)
+            out = self.runs_root / "splits" / name
+            if repeat:
+                if has_split_files(Path(cohort.root) / "splits"):
+                    raise ConfigError(f"cohort {name!r} brings its own splits ({cohort.root / 'splits'}); "
+                                      "--repeats needs folds that steph draws itself")
+                out = out / f"rep{repeat}"
+            self._splits[(name, repeat)] = load_or_create_splits(
+                cohort, out, k=d.n_folds, seed=d.split_seed + repeat)
+        return self._splits[(name, repeat)]
 
-    def split(self, name: str, fold: int) -> Split:
-        splits = self.splits(name)
+    def split(self, name: str, fold: int, repeat: int = 0) -> Split:
+        splits = self.splits(name, repeat)
         for s in splits:
             if s.fold == fold:
                 return s
@@ -151,62 +172,76 @@ class Experiment:
         return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int]) -> list[Job]:
+    def prerequisites(self, job: Job) -> list[Job]:
+        """Runs that must be finished before ``job`` starts: for a transfer method, the target's
+        own model of the same fold and repeat, then every source's fold-0 model (method.md
+        section 4; sources never see a target patient, so every repeat shares repeat 0's)."""
+        if not get_method(job.method).needs_pool:
+            return []
+        return [Job(job.cohort, "abmil", job.fold, job.repeat),
+                *(Job(s, "abmil", 0) for s in self.sources_for(job.cohort))]
+
+    def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int],
+             repeats: int = 1) -> list[Job]:
         """Every run needed, prerequisites first, each once."""
+        if repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {repeats}")
         jobs: list[Job] = []
         for t in targets:
             for name in methods:
-                m = get_method(name)
-                for k in folds:
-                    if m.needs_pool:
-                        jobs.append(Job(t, "abmil", k))
-                        jobs += [Job(s, "abmil", 0) for s in self.sources_for(t)]
-                    jobs.append(Job(t, name, k))
+                for r in range(repeats):
+                    for k in folds:
+                        job = Job(t, name, k, r)
+                        jobs += [*self.prerequisites(job), job]
         ordered = [j for j in jobs if j.method == "abmil"] + [j for j in jobs if j.method != "abmil"]
         return list(dict.fromkeys(ordered))
 
     # -- one run -----------------------------------------------------------------------------
-    def pool_for(self, target: str, fold: int) -> ModelPool:
+    def pool_for(self, job: Job) -> ModelPool:
         theta0_path = self.runs_root / "theta0.safetensors"
         _, meta = load_theta0(self.runs_root)
-        paths = [(s, run_dir(self.runs_root, s, "abmil", 0) / "model.safetensors")
-                 for s in self.sources_for(target)]
-        missing = [str(p.parent) for _, p in paths if not is_finished(p.parent)]
-        tgt = run_dir(self.runs_root, target, "abmil", fold)
-        if not is_finished(tgt):
-            missing.insert(0, str(tgt))
+        target, *sources = self.prerequisites(job)
+        missing = [str(j.path(self.runs_root)) for j in (target, *sources)
+                   if not is_finished(j.path(self.runs_root))]
         if missing:
             raise RunError(f"prerequisite runs not finished: {', '.join(missing)}")
-        return ModelPool.from_files(theta0_path, (target, tgt / "model.safetensors"), paths,
-                                    hparams=meta["hparams"])
+        weights = "model.safetensors"
+        return ModelPool.from_files(
+            theta0_path, (job.cohort, target.path(self.runs_root) / weights),
+            [(s.cohort, s.path(self.runs_root) / weights) for s in sources], hparams=meta["hparams"])
 
     def settings(self, job: Job) -> dict[str, Any]:
         """What decides a run's result: its identity and the config sections its method uses."""
         method = get_method(job.method)
-        return {
-            "run": {"cohort": job.cohort, "method": job.method, "fold": job.fold,
-                    "data_root": str(self.data_root.resolve()),
-                    "sources": self.sources_for(job.cohort) if method.needs_pool else []},
-            **config_for(method, self.cfg),
-        }
+        run = {"cohort": job.cohort, "method": job.method, "fold": job.fold,
+               "data_root": str(self.data_root.resolve()),
+               "sources": self.sources_for(job.cohort) if method.needs_pool else []}
+        if job.repeat:  # repeat 0 keeps the identity runs had before repeats existed
+            run["repeat"] = job.repeat
+        return {"run": run, **config_for(method, self.cfg)}
 
     def finished_metrics(self, job: Job) -> dict[str, Any] | None:
         """Metrics of a finished run (None if unfinished); refuses one made with other settings."""
-        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        path = job.path(self.runs_root)
         if not is_finished(path):
             return None
         check_or_write_config(path, self.settings(job))
         return read_json(path / METRICS)
 
     def run(self, job: Job) -> dict[str, Any]:
-        """Train and evaluate one run unless it is finished; return its metrics."""
-        path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+        """Train and evaluate one run unless it is finished; return its metrics.
+
+        A method may first choose a setting by inner cross-validation (``Method.search``), and
+        a module may ask for a fresh start with other settings (``TrainingRestart``, e.g.
+        STEPH's collapse guard): each restart is recorded in ``attempts.json`` before the next
+        attempt starts, so an interrupted run resumes the right attempt."""
+        path = job.path(self.runs_root)
         done = self.finished_metrics(job)
         if done is not None:
             return done
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
-        split = self.split(job.cohort, job.fold)
+        split = self.split(job.cohort, job.fold, job.repeat)
         bins = self.bins_for(cohort, split)
         theta0_path = self.theta0(cohort.feature_dim)
         theta0, meta = load_theta0(self.runs_root)
@@ -215,41 +250,126 @@ class Experiment:
                            f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
         check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
-        ctx = MethodContext(
-            cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
-            bins=bins, n_patients=len(cohort), n_train=len(train_ds),
-            train_bins=train_ds.bin_indices, train_events=train_ds.events,
-            pool_loader=(lambda: self.pool_for(job.cohort, job.fold)) if method.needs_pool else None)
-        built = method.build(ctx)
         t0 = time.perf_counter()
+        cfg, info = self.cfg, {}
+        spec = method.search(cfg) if method.search is not None else None
+        if spec is not None:
+            found = self._search(job, method, spec, cohort, split, theta0, meta)
+            cfg = with_overrides(cfg, {spec.key: found.value})
+            info.update(found.metrics())
+        attempts = read_attempts(path)
+        for attempt in attempts:
+            cfg = with_overrides(cfg, attempt["overrides"])
         history: list[dict[str, Any]] = []
-        if method.trains:
-            result = fit(built.module, train_ds, self.cfg.train, path, test=test_ds,
-                         progress=self.progress, desc=str(job))
-            history = result.history
+        while True:
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train_ds, test_ds, path,
+                                pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
+            built = method.build(ctx)
+            for ds in (train_ds, test_ds):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            if not method.trains:
+                break
+            try:
+                history = fit(built.module, train_ds, cfg.train, path, test=test_ds,
+                              progress=self.progress, desc=str(job)).history
+                break
+            except TrainingRestart as restart:
+                attempts.append(start_over(path, restart, len(attempts)))
+                log.warning("%s: %s; starting again with %s", job, restart.reason,
+                            ", ".join(f"{k}={v}" for k, v in restart.overrides.items()))
+                cfg = with_overrides(cfg, restart.overrides)
+        if attempts:
+            info["restarts"] = attempts
         seconds = time.perf_counter() - t0
-        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history, seconds)
+        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history,
+                            seconds, info)
+
+    def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
+                 theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
+                 path: Path, pool_loader=None) -> MethodContext:
+        return MethodContext(
+            cfg=cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
+            bins=bins, n_patients=len(cohort), n_train=len(train_ds),
+            train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
+            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader)
+
+    def _search(self, job: Job, method: Method, spec, cohort: Cohort, split: Split,
+                theta0: dict, meta: dict):
+        """Run (or resume) ``spec``'s inner cross-validation on ``job``'s training patients."""
+        target_job, *sources = self.prerequisites(job)
+        target_method = get_method(target_job.method)
+        patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+                    .reset_index()[["patient_id", "time", "event"]])
+        weights = "model.safetensors"
+
+        def inner_data(j: int, train_ids, val_ids):
+            inner = Split(j, tuple(train_ids), tuple(val_ids))
+            bins = self.bins_for(cohort, inner)
+            train, val = self.datasets(cohort, inner, bins)
+            return bins, train, val
+
+        def train_target(j: int, train_ids, run: Path) -> Path:
+            if not (run / weights).exists():
+                bins, train, _ = inner_data(j, train_ids, ())
+                ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
+                built = target_method.build(ctx)
+                fit(built.module, train, self.cfg.train, run, progress=False,
+                    desc=f"{job} search target {j}")
+                save_tensors(run / weights, built.module.state_dict())
+                (run / CHECKPOINT).unlink(missing_ok=True)
+            return run / weights
+
+        def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
+            bins, train, val = inner_data(j, train_ids, val_ids)
+            cfg = with_overrides(self.cfg, {spec.key: value})
+            pool = lambda: ModelPool.from_files(  # noqa: E731
+                self.runs_root / "theta0.safetensors", (job.cohort, target),
+                [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
+                hparams=meta["hparams"])
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
+            built = method.build(ctx)
+            for ds in (train, val):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            try:
+                fit(built.module, train, cfg.train, run, progress=False,
+                    desc=f"{job} search {spec.key}={value} inner {j}")
+            except TrainingRestart as restart:  # e.g. collapsed: scored as it stands
+                log.info("%s search %s=%s inner %d: %s", job, spec.key, value, j, restart.reason)
+            module = built.export() if built.export is not None else built.module
+            return _cindex(predict(module, val)[0])
+
+        return run_search(spec, job.path(self.runs_root) / "search", patients,
+                          self.cfg.data.split_seed, train_target, train_candidate,
+                          outer_target=target_job.path(self.runs_root) / weights)
 
     def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
-                seconds: float) -> dict[str, Any]:
+                seconds: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
+        command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
         test_pred, test_curves = predict(module, test_ds)
         train_pred, _ = predict(module, train_ds)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
-            "cohort": job.cohort, "method": job.method, "fold": job.fold,
+            "cohort": job.cohort, "method": job.method, "fold": job.fold, "repeat": job.repeat,
             "c_index": _cindex(test_pred), "train_c_index": _cindex(train_pred),
             "n_train": len(train_ds), "n_test": len(test_ds),
             "test_events": int(test_pred["event"].sum()),
-            "epochs": len(history), "train_seconds": round(seconds, 2),
+            "epochs": len(history),
         }
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
+        if built.info is not None:
+            metrics.update(built.info(history))
+        metrics.update(info or {})
         save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
                       cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
-                                                "fold": job.fold})
+                                                "fold": job.fold, "repeat": job.repeat})
         write_csv(path / PREDICTIONS, preds)
+        # epochs that ran before a resume count too: their times are in the history
+        train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
+        write_run_record(path, train_seconds=train_seconds, history=history)
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
@@ -262,12 +382,12 @@ class Experiment:
         while pending:
             waiting = []
             for job in pending:
-                path = run_dir(self.runs_root, job.cohort, job.method, job.fold)
+                path = job.path(self.runs_root)
                 done = self.finished_metrics(job)
                 if done is not None:
                     results[job] = done
                     continue
-                if get_method(job.method).needs_pool and not self._prerequisites_done(job):
+                if not all(is_finished(p.path(self.runs_root)) for p in self.prerequisites(job)):
                     waiting.append(job)
                     continue
                 lock = RunLock(path.parent / f".{path.name}.lock")
@@ -284,11 +404,6 @@ class Experiment:
                     time.sleep(poll_seconds)
             pending = waiting
         return [results[j] for j in jobs]
-
-    def _prerequisites_done(self, job: Job) -> bool:
-        need = [run_dir(self.runs_root, job.cohort, "abmil", job.fold)]
-        need += [run_dir(self.runs_root, s, "abmil", 0) for s in self.sources_for(job.cohort)]
-        return all(is_finished(p) for p in need)
 
 
 def _cindex(pred: pd.DataFrame) -> float:
@@ -325,7 +440,7 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True) -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1, baseline: str = "abmil") -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
 
     Example::
@@ -340,9 +455,9 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     target_names = list(targets) if targets else list(exp.cohort_names)
     exp._check_cohorts(target_names, "target")
     fold_ids = parse_folds(folds, exp.cfg.data.n_folds)
-    jobs = exp.plan(method_names, target_names, fold_ids)
+    jobs = exp.plan(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(jobs),
-             sum(is_finished(run_dir(exp.runs_root, j.cohort, j.method, j.fold)) for j in jobs))
+             sum(is_finished(j.path(exp.runs_root)) for j in jobs))
     exp.run_all(jobs)
     return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                         methods=method_names, folds=fold_ids)
+                         methods=method_names, folds=fold_ids, repeats=repeats, baseline=baseline)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from steph.config import ExperimentConfig, build_config
 from steph.data import synthetic
 from steph.experiments.cv import run_cv
-from steph.experiments.methods import resolve_methods
+from steph.methods import resolve_methods
 
 # Targets of the transfer methods; ABMIL is cross-validated on every cohort.
 DEMO_TARGETS = ("ALPHA",)
@@ -25,7 +25,7 @@ DEMO_CONFIG = {"data": {"cache_mb": 512}, "train": {"eval_every": 0}, "steph": {
 
 
 def demo_methods() -> list[str]:
-    from steph.experiments.methods import list_methods
+    from steph.methods import list_methods
 
     # ablations and the Iso-CTS option are left to `steph cv`
     skip = {"steph_lambda1", "steph_free_lambda", "steph_dense", "steph_free_w", "isocts_am"}
@@ -52,11 +52,16 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
     if transfer:
         run_cv(data_root, runs_root, transfer, targets=list(DEMO_TARGETS), folds=folds, cfg=cfg,
                progress=progress)
-    from steph.experiments.summary import markdown_table, timing_table, write_summary
+    from steph.experiments.summary import (
+        collect_timing,
+        markdown_table,
+        timing_table,
+        write_summary,
+    )
 
     summary = write_summary(runs_root, data_root=data_root, methods=names)
     echo("")
     echo(markdown_table(summary, names))
-    echo(timing_table(summary))
+    echo(timing_table(collect_timing(runs_root, summary)))
     echo(f"demo finished in {time.perf_counter() - t0:.0f} s; tables and plot in {runs_root}")
     return summary

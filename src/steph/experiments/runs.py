@@ -2,8 +2,10 @@
 
 ``RUNS/<cohort>/<method>/fold<k>/`` holds ``config.yaml`` (the effective settings), the training
 ``log.jsonl`` and ``checkpoint.safetensors`` while it trains, then ``model.safetensors`` +
-``model.json`` (a self-contained artefact), ``predictions.csv`` and, written last,
-``metrics.json``: a run is finished when its metrics file exists.
+``model.json`` (a self-contained artefact), ``predictions.csv``, ``run.json`` (how long it took,
+where and with what software: everything that may differ between two runs of the same command)
+and, written last, ``metrics.json`` (only what the command and the data decide, so reruns give
+the same bytes): a run is finished when its metrics file exists.
 
 ``RUNS/theta0.safetensors`` is the shared initialisation of every cancer-specific model of the
 experiment directory, created once. ``RUNS/splits/<cohort>/`` holds the folds when the cohort
@@ -34,10 +36,14 @@ CONFIG = "config.yaml"
 PREDICTIONS = "predictions.csv"
 WEIGHTS = "model.safetensors"
 MANIFEST = "model.json"
+RUN_RECORD = "run.json"
 
 
-def run_dir(root: str | Path, cohort: str, method: str, fold: int) -> Path:
-    return Path(root) / cohort / method / f"fold{fold}"
+def run_dir(root: str | Path, cohort: str, method: str, fold: int, repeat: int = 0) -> Path:
+    """``RUNS/<cohort>/<method>/fold<k>``; repeats of the cross-validation with other split
+    seeds (``--repeats``) live in ``RUNS/<cohort>/<method>/rep<r>/fold<k>`` (r >= 1)."""
+    base = Path(root) / cohort / method
+    return (base / f"rep{repeat}" if repeat else base) / f"fold{fold}"
 
 
 def is_finished(path: str | Path) -> bool:
@@ -115,6 +121,69 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if _canon(a) == _canon(b) else [prefix.rstrip(".")]
+
+
+# -- restarts (a module's TrainingRestart, e.g. STEPH's collapse guard) ------------------------
+
+ATTEMPTS = "attempts.json"
+
+
+def read_attempts(path: Path) -> list[dict[str, Any]]:
+    """The restarts a run has made so far (``attempts.json``), oldest first."""
+    p = Path(path) / ATTEMPTS
+    return read_json(p) if p.exists() else []
+
+
+def start_over(path: Path, restart: Any, n_before: int) -> dict[str, Any]:
+    """Record a restart and clear the run for the next attempt: the checkpoint goes first (a
+    process killed here redoes the same attempt, which ends the same way), the finished
+    attempt's log is kept as ``log.attempt<n>.jsonl``, then ``attempts.json`` is written."""
+    from steph.training.trainer import CHECKPOINT, LOG_FILE
+
+    path = Path(path)
+    history = []
+    log_path = path / LOG_FILE
+    if log_path.exists():
+        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    for ckpt in path.glob(CHECKPOINT.replace(".safetensors", "*.safetensors")):
+        ckpt.unlink()
+    if log_path.exists():
+        os.replace(log_path, path / f"log.attempt{n_before}.jsonl")
+    entry = {"reason": restart.reason, "overrides": restart.overrides,
+             "stopped_after_epoch": history[-1]["epoch"] if history else 0}
+    write_json(path / ATTEMPTS, [*read_attempts(path), entry])
+    return entry
+
+
+# -- provenance -------------------------------------------------------------------------------
+
+def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]]) -> None:
+    """``run.json``: timing, host and software of a finished run (not part of its result)."""
+    import platform
+
+    import steph
+
+    record = {
+        "train_seconds": round(float(train_seconds), 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "steph": getattr(steph, "__version__", "unknown"),
+        "threads": torch.get_num_threads(),
+        "epoch_seconds": [r.get("seconds") for r in history],
+    }
+    write_json(path / RUN_RECORD, record)
+
+
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run, or {} when there is none (runs written before it existed)."""
+    p = Path(path) / RUN_RECORD
+    try:
+        return read_json(p)
+    except (OSError, ValueError):
+        return {}
 
 
 # -- a lock so that several processes (a cluster job array) can share one runs directory --------

@@ -1,4 +1,6 @@
-"""Model-merging baselines (method.md section 6); they register themselves as methods on import.
+"""Model-merging baselines (method.md section 6): the merges and the modules that train them.
+
+The recipes that make them methods of ``steph cv`` are in :mod:`steph.methods.model_merging`.
 
 Every baseline uses the same model pool as STEPH (:class:`steph.merging.pool.ModelPool`): the
 shared initialisation theta_0, the target's own fold-k model and the fold-0 model of every source
@@ -89,18 +91,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from steph.config import MergeConfig
 from steph.errors import ConfigError
-from steph.experiments.methods import Built, Method, MethodContext, register_method
-from steph.inference import register_artefact
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL, init_fresh_head
+from steph.models.abmil import ABMIL, ABMILEmbedder, init_fresh_head
 from steph.models.output import ModelOutput
+from steph.models.registry import register_artefact
 
 __all__ = [
-    "PREPROCESSING",
     "AdaMerging",
     "RepresentationSurgery",
     "SurgeryABMIL",
@@ -110,10 +109,6 @@ __all__ = [
     "static_merge",
     "task_arithmetic",
 ]
-
-# method name -> pairwise preprocessing of the source task vectors
-PREPROCESSING = {"adamerging": "none", "ties_am": "ties", "isoc_am": "iso_c",
-                 "isocts_am": "iso_cts", "surgery_am": "none"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,17 +208,6 @@ def adamerging_stack(pool: ModelPool, preprocessing: str = "none",
     return TaskVectorStack.from_dicts(theta0, [tau_t, *taus], labels, names)
 
 
-class _Embedder(nn.Module):
-    """Calls ``ABMIL.embed`` so that ``functional_call`` can swap the encoder's tensors."""
-
-    def __init__(self, abmil: ABMIL):
-        super().__init__()
-        self.abmil = abmil
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.abmil.embed(x)[0]
-
-
 class AdaMerging(nn.Module):
     """Task-wise AdaMerging on the MIL encoder with a fresh head (and optional surgery).
 
@@ -260,7 +244,7 @@ class AdaMerging(nn.Module):
         self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
                         if surgery_rank is not None else None)
         # Not registered (it would duplicate ``abmil`` in the state dict).
-        object.__setattr__(self, "_embedder", _Embedder(self.abmil))
+        object.__setattr__(self, "_embedder", ABMILEmbedder(self.abmil))
         self._step_params: TensorDict | None = None
         self._step_coef_version: int | None = None
         self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
@@ -338,6 +322,13 @@ class AdaMerging(nn.Module):
         logits = self.abmil.head(self.embedding(x))
         return ModelOutput(logits=logits, stats={"coef": self.coef.detach()})
 
+    @property
+    def survival_head(self) -> nn.Linear:
+        return self.abmil.head
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x)
+
     # -- export -----------------------------------------------------------------------------------
     def coefficients(self) -> dict[str, float]:
         return {name: float(c) for name, c in zip(self.labels, self.coef.detach())}
@@ -365,65 +356,3 @@ class AdaMerging(nn.Module):
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-# ------------------------------------------------------------------------------------------------
-# registration as methods
-# ------------------------------------------------------------------------------------------------
-
-def _merge_cfg(ctx: MethodContext) -> MergeConfig:
-    return ctx.cfg.merge
-
-
-def _static_method(name: str, summary: str, coef_of) -> Method:
-    def build(ctx: MethodContext) -> Built:
-        pool = ctx.pool()
-        model = merged_abmil(static_merge(pool, coef_of(ctx, pool)), ctx.hparams)
-        return Built(module=model, kind="abmil", settings=model.hparams)
-
-    return Method(name, summary, needs_pool=True, trains=False, build=build,
-                  config_sections=("data", "bins", "model", "merge"))
-
-
-def _preprocess_options(name: str, cfg: MergeConfig) -> dict[str, Any]:
-    method = PREPROCESSING[name]
-    if method == "ties":
-        return {"density": cfg.ties_density}
-    if method == "iso_cts":
-        return {"common_space_fraction": cfg.iso_cts_fraction}
-    return {}
-
-
-def _adamerging_method(name: str, summary: str, surgery: bool = False) -> Method:
-    def build(ctx: MethodContext) -> Built:
-        cfg = _merge_cfg(ctx)
-        pool = ctx.pool()
-        stack = adamerging_stack(pool, PREPROCESSING[name], **_preprocess_options(name, cfg))
-        model = AdaMerging(stack, ctx.hparams, init_coef=cfg.init_coef,
-                           head_seed=ctx.cfg.train.seed,
-                           surgery_rank=cfg.surgery_rank if surgery else None,
-                           head_bias=ctx.head_bias(cfg.head_bias))
-        return Built(module=model, kind="abmil_surgery" if surgery else "abmil",
-                     settings=model.export_settings, export=model.export)
-
-    return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=("data", "bins", "model", "train", "merge"))
-
-
-register_method(_static_method(
-    "model_avg", "Model Avg: plain average of the target and source models (no training)",
-    lambda ctx, pool: 1.0 / (len(pool.sources) + 1)))
-register_method(_static_method(
-    "task_arithmetic", "Task Arithmetic: theta_0 + ta_coef * sum of all task vectors (no training)",
-    lambda ctx, pool: _merge_cfg(ctx).ta_coef))
-register_method(_adamerging_method(
-    "adamerging", "AdaMerging: learned task-wise coefficients (tau_t included) + fresh head"))
-register_method(_adamerging_method(
-    "ties_am", "TIES AM: AdaMerging over sources TIES-merged pairwise with the target"))
-register_method(_adamerging_method(
-    "isoc_am", "Iso-C AM: AdaMerging over sources Iso-C-merged pairwise with the target"))
-register_method(_adamerging_method(
-    "isocts_am", "Iso-CTS AM: AdaMerging over sources Iso-CTS-merged pairwise with the target"))
-register_method(_adamerging_method(
-    "surgery_am", "Surgery AM: AdaMerging + Representation Surgery of the bag embedding",
-    surgery=True))

@@ -136,6 +136,26 @@ class ABMIL(nn.Module):
     def encoder_names(self) -> list[str]:
         return encoder_parameter_names(self)
 
+    # -- what the trainer's head start (steph.training.head_start) uses --------------------------
+    @property
+    def survival_head(self) -> nn.Linear:
+        return self.head
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)[0]
+
+
+class ABMILEmbedder(nn.Module):
+    """Calls ``ABMIL.embed`` as its forward, so that ``torch.func.functional_call`` can run the
+    bag embedding with swapped (e.g. merged) encoder tensors: ``{"abmil.<name>": tensor}``."""
+
+    def __init__(self, abmil: ABMIL):
+        super().__init__()
+        self.abmil = abmil
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.abmil.embed(x)[0]
+
 
 def encoder_parameter_names(model: nn.Module) -> list[str]:
     """Names of the MIL-encoder tensors (everything but the head), in registration order."""

@@ -1,5 +1,12 @@
-"""A small model registry (in the spirit of timm): MIL networks are created by name so that
-configs, run directories and saved artefacts can name the architecture they hold."""
+"""Registries of the model layer (in the spirit of timm):
+
+* **MIL networks** by name (``register_model`` / ``create_model``), so that configs, run
+  directories and artefacts can name the architecture they hold;
+* **artefact kinds** (``register_artefact`` / ``build_artefact``): how to rebuild an empty module
+  of a saved kind from its manifest's settings. Each module registers its kind where it is
+  defined (ABMIL in ``steph.models``, STEPH and the merged baselines in ``steph.merging``);
+  :func:`steph.inference.load_artefact` imports those packages and looks the kind up here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from torch import nn
 from steph.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_ARTEFACTS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -30,3 +38,25 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
+
+
+def register_artefact(kind: str) -> Callable:
+    """Decorator: ``fn(settings) -> empty module`` rebuilds artefacts of ``kind``."""
+
+    def deco(fn: Callable[[dict[str, Any]], nn.Module]) -> Callable[[dict[str, Any]], nn.Module]:
+        if kind in _ARTEFACTS and _ARTEFACTS[kind] is not fn:
+            raise ValueError(f"artefact kind {kind!r} is already registered")
+        _ARTEFACTS[kind] = fn
+        return fn
+
+    return deco
+
+
+def artefact_kinds() -> list[str]:
+    return sorted(_ARTEFACTS)
+
+
+def build_artefact(kind: str, settings: dict[str, Any]) -> nn.Module:
+    if kind not in _ARTEFACTS:
+        raise KeyError(kind)
+    return _ARTEFACTS[kind](settings)

@@ -10,10 +10,14 @@ scheduler position, the RNG state and the epoch history are written to one safet
 atomically. Restarting with the same arguments continues after the last completed epoch and
 ends with the same weights as an uninterrupted run.
 
+A module sees one bag at a time, ``module(features, **extras)``, where ``extras`` are the per-bag
+inputs it names in a ``bag_inputs`` attribute (e.g. a graph), taken from the dataset item.
 A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
 an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
 baselines whose merged weights are constant within a step use them to merge once per step.
-``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too.
+``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too;
+``on_epoch_end(row)`` after each epoch's checkpoint and log are written: it may raise
+:class:`steph.models.output.TrainingRestart` to ask for a fresh start with other settings.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from torch import nn
 
 from steph.config import TrainConfig
 from steph.errors import RunError
-from steph.models.output import ModelOutput, as_output
+from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
-from steph.utils.io import load_tensors, save_tensors, write_text
+from steph.training.head_start import initialize_head
+from steph.utils.faults import fault_point
+from steph.utils.io import load_tensor_metadata, load_tensors, save_tensors, write_text
 
 log = logging.getLogger("steph.training")
 
@@ -111,10 +117,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
+    meta = load_tensor_metadata(path)
     tensors = load_tensors(path)
     params = dict(model.named_parameters())
     for key, value in tensors.items():
@@ -150,7 +153,7 @@ def predict(model: nn.Module, dataset: Sequence[dict[str, Any]],
     rows, curves = [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        logits = as_output(model(item["features"])).logits
+        logits = forward_item(model, item).logits
         row = {"patient_id": item["patient_id"], "risk": float(risk_from_logits(logits)[0]),
                "time": float(item["time"]), "event": int(item["event"])}
         if loss_alpha is not None:
@@ -224,10 +227,16 @@ def fit(
         log.info("%s: resuming after epoch %d", desc, start_epoch)
     else:
         torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
+        head_info = initialize_head(model, train, cfg.head_init, cfg.loss_alpha, seed=cfg.seed)
+        if head_info:
+            log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
     begin_step = getattr(model, "begin_step", None)
     end_step = getattr(model, "end_step", None)
     epoch_start = getattr(model, "on_epoch_start", None)
+    module_epoch_end = getattr(model, "on_epoch_end", None)
 
+    if history and module_epoch_end is not None:
+        module_epoch_end(history[-1])  # a process killed between the check and its effect
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
                initial=start_epoch, total=cfg.epochs, leave=False)
@@ -245,7 +254,7 @@ def fit(
                 begin_step()
             for idx in order[s * cfg.bags_per_step:(s + 1) * cfg.bags_per_step]:
                 item = train[idx]
-                out: ModelOutput = as_output(model(item["features"]))
+                out: ModelOutput = forward_item(model, item)
                 surv = nll_survival_loss(out.logits, item["bin"].view(1),
                                          torch.tensor([item["event"]]), alpha=cfg.loss_alpha)
                 loss = surv if out.aux_loss is None else surv + out.aux_loss
@@ -264,6 +273,7 @@ def fit(
             opt.step()
             sched.step()
             step += 1
+            fault_point("train:step")
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": opt.param_groups[0]["lr"],
@@ -282,6 +292,7 @@ def fit(
         history.append(row)
         _save_checkpoint(ckpt, model, opt, epoch + 1, step, history)
         _write_log(run_dir / LOG_FILE, history)
+        fault_point("train:epoch")
         if on_epoch_end is not None:
             on_epoch_end(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
@@ -289,5 +300,7 @@ def fit(
             log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s)", desc, epoch + 1,
                      cfg.epochs, row["train_loss"], row["train_cindex"],
                      f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-", row["seconds"])
+        if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
+            module_epoch_end(row)
     bar.close()
     return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0)

@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from steph.utils.faults import fault_point
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -25,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fault_point(f"write:{path.name}")
         with open(tmp_path, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -51,17 +54,35 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame, **kwargs: Any) -> None:
         df.to_csv(tmp, index=False, **kwargs)
 
 
+# safetensors keeps its metadata in a hash map whose order changes from process to process, so a
+# file with several metadata keys is not byte-stable: steph stores them as one JSON string.
+_META_KEY = "steph"
+
+
 def save_tensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """Save a name -> tensor dict as safetensors (never pickle), atomically."""
+    """Save a name -> tensor dict as safetensors (never pickle), atomically; the same tensors
+    and metadata always give the same bytes."""
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {_META_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
+        save_file(clean, str(tmp), metadata=meta)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata given to :func:`save_tensors` (files of older versions: their raw keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = fh.metadata() or {}
+    if set(raw) == {_META_KEY}:
+        return json.loads(raw[_META_KEY])
+    return dict(raw)
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,37 @@
+"""Methods: the recipes ``steph cv --methods`` knows, between the modules (models, merging) and
+the experiment grid. Importing this package registers every method.
+
+  registry.py       Method, Built, MethodContext; register_method / get_method / list_methods
+  abmil.py          cancer-specific ABMIL from theta_0
+  steph.py          STEPH, its ablations and the K sweep
+  model_merging.py  Model Avg, Task Arithmetic, AdaMerging, TIES / Iso-C / Iso-CTS / Surgery AM
+"""
+
+from steph.methods import abmil, model_merging, steph  # noqa: F401  (registration)
+from steph.methods.registry import (
+    Built,
+    Method,
+    MethodContext,
+    SearchSpec,
+    config_for,
+    get_method,
+    list_methods,
+    method_patterns,
+    register_method,
+    register_method_pattern,
+    resolve_methods,
+)
+
+__all__ = [
+    "Built",
+    "Method",
+    "MethodContext",
+    "SearchSpec",
+    "config_for",
+    "get_method",
+    "list_methods",
+    "method_patterns",
+    "register_method",
+    "register_method_pattern",
+    "resolve_methods",
+]

@@ -1,0 +1,161 @@
+"""The method registry: every name ``steph cv --methods`` knows, each a small recipe.
+
+A :class:`Method` says what a run needs (only theta_0, or the model pool of its target fold)
+and how to build the module the shared trainer trains (:class:`Built`). The trainer never
+learns which method it trains; the experiment grid never learns how a method works.
+
+Recipes live beside this file (``abmil.py``, ``steph.py``, ``model_merging.py``); importing
+``steph.methods`` registers them all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from steph.config import ExperimentConfig, without_performance_keys
+from steph.errors import ConfigError
+from steph.merging.pool import ModelPool
+from steph.survival.bins import TimeBins
+
+# A provider of one extra per-bag input: patient id -> tensor (e.g. a graph, cached embeddings).
+BagInputProvider = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class MethodContext:
+    """Everything a recipe may use to build its module for one run (cohort, fold)."""
+
+    cfg: ExperimentConfig
+    target: str
+    fold: int
+    hparams: dict[str, Any]  # network hyper-parameters (from theta_0)
+    theta0: dict[str, torch.Tensor]
+    bins: TimeBins
+    n_patients: int  # size of the target cohort
+    n_train: int
+    pool_loader: Callable[[], ModelPool] | None = None
+    train_bins: Any = None  # bin index and event of every training bag (for a fresh head's bias)
+    train_events: Any = None
+    run_dir: Path | None = None  # the run's directory (for caches a method keeps with its run)
+    train_data: Any = None  # the training and test bag datasets (read-only for recipes)
+    test_data: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def head_bias(self, mode: str) -> torch.Tensor | None:
+        """The fresh head's bias: the training split's baseline hazard logits, or None (random)."""
+        if mode == "random":
+            return None
+        if self.train_bins is None or self.train_events is None:
+            raise ConfigError("a baseline-hazard head bias needs the training labels")
+        from steph.survival.baseline import baseline_hazard_logits
+
+        return baseline_hazard_logits(self.train_bins, self.train_events, self.bins.n_bins)
+
+    def pool(self) -> ModelPool:
+        if self.pool_loader is None:
+            raise ConfigError("this method needs source models but no model pool was given")
+        if "pool" not in self.extra:
+            self.extra["pool"] = self.pool_loader()
+        return self.extra["pool"]
+
+
+@dataclass
+class Built:
+    """A method's module plus how to save it as a self-contained artefact."""
+
+    module: nn.Module
+    kind: str  # artefact kind (steph.models.registry.register_artefact)
+    settings: Callable[[], dict[str, Any]]  # read after training
+    export: Callable[[], nn.Module] | None = None  # module to save (default: ``module``)
+    # Extra per-bag inputs the module takes as keyword arguments (its ``bag_inputs``), provided
+    # per patient; the experiment attaches them to the training and test datasets.
+    bag_inputs: Mapping[str, BagInputProvider] = field(default_factory=dict)
+    # Small facts about the run to record in metrics.json (e.g. the gamma it trained with),
+    # from the training history (the rows of log.jsonl).
+    info: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A hyper-parameter a method wants chosen by inner cross-validation on the training
+    patients before it is built (see steph.experiments.search)."""
+
+    key: str  # dotted config key, e.g. "steph.gamma"
+    grid: tuple[Any, ...]
+    folds: int = 3
+    prefer: str = "larger"  # tie-break between equal mean scores: "larger" or "smaller" value
+    target_model: str = "inner"  # "inner": inner target models; "outer": the fold's own model
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    needs_pool: bool
+    trains: bool
+    build: Callable[[MethodContext], Built]
+    config_sections: tuple[str, ...] = ("data", "bins", "model", "train")
+    # Settings to choose by inner cross-validation before building (None: nothing to choose).
+    search: Callable[[ExperimentConfig], SearchSpec | None] | None = None
+
+
+_METHODS: dict[str, Method] = {}
+# name pattern -> factory of a Method for a matching name (e.g. steph_k<N>)
+_PATTERNS: list[tuple[re.Pattern, Callable[[re.Match], Method]]] = []
+_PATTERN_HINTS: list[tuple[str, str]] = []  # (e.g. "steph_k<N>", what the family is)
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def register_method_pattern(pattern: str, factory: Callable[[re.Match], Method], hint: str,
+                            summary: str) -> None:
+    """Names matching ``pattern`` (e.g. ``steph_k(\\d+)``) are built by ``factory``; ``hint``
+    is how ``steph methods`` lists the family (e.g. ``steph_k<N>``)."""
+    _PATTERNS.append((re.compile(pattern), factory))
+    _PATTERN_HINTS.append((hint, summary))
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def method_patterns() -> list[tuple[str, str]]:
+    """(hint, summary) of every family of names, e.g. ("steph_k<N>", "STEPH with K = N")."""
+    return list(_PATTERN_HINTS)
+
+
+def get_method(name: str) -> Method:
+    if name in _METHODS:
+        return _METHODS[name]
+    for pattern, factory in _PATTERNS:
+        m = pattern.fullmatch(name)
+        if m:
+            return factory(m)
+    known = ", ".join([*list_methods(), *(hint for hint, _ in method_patterns())])
+    raise ConfigError(f"unknown method {name!r}; known: {known}")
+
+
+def config_for(method: Method, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings that decide a run of ``method`` (what its config.yaml records)."""
+    full = cfg.to_dict()
+    return without_performance_keys({k: full[k] for k in method.config_sections})
+
+
+def resolve_methods(spec: str | list[str]) -> list[str]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise ConfigError("no method given")
+    for n in names:
+        get_method(n)
+    return list(dict.fromkeys(names))

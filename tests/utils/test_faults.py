@@ -1,0 +1,44 @@
+"""The fault-injection hook kills the process at the named point, once (marker file)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from steph.utils.faults import _parse
+
+CODE = """
+from steph.utils.io import write_text
+for i in range(3):
+    write_text({d!r} + f"/f{{i}}.txt", "x")
+"""
+
+
+def _run(tmp_path, spec, once=None):
+    env = {"STEPH_FAULT": spec, "PATH": "/usr/bin:/bin"}
+    if once:
+        env["STEPH_FAULT_ONCE"] = str(once)
+    return subprocess.run([sys.executable, "-c", CODE.format(d=str(tmp_path))], env=env,
+                          timeout=60).returncode
+
+
+def test_kill_at_the_nth_write_once(tmp_path):
+    marker = tmp_path / "marker"
+    assert _run(tmp_path, "write:f1.txt", marker) == -9
+    assert (tmp_path / "f0.txt").exists() and not (tmp_path / "f1.txt").exists()
+    assert marker.read_text().startswith("write:f1.txt")
+    assert _run(tmp_path, "write:f1.txt", marker) == 0  # the marker exists: no second fault
+    assert (tmp_path / "f2.txt").exists()
+
+
+def test_prefix_and_count(tmp_path):
+    assert _run(tmp_path, "write:f*@3") == -9
+    assert (tmp_path / "f1.txt").exists() and not (tmp_path / "f2.txt").exists()
+
+
+def test_bad_spec():
+    for bad in ["train:step@0", "train:step@x", "@2"]:
+        with pytest.raises(ValueError):
+            _parse(bad)
+    assert _parse("train:step@4") == ("train:step", 4)
+    assert _parse("write:a.csv") == ("write:a.csv", 1)
