@@ -142,6 +142,9 @@ class MergeConfig(_Strict):
     iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
     surgery_rank: int = Field(16, ge=1)
     head_bias: Literal["baseline", "random"] = "baseline"  # fresh heads, as steph.head_bias
+    # The AdaMerging family's coefficients learn at train.lr x coef_lr_scale: at the protocol's
+    # 1e-4 they move about 1e-4 per step, i.e. not at all within a small cohort's budget.
+    coef_lr_scale: float = Field(1.0, gt=0)
 
 
 class ExperimentConfig(_Strict):

@@ -1,18 +1,13 @@
 """Evaluation must see every patch: ``data.max_instances`` is a training-only sampler.
 
-Hand-off note (issue 9): ``Experiment.datasets`` in ``steph/experiments/cv.py`` passes
-``max_instances`` to the *test* dataset too, and ``_finish`` predicts the training C-index on
-the subsampled training dataset. This test is marked ``xfail(strict=True)`` until cv.py builds
-its evaluation datasets without sampling (e.g. ``test_ds = ...full_bags()`` and predicting the
-training split on ``train_ds.full_bags()``); then it passes and the marker must go.
+``Experiment.datasets`` samples the training bags only; ``_finish`` predicts the training
+C-index on the full training bags.
 """
 
-import pytest
 
 from steph.experiments.cv import Experiment
 
 
-@pytest.mark.xfail(strict=True, reason="cv.py applies data.max_instances to the test set")
 def test_test_dataset_is_never_subsampled(tiny_data, tmp_path):
     import sys
     from pathlib import Path

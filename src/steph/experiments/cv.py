@@ -163,9 +163,11 @@ class Experiment:
         return TimeBins.quantile(tr["time"], tr["event"], b.n_bins)
 
     def datasets(self, cohort: Cohort, split: Split, bins: TimeBins) -> tuple[BagDataset, BagDataset]:
+        """Training bags (patches sampled down to ``data.max_instances``) and test bags (never
+        sampled: evaluation sees every patch)."""
         d = self.cfg.data
-        kw = dict(cache_mb=d.cache_mb, max_instances=d.max_instances, seed=self.cfg.train.seed)
-        return (BagDataset(cohort, list(split.train_ids), bins, **kw),
+        kw = dict(cache_mb=d.cache_mb, seed=self.cfg.train.seed)
+        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances, **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
 
     def theta0(self, in_dim: int) -> Path:
@@ -349,7 +351,7 @@ class Experiment:
         command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
         test_pred, test_curves = predict(module, test_ds)
-        train_pred, _ = predict(module, train_ds)
+        train_pred, _ = predict(module, train_ds.full_bags() if train_ds.max_instances else train_ds)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {

@@ -219,8 +219,10 @@ class AdaMerging(nn.Module):
 
     def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any],
                  init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None,
-                 head_bias: torch.Tensor | None = None):
+                 head_bias: torch.Tensor | None = None, coef_lr_scale: float = 1.0):
         super().__init__()
+        # read by the trainer's parameter groups: the coefficients' own learning-rate factor
+        self.lr_scales = {"coef": float(coef_lr_scale)} if coef_lr_scale != 1.0 else {}
         if stack.vectors.shape[0] < 1:
             raise ConfigError("AdaMerging needs at least one task vector")
         self.layout: FlatLayout = stack.layout

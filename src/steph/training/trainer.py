@@ -51,17 +51,27 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "log.jsonl"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters.
+
+    A module may name parameters that learn at a multiple of the learning rate in an
+    ``lr_scales`` attribute, ``{name prefix: factor}`` (e.g. AdaMerging's merge coefficients);
+    they get groups of their own with ``lr * factor``."""
+    scales = dict(getattr(model, "lr_scales", {}) or {})
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            factor = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+            grouped.setdefault((p.ndim >= 2, float(factor)), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for decays, factor in sorted(grouped, key=lambda k: (k[1] != 1.0, not k[0], k[1])):
+        group = {"params": grouped[(decays, factor)], "weight_decay": weight_decay if decays else 0.0}
+        if factor != 1.0:
+            if lr is None:
+                raise ValueError("parameter_groups: lr_scales need the base learning rate")
+            group["lr"] = lr * factor
+        groups.append(group)
     if not groups:
         raise RunError("the model has no trainable parameter")
     return groups
@@ -211,7 +221,7 @@ def fit(
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
-    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps)
     )
