@@ -74,3 +74,15 @@ def test_registry():
     assert isinstance(create_model("abmil", in_dim=8, n_bins=4), ABMIL)
     with pytest.raises(ConfigError, match="unknown model"):
         create_model("nope")
+
+
+def test_count_flops_splits_layers_from_functional_products():
+    from steph.models.flops import count_flops
+
+    n, d, h, a = 10_000, 1536, 512, 384
+    with torch.device("meta"):  # counted without computing
+        model = ABMIL(d, 32)
+    flops = count_flops(model, torch.empty(n, d, device="meta"))
+    layers = 2 * n * (d * h + 2 * h * a + a) + 2 * h * 32
+    assert flops.layers == layers and flops.total == layers + 2 * n * h  # + attention pooling
+    assert model.training  # the mode is restored

@@ -2,6 +2,7 @@
 
 Parameter names are part of the public contract: the merging methods address "the MIL encoder"
 as the tensors under ``feat_proj.`` and ``attention.`` (8 tensors) and the head as ``head.``.
+ABMIL follows the interface of every steph MIL network (:mod:`steph.models.base`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from steph.models.base import MILNetwork
 
 ENCODER_PREFIXES = ("feat_proj.", "attention.")
 HEAD_PREFIX = "head."
@@ -27,7 +30,7 @@ class GatedAttention(nn.Module):
         return self.score(self.a(h) * self.b(h)).squeeze(-1)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILNetwork):
     """Attention-based MIL survival network.
 
     ``feat_proj``: Linear(in_dim -> hidden_dim) + ReLU; gated attention (hidden_dim -> attn_dim
@@ -36,6 +39,10 @@ class ABMIL(nn.Module):
 
     With in_dim=1536 and n_bins=32 it has 1,197,729 parameters.
     """
+
+    ENCODER_PREFIXES = ENCODER_PREFIXES
+    HEAD_PREFIX = HEAD_PREFIX
+    bag_inputs = ()
 
     def __init__(
         self,
@@ -61,37 +68,11 @@ class ABMIL(nn.Module):
             "dropout": self.dropout,
         }
 
-    @staticmethod
-    def _as_instances(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            if x.shape[0] != 1:
-                raise ValueError(f"ABMIL takes one bag at a time, got a batch of {x.shape[0]}")
-            x = x[0]
-        if x.dim() != 2:
-            raise ValueError(f"expected a bag of shape (N, D) or (1, N, D), got {tuple(x.shape)}")
-        return x
-
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bag embedding (1, hidden_dim) and attention weights (N,) of one bag."""
         h = self.feat_proj(self._as_instances(x))
         attn = F.softmax(self.attention(h), dim=0)
         return (attn @ h).unsqueeze(0), attn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Hazard logits (1, n_bins) of one bag."""
-        z, _ = self.embed(x)
-        return self.head(z)
-
-    def encoder_names(self) -> list[str]:
-        return encoder_parameter_names(self)
-
-    # -- what the trainer's head start (steph.training.head_start) uses --------------------------
-    @property
-    def survival_head(self) -> nn.Linear:
-        return self.head
-
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(x)[0]
 
 
 class ABMILEmbedder(nn.Module):
