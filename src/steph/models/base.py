@@ -83,6 +83,13 @@ class MILNetwork(nn.Module):
         return x
 
 
+def head_dim(dim: int, heads: int) -> int:
+    """Width of each of ``heads`` attention heads over ``dim`` channels."""
+    if dim % heads:
+        raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+    return dim // heads
+
+
 def ceil_sqrt(n: int) -> int:
     """Exact ceil(sqrt(n)) for n >= 1 (the side of the square grid TransMIL and R2T-MIL lay a
     bag of n tokens on; integer arithmetic, so no float rounding at perfect squares)."""

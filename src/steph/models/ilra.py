@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.base import MILNetwork
+from steph.models.base import MILNetwork, head_dim
 
 
 class MultiHeadAttention(nn.Module):
@@ -39,9 +39,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim = heads, head_dim(dim, heads)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.out_proj = nn.Linear(dim, dim)
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.base import MILNetwork, ceil_sqrt
+from steph.models.base import MILNetwork, ceil_sqrt, head_dim
 
 
 def region_grid(n: int, region_num: int) -> tuple[int, int]:
@@ -69,9 +69,7 @@ class RegionAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float, epeg_kernel: int | None):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim = heads, head_dim(dim, heads)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.base import MILNetwork, ceil_sqrt
+from steph.models.base import MILNetwork, ceil_sqrt, head_dim
 
 
 def moore_penrose_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
@@ -70,9 +70,7 @@ class NystromAttention(nn.Module):
                  pinv_iterations: int = 6, residual_kernel: int | None = 33,
                  dropout: float = 0.1):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim = heads, head_dim(dim, heads)
         self.n_landmarks, self.pinv_iterations = n_landmarks, pinv_iterations
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
