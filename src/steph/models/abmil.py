@@ -2,6 +2,7 @@
 
 Parameter names are part of the public contract: the merging methods address "the MIL encoder"
 as the tensors under ``feat_proj.`` and ``attention.`` (8 tensors) and the head as ``head.``.
+ABMIL follows the interface of every steph MIL network (:mod:`steph.models.base`).
 
 Exact prediction on any bag size: in eval mode without autograd (how every prediction in steph
 runs), a bag of more than ``chunk_size`` instances is pooled in chunks with an online softmax
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from steph.models.base import MILNetwork
 
 ENCODER_PREFIXES = ("feat_proj.", "attention.")
 DEFAULT_CHUNK_SIZE = 65_536  # instances per chunk in eval / no-grad pooling (0 = never chunk)
@@ -36,7 +39,7 @@ class GatedAttention(nn.Module):
         return self.score(self.a(h) * self.b(h)).squeeze(-1)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILNetwork):
     """Attention-based MIL survival network.
 
     ``feat_proj``: Linear(in_dim -> hidden_dim) + ReLU; gated attention (hidden_dim -> attn_dim
@@ -49,6 +52,10 @@ class ABMIL(nn.Module):
     saved): above this many instances, eval-mode no-grad pooling runs chunk by chunk (see the
     module docstring); 0 never chunks.
     """
+
+    ENCODER_PREFIXES = ENCODER_PREFIXES
+    HEAD_PREFIX = HEAD_PREFIX
+    bag_inputs = ()
 
     def __init__(
         self,
@@ -77,16 +84,6 @@ class ABMIL(nn.Module):
             "attn_dim": self.attn_dim,
             "dropout": self.dropout,
         }
-
-    @staticmethod
-    def _as_instances(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            if x.shape[0] != 1:
-                raise ValueError(f"ABMIL takes one bag at a time, got a batch of {x.shape[0]}")
-            x = x[0]
-        if x.dim() != 2:
-            raise ValueError(f"expected a bag of shape (N, D) or (1, N, D), got {tuple(x.shape)}")
-        return x
 
     def embed(self, x: torch.Tensor, chunk_size: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,17 +129,6 @@ class ABMIL(nn.Module):
         """Hazard logits (1, n_bins) of one bag."""
         z, _ = self.embed(x)
         return self.head(z)
-
-    def encoder_names(self) -> list[str]:
-        return encoder_parameter_names(self)
-
-    # -- what the trainer's head start (steph.training.head_start) uses --------------------------
-    @property
-    def survival_head(self) -> nn.Linear:
-        return self.head
-
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(x)[0]
 
 
 class ABMILEmbedder(nn.Module):
