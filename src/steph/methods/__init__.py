@@ -10,6 +10,8 @@ the experiment grid. Importing this package registers every method.
 from steph.methods import abmil, model_merging, steph  # noqa: F401  (registration)
 from steph.methods.registry import (
     Built,
+    CostModel,
+    CostSpec,
     Method,
     MethodContext,
     SearchSpec,
@@ -24,6 +26,8 @@ from steph.methods.registry import (
 
 __all__ = [
     "Built",
+    "CostModel",
+    "CostSpec",
     "Method",
     "MethodContext",
     "SearchSpec",

@@ -94,6 +94,24 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class CostSpec:
+    """The setting of an efficiency measurement (Table S4 / ``steph bench efficiency``)."""
+
+    in_dim: int = 1536
+    n_bins: int = 32
+    n_sources: int = 12  # m: source cohorts of a transfer method
+    n_instances: int = 10_000  # patches of the measured bag
+    arch: str = "abmil"  # the backbone (model.arch) of merged / transferred models
+
+
+# cost_model(spec) -> (module in eval mode as it runs at inference, with random weights where
+# weights would come from training; the extra per-bag inputs for a bag of spec.n_instances).
+# Its learnable-parameter count is ``module.trainable_parameter_count()`` when defined, else
+# the parameters with requires_grad.
+CostModel = Callable[[CostSpec], tuple[nn.Module, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -103,6 +121,8 @@ class Method:
     config_sections: tuple[str, ...] = ("data", "bins", "model", "train")
     # Settings to choose by inner cross-validation before building (None: nothing to choose).
     search: Callable[[ExperimentConfig], SearchSpec | None] | None = None
+    # The module as it runs at inference, for efficiency figures (None: not measured).
+    cost_model: CostModel | None = None
 
 
 _METHODS: dict[str, Method] = {}
