@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
@@ -248,6 +249,9 @@ class Experiment:
             train_data=train_ds, test_data=test_ds,
             pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
         t0 = time.perf_counter()
+        # a fresh module's random parts (e.g. STEPH's hypernetworks) depend on the run's settings
+        # only, not on which runs this process trained before (local, Ray worker, or a retry)
+        torch.manual_seed(self.cfg.train.seed)
         built = method.build(ctx)
         for ds in (train_ds, test_ds):
             ds.set_bag_inputs(dict(built.bag_inputs))
