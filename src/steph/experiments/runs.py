@@ -335,11 +335,3 @@ class RunLock:
         current = self._read()
         if current is not None and self._parse(current).get("owner") == self.owner:
             self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "RunLock":
-        if not self.acquire():
-            raise RunError(f"{self.path} is held by {self.describe_holder()}")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
