@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from steph.cli import main
 from steph.errors import ConfigError
 from steph.experiments.cv import Experiment, Job, run_cv
 from steph.experiments.executors import (
@@ -26,14 +25,7 @@ from steph.experiments.runs import RunLock, lock_path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_experiment_config
-
-
-def cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
+from test_cli import run as cli  # (args, capsys) -> exit code, stdout, stderr
 
 
 def broken_data(tiny_data, tmp_path):
