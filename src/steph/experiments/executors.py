@@ -50,6 +50,11 @@ class GridOutcome:
     metrics: dict[Job, dict[str, Any]] = field(default_factory=dict)
     failed: dict[Job, str] = field(default_factory=dict)
 
+    def in_order(self, jobs: Sequence[Job]) -> GridOutcome:
+        """The failures listed in plan order (a prerequisite before the runs that need it)."""
+        self.failed = {job: self.failed[job] for job in jobs if job in self.failed}
+        return self
+
 
 class GridError(RunError):
     """Some runs of the grid failed; ``failed`` maps each to its one-line error and ``summary``
@@ -200,7 +205,7 @@ class LocalExecutor:
                 progress.update(job, error)
         finally:
             progress.close()
-        return outcome
+        return outcome.in_order(jobs)
 
 
 # -- Ray -------------------------------------------------------------------------------------------
@@ -329,7 +334,7 @@ class RayExecutor:
             progress.close()
             if started:
                 ray.shutdown()
-        return outcome
+        return outcome.in_order(jobs)
 
     def _submit_and_wait(self, ray, exp: Experiment, todo: Sequence[Job], outcome: GridOutcome,
                          progress: GridProgress) -> None:
@@ -361,6 +366,7 @@ class RayExecutor:
                         outcome.metrics[job] = ray.get(ref)
                         progress.update(job)
                     except Exception as err:  # noqa: BLE001 (whatever failed, only this run)
+                        log.debug("%s failed: %s", job, err)  # --debug: the remote traceback
                         # a run whose prerequisite failed never ran: say so, not the cause
                         outcome.failed[job] = (blocked_by(exp, job, outcome.failed)
                                                or self._describe(ray, err))
@@ -370,9 +376,6 @@ class RayExecutor:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref)
             raise
-        # the dict in plan order, prerequisites before the runs that need them
-        order = {job: i for i, job in enumerate(todo)}
-        outcome.failed = dict(sorted(outcome.failed.items(), key=lambda kv: order.get(kv[0], -1)))
 
     def _describe(self, ray, err: BaseException) -> str:
         """One line for a failed task: the run's own error, or the system failure that
