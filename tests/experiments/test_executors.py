@@ -84,7 +84,8 @@ def test_a_run_held_by_a_live_process_fails_naming_it(tiny_data, tmp_path):
     other = RunLock(lock_path(held.path(tmp_path)), heartbeat=0.05, stale_after=1.0)
     assert other.acquire()
     try:
-        outcome = LocalExecutor(lease={"heartbeat": 0.05, "stale_after": 1.0}).run(exp, jobs)
+        # a live lease is recognised at its first renewal, long before stale_after
+        outcome = LocalExecutor(lease={"heartbeat": 0.05, "stale_after": 10.0}).run(exp, jobs)
         with pytest.raises(GridError, match="RELA/abmil/fold0: held by process"):
             exp.run_all(jobs)  # the same through run_all (used by `steph train`)
     finally:
