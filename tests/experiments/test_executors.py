@@ -138,3 +138,58 @@ def test_ray_only_options_are_refused_with_the_local_executor(tiny_data, tmp_pat
     code, _, err = cli(["cv", "--data", str(tiny_data), "--out", str(tmp_path), "--executor",
                         "dask"], capsys)
     assert code == 2 and "dask" in err
+
+
+class _FakeRay:
+    """Records the task graph RayExecutor builds (no Ray needed): each submitted task's job and
+    the refs it depends on; every task succeeds at once."""
+
+    class exceptions:  # stands for the ray.exceptions module
+        class RayTaskError(Exception):
+            pass
+
+    def __init__(self):
+        self.submitted = {}  # ref -> (job, dependency refs, options)
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **opts):
+                self.opts = opts
+                return self
+
+            def remote(self, spec, job, token, *deps):
+                ref = f"ref-{len(fake.submitted)}"
+                fake.submitted[ref] = (job, deps, self.opts)
+                return ref
+
+        return Task()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return {"job": str(self.submitted[ref][0])}
+
+
+def test_each_run_depends_on_its_own_prerequisites_only(tiny_data, tmp_path):
+    """No barrier between the ABMIL runs and the transfer runs: a transfer task's
+    dependencies are the tasks of exactly the runs Experiment.prerequisites names."""
+    from steph.experiments.executors import GridOutcome, GridProgress
+
+    exp = Experiment(tiny_data, tmp_path, tiny_experiment_config(), progress=False)
+    jobs = exp.plan(["steph"], ["TGT", "RELA"], [0, 1])
+    fake = _FakeRay()
+    outcome = GridOutcome()
+    RayExecutor(cpus_per_run=2, gpus_per_run=0.25, memory_per_run="1G", retries=3) \
+        ._submit_and_wait(fake, exp, jobs, outcome, GridProgress(len(jobs), 0, False))
+    ref_of = {job: ref for ref, (job, _, _) in fake.submitted.items()}
+    assert set(ref_of) == set(jobs) and not outcome.failed
+    for job, deps, opts in fake.submitted.values():
+        assert set(deps) == {ref_of[p] for p in exp.prerequisites(job)}, job
+        assert opts["num_cpus"] == 2 and opts["num_gpus"] == 0.25
+        assert opts["memory"] == 2**30 and opts["max_retries"] == 3
+        assert opts["retry_exceptions"] is False and opts["name"] == str(job)
+    assert len(fake.submitted[ref_of[Job("RELA", "steph", 1)]][1]) == 3  # not all 6 ABMIL runs
+    assert outcome.metrics[Job("TGT", "steph", 1)] == {"job": "TGT/steph/fold1"}
