@@ -159,7 +159,7 @@ class _FakeRay:
                 self.opts = opts
                 return self
 
-            def remote(self, spec, job, token, *deps):
+            def remote(self, spec, faults, job, token, *deps):
                 ref = f"ref-{len(fake.submitted)}"
                 fake.submitted[ref] = (job, deps, self.opts)
                 return ref

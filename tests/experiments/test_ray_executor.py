@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'steph[ray]'")
+ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'steph[ray]'")
 
 from steph.errors import ConfigError
 from steph.experiments.cv import Experiment, Job, run_cv

@@ -33,7 +33,8 @@ def elapsed(fn):
 
 
 def test_lock_path_is_beside_the_run(tmp_path):
-    assert lock_path(tmp_path / "TGT" / "abmil" / "fold0") == tmp_path / "TGT" / "abmil" / ".fold0.lock"
+    run = tmp_path / "TGT" / "abmil" / "fold0"
+    assert lock_path(run) == tmp_path / "TGT" / "abmil" / ".fold0.lock"
 
 
 def test_a_free_lease_is_taken_renewed_and_released(tmp_path):

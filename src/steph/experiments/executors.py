@@ -37,6 +37,8 @@ from steph.config import ExperimentConfig, build_config
 from steph.errors import ConfigError, RunError, StephError
 from steph.experiments.cv import Experiment, Job, one_line
 from steph.experiments.runs import RunLock, is_finished, lock_path
+from steph.utils.faults import adopt as adopt_faults
+from steph.utils.faults import settings as fault_settings
 
 log = logging.getLogger("steph.experiments")
 
@@ -294,10 +296,6 @@ class RayExecutor:
             opts["num_gpus"] = self.gpus_per_run
         if self.memory_per_run:
             opts["memory"] = self.memory_per_run
-        # fault-injection settings of the driver reach the tasks (steph.utils.faults)
-        env = {k: v for k, v in os.environ.items() if k.startswith("STEPH_FAULT")}
-        if env:
-            opts["runtime_env"] = {"env_vars": env}
         return opts
 
     def _check_resources(self, ray, local: bool) -> None:
@@ -310,7 +308,8 @@ class RayExecutor:
             return
         asked = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
         offered = "; ".join(", ".join(f"{k} {r.get(k, 0):g}" for k in need) for r in nodes)
-        message = f"no node of the Ray cluster offers what one run asks for ({asked}); nodes: {offered}"
+        message = (f"no node of the Ray cluster offers what one run asks for ({asked}); "
+                   f"nodes: {offered}")
         if local:
             raise ConfigError(message)
         log.warning("%s. Runs wait until such a node joins the cluster.", message)
@@ -342,6 +341,8 @@ class RayExecutor:
                 "runs_root": str(exp.runs_root.resolve()),
                 "config": with_threads(exp.cfg, self.cpus_per_run).to_dict(),
                 "sources": exp._sources, "progress": exp.progress, "lease": self.lease}
+        # the driver's fault-injection settings (steph.utils.faults) hold in its tasks
+        faults = fault_settings()
         task = ray.remote(_run_task)
         opts = self._run_options()
         refs: dict[Job, Any] = {}
@@ -353,8 +354,8 @@ class RayExecutor:
                 continue
             deps = [refs[p] for p in exp.prerequisites(job) if p in refs]
             # the lease token travels with the task's arguments: its retries hold the same
-            refs[job] = task.options(name=str(job), **opts).remote(spec, job, uuid.uuid4().hex,
-                                                                   *deps)
+            refs[job] = task.options(name=str(job), **opts).remote(spec, faults, job,
+                                                                   uuid.uuid4().hex, *deps)
         pending = {ref: job for job, ref in refs.items()}
         try:
             while pending:
@@ -414,9 +415,11 @@ def _worker_logging(progress: bool) -> None:
     logger.setLevel(logging.INFO if progress else logging.WARNING)
 
 
-def _run_task(spec: Mapping[str, Any], job: Job, owner: str, *prerequisites: Any) -> dict[str, Any]:
+def _run_task(spec: Mapping[str, Any], faults: Mapping[str, str], job: Job, owner: str,
+              *prerequisites: Any) -> dict[str, Any]:
     """One run as a Ray task; ``prerequisites`` are the metrics of the runs it needs (Ray
     starts it only once they exist). Returns the run's small metrics dict."""
+    adopt_faults(faults)  # a worker runs task after task: each counts its fault points afresh
     _worker_logging(spec["progress"])
     exp = _experiment(spec)
     lease = spec.get("lease") or {}
@@ -460,7 +463,8 @@ def check_nodes(ray, data_root: str | Path, runs_root: str | Path, timeout: floa
     check = ray.remote(_check_node)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = [check.options(num_cpus=0, name="steph node check",
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"],
+                                                                             soft=False))
             .remote(str(data_root), str(runs), name, token, n["NodeID"]) for n in nodes]
     problems = []
     try:
