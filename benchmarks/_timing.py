@@ -4,9 +4,12 @@ hits all of them alike; ratios are taken between medians of the same run."""
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def bag_arguments(doc: str) -> argparse.Namespace:
@@ -25,9 +28,19 @@ def bag_arguments(doc: str) -> argparse.Namespace:
     return args
 
 
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a benchmark's JSON records about where it ran (plus ``extra`` entries)."""
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "nice": os.nice(0),
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, **extra}
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2,
-                inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function."""
+                inner: int = 1, before: Callable[[str], object] | None = None
+                ) -> dict[str, float]:
+    """Median seconds per call of each function. ``before(name)``, when given, runs untimed
+    before every timed call of candidate ``name`` (e.g. to drop its files from the page cache).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -37,6 +50,8 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: i
         # rotate the order every round so no candidate always runs first (cache, clocks)
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = fns[name]
+            if before is not None:
+                before(name)
             t = time.perf_counter()
             for _ in range(inner):
                 fn()

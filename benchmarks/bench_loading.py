@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import shutil
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+from _timing import machine_info  # the script's folder is on sys.path
 
 from steph.data import features as F
 from steph.data.cohort import Cohort
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, {
                 "config": {"bags": args.bags, "patches": args.patches, "dim": args.dim,
                            "dtype": args.dtype, "repeats": args.repeats},
-                "machine": {"python": platform.python_version(), "h5py": h5py.__version__,
-                            "hdf5": h5py.version.hdf5_version,
-                            "platform": platform.platform()},
+                "machine": machine_info(h5py=h5py.__version__, hdf5=h5py.version.hdf5_version),
                 "results": results,
             })
             print(f"wrote {args.json}")

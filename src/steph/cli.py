@@ -55,6 +55,18 @@ def _print_table(summary, methods: Sequence[str] | None = None) -> None:
     click.echo(markdown_table(summary, methods))
 
 
+def _print_comparisons(runs_root: str) -> None:
+    import pandas as pd
+
+    from steph.experiments.compare import comparison_markdown
+
+    path = Path(runs_root) / "comparisons.csv"
+    if path.exists():
+        comp = pd.read_csv(path)
+        if len(comp):
+            click.echo(comparison_markdown(comp))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="steph")
 def cli() -> None:
@@ -93,11 +105,11 @@ def synth(out: str, preset: str, seed: int, feature_dim: int | None, patch_scale
 
 @cli.group()
 def data() -> None:
-    """Inspect a data root."""
+    """Inspect a data root; pack its features for fast reading."""
 
 
 def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
-                  skip: bool | None = None):
+                  skip: bool | None = None, use_pack: bool = True):
     from steph.data.cohort import Cohort, discover_cohorts
 
     names = _split_list(cohorts) or discover_cohorts(root, cfg.data.labels)
@@ -108,7 +120,7 @@ def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
                         time_unit=d.time_unit,
                         on_bad_slide="skip" if (skip if skip is not None else d.on_bad_slide == "skip")
                         else "raise",
-                        check=check or d.check) for n in names]
+                        check=check or d.check, use_pack=use_pack) for n in names]
 
 
 @data.command("summary")
@@ -151,6 +163,33 @@ def data_check(data_root: str, cohorts: str | None, full: bool, skip_bad_slides:
         sys.exit(1)
 
 
+@data.command("pack")
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
+@click.option("--cohorts", default=None, help="Comma-separated cohorts (default: all).")
+@click.option("--force", is_flag=True, help="Rewrite packs that are still fresh.")
+@click.option("--no-coords", is_flag=True, help="Leave patch coordinates out of the pack.")
+@click.option("--skip-bad-slides", is_flag=True,
+              help="Pack without the slides that cannot be read (as data.on_bad_slide=skip).")
+@click.option("--config", type=click.Path(dir_okay=False), default=None)
+def data_pack(data_root: str, cohorts: str | None, force: bool, no_coords: bool,
+              skip_bad_slides: bool, config: str | None) -> None:
+    """Pack each cohort's features into one memory-mapped file (<cohort>/.steph-pack).
+
+    Training and prediction then read bags from the pack while it is fresh: a source file
+    changed, added or removed after packing makes it stale (a warning, the source files are
+    read) until this command is run again. Needs about as much free disk as the float16
+    features take (float32 when a cohort has float32 feature files: packs never round)."""
+    from steph.data.pack import write_pack
+
+    cfg = _load_cfg(config, [])
+    for c in _load_cohorts(data_root, cohorts, cfg, skip=skip_bad_slides or None,
+                           use_pack=False):
+        r = write_pack(c, coords=not no_coords, force=force)
+        state = "packed" if r.written else "up to date"
+        click.echo(f"{c.name}: {state}, {r.slides} slides, {r.rows} patches, {r.dtype}, "
+                   f"{r.bytes / 1e6:,.1f} MB, {r.seconds:.1f} s -> {r.folder}")
+
+
 # -- training and cross-validation -----------------------------------------------------------------
 
 @cli.command()
@@ -187,6 +226,8 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
 @click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Repeat the cross-validation with this many split seeds (data.split_seed + r).")
+@click.option("--baseline", default="abmil", show_default=True,
+              help="Method every other method is compared with (paired, same test folds).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               show_default=True,
               help="local: the runs one after another in this process; ray: the grid as a Ray "
@@ -204,7 +245,7 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
                    "fails on its input is not retried.")
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
-       sources: str | None, repeats: int, executor: str, address: str | None,
+       sources: str | None, repeats: int, baseline: str, executor: str, address: str | None,
        cpus_per_run: float | None, gpus_per_run: float | None, memory_per_run: str | None,
        retries: int | None, sets: Sequence[str], config: str | None, epochs: int | None,
        seed: int | None, quiet: bool) -> None:
@@ -233,12 +274,14 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
     try:
         summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds,
                          cfg=cfg, sources=_split_list(sources), progress=not quiet,
-                         repeats=repeats, executor=runner)
+                         repeats=repeats, baseline=baseline, executor=runner)
     except GridError as err:
-        if err.summary is not None:
+        if err.summary is not None:  # what finished, before the list of failed runs
             _print_table(err.summary, names)
+            _print_comparisons(out)
         raise
     _print_table(summary, names)
+    _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
 
 
@@ -246,12 +289,15 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Runs directory.")
 @click.option("--data", "data_root", default=None, type=click.Path(),
               help="Data root (adds the oracle row for synthetic cohorts).")
-def summarize(out: str, data_root: str | None) -> None:
-    """Rebuild summary.csv / summary.md / summary.png from every finished run."""
+@click.option("--baseline", default="abmil", show_default=True,
+              help="Method every other method is compared with (paired, same test folds).")
+def summarize(out: str, data_root: str | None, baseline: str) -> None:
+    """Rebuild summary.csv / comparisons.csv / summary.md / summary.png from finished runs."""
     from steph.experiments.summary import write_summary
 
-    summary = write_summary(out, data_root=data_root)
+    summary = write_summary(out, data_root=data_root, baseline=baseline)
     _print_table(summary)
+    _print_comparisons(out)
 
 
 @cli.command()

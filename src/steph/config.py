@@ -15,7 +15,7 @@ saved with every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -77,16 +77,43 @@ class TrainConfig(_Strict):
     loss_alpha: float = Field(0.5, ge=0.0, le=1.0)
     seed: int = 0
     eval_every: int = Field(1, ge=0)  # test C-index every N epochs (0: last epoch only)
+    # Where every method's survival head starts (steph.training.head_start): reference | baseline
+    # | null | fit.
+    head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
     threads: Optional[int] = Field(None, ge=1)
 
 
 class StephConfig(_Strict):
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _gamma_none_is_size_rule(cls, v: Any) -> Any:
+        return "size_rule" if v is None else v  # configs written before gamma had names
+
+    @field_validator("gamma_grid", mode="after")
+    @classmethod
+    def _grid_sorted(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("gamma_grid needs at least one value")
+        return tuple(sorted(set(v)))
+
     top_k: int = Field(5, ge=1)  # K; larger than the number of sources means "all"
     beta: float = Field(0.05, ge=0)  # weight of L_mix
-    gamma: Optional[float] = Field(None, ge=0)  # weight of L_agg; None: 0.005 if > 500 patients
+    # Weight of L_agg: a number; "size_rule" (the paper's result on TCGA: gamma_large above
+    # large_cohort patients, else gamma_small); or "search" (the paper's method: an inner
+    # cross-validation on the training patients over gamma_grid, see steph.experiments.search).
+    gamma: Union[Literal["search", "size_rule"], Annotated[float, Field(ge=0)]] = "size_rule"
+    gamma_grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.0, 0.0025, 0.005, 0.01, 0.05)
     gamma_large: float = 0.005
     gamma_small: float = 0.05
     large_cohort: int = 500
+    search_folds: int = Field(3, ge=2)  # inner folds of gamma: search
+    # Target task vector of the inner search: "inner" trains the target's model on each inner
+    # training split (no inner validation patient seen); "outer" reuses the fold's own target
+    # model, which has seen the inner validation patients (a leak, kept to measure it).
+    search_target: Literal["inner", "outer"] = "inner"
+    # Collapse guard: when every selected merge weight was zero for a whole epoch, warn and
+    # restart the run with the next smaller gamma of gamma_grid (off: warn only).
+    guard: bool = True
     mixing: Literal["hyper", "none", "free"] = "hyper"  # none: lambda = 1; free: learned vector
     aggregation: Literal["hyper", "free"] = "hyper"  # free: w as a learned vector
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
@@ -115,6 +142,9 @@ class MergeConfig(_Strict):
     iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
     surgery_rank: int = Field(16, ge=1)
     head_bias: Literal["baseline", "random"] = "baseline"  # fresh heads, as steph.head_bias
+    # The AdaMerging family's coefficients learn at train.lr x coef_lr_scale: at the protocol's
+    # 1e-4 they move about 1e-4 per step, i.e. not at all within a small cohort's budget.
+    coef_lr_scale: float = Field(1.0, gt=0)
 
 
 class ExperimentConfig(_Strict):

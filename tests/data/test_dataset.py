@@ -114,6 +114,20 @@ def test_max_instances_subsampling_is_deterministic(make_cohort):
         BagDataset(c, ["B"], bins, max_instances=0)
 
 
+def test_full_bags_drops_the_training_sampler(make_cohort):
+    w, c = _cohort(make_cohort)
+    ds = BagDataset(c, ["B", "A"], TimeBins.uniform(), max_instances=8, seed=5, cache_mb=1)
+    ds[0]
+    full = ds.full_bags()
+    assert full.max_instances is None and full.patient_ids == ["B", "A"]
+    assert full.cache_bytes_max == ds.cache_bytes_max and full.cache_info()["entries"] == 0
+    np.testing.assert_array_equal(full[0]["features"].numpy(), w.features["B-SZ"])
+    assert tuple(ds[0]["features"].shape) == (8, 6)  # the training view is unchanged
+    np.testing.assert_array_equal(full.bin_indices, ds.bin_indices)
+    ds.set_bag_inputs({"n": lambda pid: len(pid)})
+    assert ds.full_bags()[1]["n"] == 1  # per-bag inputs carried over
+
+
 def test_nan_bag_names_patient_and_file(make_cohort):
     w, c = _cohort(make_cohort)
     x = w.features["A-SY"].copy()

@@ -188,3 +188,17 @@ def test_missing_bag_input_is_named(tmp_path):
     with pytest.raises(KeyError, match="mask"):
         fit(_NeedsMask(), make_bags(4), TrainConfig(epochs=1, bags_per_step=4), tmp_path,
             progress=False)
+
+
+def test_lr_scales_give_named_parameters_their_own_learning_rate():
+    model = small_model()
+    model.lr_scales = {"head.": 10.0}
+    groups = parameter_groups(model, 1e-5, lr=1e-3)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_id[id(p)]
+        assert g.get("lr", 1e-3) == (1e-2 if name.startswith("head.") else 1e-3), name
+        assert g["weight_decay"] == (1e-5 if p.ndim >= 2 else 0.0), name
+    # without lr_scales: exactly the two groups of the protocol, in the same order as before
+    plain = parameter_groups(small_model(), 1e-5)
+    assert [g["weight_decay"] for g in plain] == [1e-5, 0.0] and all("lr" not in g for g in plain)

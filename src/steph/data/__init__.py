@@ -12,11 +12,13 @@ from steph.data.features import (
     read_coords,
     read_feature_shape,
     read_features,
+    read_features_stored,
     strip_wsi_extension,
     write_features_h5,
     write_features_pt,
 )
 from steph.data.labels import CONVENTIONS, ENDPOINTS, detect_convention, read_labels
+from steph.data.pack import PackedStore, check_pack, write_pack
 from steph.data.splits import (
     Split,
     check_split,
@@ -35,7 +37,9 @@ __all__ = [
     "BagDataset",
     "Cohort",
     "FeatureIndex",
+    "PackedStore",
     "Split",
+    "check_pack",
     "check_split",
     "check_splits",
     "create_splits",
@@ -47,6 +51,7 @@ __all__ = [
     "read_coords",
     "read_feature_shape",
     "read_features",
+    "read_features_stored",
     "read_labels",
     "read_splits",
     "strip_wsi_extension",
@@ -55,5 +60,6 @@ __all__ = [
     "summarize_cohorts",
     "write_features_h5",
     "write_features_pt",
+    "write_pack",
     "write_splits",
 ]

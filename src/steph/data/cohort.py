@@ -8,7 +8,9 @@ Layout::
 
 Loading checks every slide's file from its metadata only (``check="shape"``: the file exists,
 N > 0, rank 2, the same feature dimension for the whole cohort) or also reads the values
-(``check="full"``: no NaN/inf). Bags are read lazily by :meth:`Cohort.load_bag`.
+(``check="full"``: no NaN/inf). Bags are read lazily by :meth:`Cohort.load_bag`: from the
+cohort's packed store (``DATA/<cohort>/.steph-pack``, see :mod:`steph.data.pack`) when one is
+there and fresh, else from the slides' feature files; both give bit-identical bags.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steph.data.features import FeatureIndex, read_feature_shape, read_features
+from steph.data.features import FeatureIndex, read_coords, read_feature_shape, read_features
 from steph.data.labels import read_labels
+from steph.data.pack import PackedStore, attach_pack
 from steph.errors import DataError
 
 logger = logging.getLogger("steph.data.cohort")
@@ -60,7 +63,8 @@ class Cohort:
     slides`` (tuple of slide ids, in label-table order = concatenation order) and
     ``n_patches`` (total over the slides). ``slides``: one row per slide with its file path,
     patch count and stored dtype. ``skipped``: slides left out with ``on_bad_slide="skip"``
-    and why (empty otherwise)."""
+    and why (empty otherwise). ``pack``: the fresh packed store bags are read from, or None
+    (set it to None to read the source files)."""
 
     name: str
     root: Path
@@ -71,6 +75,7 @@ class Cohort:
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
     labels_path: Path | None = None
     label_info: dict[str, Any] = field(default_factory=dict)
+    pack: PackedStore | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._row = {p: i for i, p in enumerate(self.patients["patient_id"])}
@@ -83,14 +88,16 @@ class Cohort:
     def load(cls, cohort_dir: str | os.PathLike, *, labels: str | os.PathLike = DEFAULT_LABELS,
              convention: str | None = None, endpoint: str | None = None,
              columns: Mapping[str, str] | None = None, time_unit: str | None = None,
-             on_bad_slide: str = "raise", check: str = "shape") -> Cohort:
+             on_bad_slide: str = "raise", check: str = "shape", use_pack: bool = True) -> Cohort:
         """Read ``<cohort_dir>/<labels>`` and check every slide's feature file.
 
         `labels` is relative to `cohort_dir` unless absolute. `convention`, `endpoint`,
         `columns`, `time_unit` go to :func:`steph.data.labels.read_labels`.
         ``on_bad_slide="raise"`` (default) raises one :class:`DataError` listing the problems
         found (capped); ``"skip"`` leaves bad slides out (listed in ``skipped`` and the log)
-        and drops patients left without a slide."""
+        and drops patients left without a slide. ``use_pack``: read bags from the cohort's
+        packed store when it is fresh (checked with one ``stat`` per slide; a stale pack is
+        ignored with a warning)."""
         if on_bad_slide not in ON_BAD_SLIDE:
             raise DataError(f"on_bad_slide must be one of {ON_BAD_SLIDE}, got {on_bad_slide!r}")
         if check not in CHECKS:
@@ -180,10 +187,14 @@ class Cohort:
         logger.info("cohort %s: %d patient(s), %d slide(s), feature dim %d", name,
                     len(patients), len(slides), feature_dim)
         slides = slides[["slide_id", "patient_id", "path", "n_patches", "dtype"]]
-        return cls(name=name, root=root, features_dir=features_dir,
-                   patients=patients.reset_index(drop=True), slides=slides.reset_index(drop=True),
-                   feature_dim=int(feature_dim), skipped=skipped, labels_path=labels_path,
-                   label_info=dict(table.attrs, lost_patients=lost))
+        cohort = cls(name=name, root=root, features_dir=features_dir,
+                     patients=patients.reset_index(drop=True),
+                     slides=slides.reset_index(drop=True), feature_dim=int(feature_dim),
+                     skipped=skipped, labels_path=labels_path,
+                     label_info=dict(table.attrs, lost_patients=lost))
+        if use_pack:
+            cohort.pack = attach_pack(cohort)
+        return cohort
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -222,6 +233,8 @@ class Cohort:
     def load_bag_array(self, patient_id: str) -> np.ndarray:
         """All slides of the patient concatenated, float32 ``(N, D)`` numpy array."""
         row = self._check_patient(patient_id)
+        if self.pack is not None:
+            return self.pack.read_bag(patient_id)
         slide_ids = self.patients.at[row, "slides"]
         parts = []
         for sid, path in zip(slide_ids, self._paths[patient_id]):
@@ -240,6 +253,21 @@ class Cohort:
     def load_bag(self, patient_id: str) -> torch.Tensor:
         """All slides of the patient concatenated: float32 tensor ``(N, D)``."""
         return torch.from_numpy(self.load_bag_array(patient_id))
+
+    def load_coords(self, patient_id: str) -> list[np.ndarray | None]:
+        """Patch coordinates of each of the patient's slides, in concatenation order (one
+        ``(n_i, 2)`` array per slide, int64 or float64, None for a slide without coords), so
+        row ``k`` of the bag belongs to the slide whose rows include it."""
+        self._check_patient(patient_id)
+        if self.pack is not None:
+            return self.pack.read_coords(patient_id)
+        out = []
+        for sid, path in zip(self.patient(patient_id)["slides"], self._paths[patient_id]):
+            try:
+                out.append(read_coords(path, slide_id=sid))
+            except DataError as e:
+                raise DataError(f"cohort {self.name!r}, patient {patient_id!r}: {e}") from e
+        return out
 
 
 def _majority_dim(records: list[dict[str, Any]]) -> int | None:

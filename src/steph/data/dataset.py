@@ -11,8 +11,23 @@ attach providers with :meth:`BagDataset.set_bag_inputs`; each item then also hol
 
 Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags
 bounded by that many megabytes (for small studies trained for many epochs).
-``max_instances`` subsamples huge bags to at most that many patches, the same subset every
-time for a given seed and patient (independent of worker, epoch and item order).
+
+Patch sampling for training (``max_instances``, config ``data.max_instances``)
+------------------------------------------------------------------------------
+A bag of more than ``max_instances`` patches is replaced by ``max_instances`` distinct patches
+drawn uniformly without replacement from all slides of the patient together
+(:func:`subsample_indices`), kept in their original order (sorted indices, so slide order
+survives). Bags at or under the limit are returned whole. The subset is a pure function of
+``(seed, patient_id, N)``: the generator is seeded with the training seed and a stable hash of
+the patient id (blake2b, not Python's salted ``hash``), so it is the same in every epoch, in
+every worker process, in any item order and after a resume; it is *not* redrawn per epoch.
+It bounds the memory and time of a training step on huge bags (the largest TCGA bag has
+243,906 patches).
+
+It is a **training-only** device: a dataset used for evaluation or prediction must be built
+with ``max_instances=None`` (or taken from :meth:`BagDataset.full_bags`), so that every patch
+of every bag counts. Exact prediction on bags of any size is the model's job
+(:class:`steph.models.abmil.ABMIL` pools huge bags in chunks in eval mode).
 """
 
 from __future__ import annotations
@@ -134,6 +149,16 @@ class BagDataset(Dataset):
         for name, provider in self.bag_input_providers.items():
             item[name] = provider(pid)
         return item
+
+    def full_bags(self) -> BagDataset:
+        """The same patients, labels and per-bag inputs without patch sampling
+        (``max_instances=None``), for evaluation and prediction; the cache size is kept, the
+        cache itself is not shared."""
+        full = BagDataset(self.cohort, self.patient_ids, self.bins,
+                          cache_mb=self.cache_bytes_max / 2**20, max_instances=None,
+                          seed=self.seed)
+        full.set_bag_inputs(self.bag_input_providers)
+        return full
 
     def cache_info(self) -> dict[str, int]:
         return {"hits": self.cache_hits, "misses": self.cache_misses,

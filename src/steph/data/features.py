@@ -397,15 +397,62 @@ def read_features(path: str | os.PathLike, *, slide_id: str | None = None,
     return np.ascontiguousarray(arr)
 
 
-def read_coords(path: str | os.PathLike, *, slide_id: str | None = None) -> np.ndarray | None:
-    """Patch coordinates ``(N, 2)`` (int64 when integral, else float64), or None if the file
-    has none (``.pt`` files never have any). The row count must match the features."""
+def read_features_stored(path: str | os.PathLike, *, slide_id: str | None = None,
+                         check_finite: bool = True) -> np.ndarray:
+    """All patch features of a file, ``(N, D)``, in the dtype they are stored in.
+
+    float16 stays float16 (half the bytes of :func:`read_features`' float32), float32 and
+    float64 stay as they are; bfloat16 ``.pt`` tensors, which numpy cannot hold, come back as
+    float32. ``read_features(p)`` equals ``read_features_stored(p).astype(np.float32)`` bit for
+    bit. Same checks and errors as :func:`read_features` (the packed store is written with it).
+    """
     path = Path(path)
     if path.suffix == ".pt":
+        t = _load_pt(path, slide_id, mmap=True)
+        if not t.is_floating_point():
+            raise _err(path, slide_id, f"features must be floating point, got dtype {t.dtype}")
+        n, d = _check_shape(tuple(t.shape), path, slide_id)
+        t = t.reshape(n, d)
+        # a copy either way: it detaches the result from the memory-mapped file
+        arr = (t.to(torch.float32, copy=True) if t.dtype == torch.bfloat16 else t.clone()).numpy()
+    else:
+        with _open_h5(path, slide_id) as f:
+            ds = _h5_dataset(f, "features", path, slide_id)
+            n, d = _check_shape(ds.shape, path, slide_id)
+            _check_float(ds.dtype, path, slide_id)
+            try:
+                arr = _read_h5_array(ds, path).reshape(n, d)
+            except (OSError, ValueError) as e:
+                raise _err(path, slide_id, f"cannot read 'features': {e}") from e
+    if check_finite:
+        if arr.dtype == np.float16:
+            # NaN / inf are the magnitudes >= 0x7C00 (all exponent bits set); this integer
+            # test is ~4x faster than np.isfinite on float16
+            if arr.size and int((arr.view(np.uint16) & 0x7FFF).max()) >= 0x7C00:
+                _finite_check(arr.astype(np.float32), path, slide_id)
+        else:
+            _finite_check(arr, path, slide_id)
+    return np.ascontiguousarray(arr)
+
+
+def read_coords(path: str | os.PathLike, *, slide_id: str | None = None,
+                required: bool = False) -> np.ndarray | None:
+    """Patch coordinates ``(N, 2)`` (int64 when integral, else float64), or None if the file
+    has none (``.pt`` files never have any); with ``required=True`` a missing ``coords`` is a
+    :class:`DataError` naming the slide and file. The row count must match the features."""
+    path = Path(path)
+    missing = ("has no patch coordinates ('coords' dataset), which graph-based networks "
+               "(Patch-GCN) need")
+    if path.suffix == ".pt":
+        if required:
+            raise _err(path, slide_id, "a .pt feature file carries no patch coordinates, which "
+                       "graph-based networks (Patch-GCN) need; use the slide's .h5 file")
         return None
     with _open_h5(path, slide_id) as f:
         ds = _h5_dataset(f, "coords", path, slide_id, required=False)
         if ds is None:
+            if required:
+                raise _err(path, slide_id, missing)
             return None
         n_feat = None
         fds = _h5_dataset(f, "features", path, slide_id, required=False)

@@ -35,16 +35,20 @@ from steph.experiments.runs import (
     ensure_theta0,
     is_finished,
     load_theta0,
+    read_attempts,
     run_dir,
+    start_over,
     write_run_record,
 )
+from steph.experiments.search import run_search, with_overrides
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
 from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
+from steph.models.output import TrainingRestart
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
-from steph.utils.io import read_json, write_csv, write_json
+from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
 
@@ -161,9 +165,12 @@ class Experiment:
         return TimeBins.quantile(tr["time"], tr["event"], b.n_bins)
 
     def datasets(self, cohort: Cohort, split: Split, bins: TimeBins) -> tuple[BagDataset, BagDataset]:
+        """Training bags (patches sampled down to ``data.max_instances``) and test bags (never
+        sampled: evaluation sees every patch)."""
         d = self.cfg.data
-        kw = {"cache_mb": d.cache_mb, "max_instances": d.max_instances, "seed": self.cfg.train.seed}
-        return (BagDataset(cohort, list(split.train_ids), bins, **kw),
+        kw = {"cache_mb": d.cache_mb, "seed": self.cfg.train.seed}
+        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances,
+                           **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
 
     def theta0(self, in_dim: int) -> Path:
@@ -246,7 +253,12 @@ class Experiment:
         return read_json(path / METRICS)
 
     def run(self, job: Job) -> dict[str, Any]:
-        """Train and evaluate one run unless it is finished; return its metrics."""
+        """Train and evaluate one run unless it is finished; return its metrics.
+
+        A method may first choose a setting by inner cross-validation (``Method.search``), and
+        a module may ask for a fresh start with other settings (``TrainingRestart``, e.g.
+        STEPH's collapse guard): each restart is recorded in ``attempts.json`` before the next
+        attempt starts, so an interrupted run resumes the right attempt."""
         path = job.path(self.runs_root)
         done = self.finished_metrics(job)
         if done is not None:
@@ -263,38 +275,109 @@ class Experiment:
                            f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
         check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
-        ctx = MethodContext(
-            cfg=self.cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
-            bins=bins, n_patients=len(cohort), n_train=len(train_ds),
-            train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
-            train_data=train_ds, test_data=test_ds,
-            pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
         t0 = time.perf_counter()
-        # a fresh module's random parts (e.g. STEPH's hypernetworks) depend on the run's settings
-        # only, not on which runs this process trained before (local, Ray worker, or a retry)
-        torch.manual_seed(self.cfg.train.seed)
-        built = method.build(ctx)
-        for ds in (train_ds, test_ds):
-            ds.set_bag_inputs(dict(built.bag_inputs))
+        cfg, info = self.cfg, {}
+        spec = method.search(cfg) if method.search is not None else None
+        if spec is not None:
+            found = self._search(job, method, spec, cohort, split, theta0, meta)
+            cfg = with_overrides(cfg, {spec.key: found.value})
+            info.update(found.metrics())
+        attempts = read_attempts(path)
+        for attempt in attempts:
+            cfg = with_overrides(cfg, attempt["overrides"])
         history: list[dict[str, Any]] = []
         resumed_from = 0
-        if method.trains:
-            result = fit(built.module, train_ds, self.cfg.train, path, test=test_ds,
-                         progress=self.progress, desc=str(job))
-            history, resumed_from = result.history, result.resumed_from
+        while True:
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train_ds, test_ds, path,
+                                pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
+            built = _build(method, ctx)
+            for ds in (train_ds, test_ds):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            if not method.trains:
+                break
+            try:
+                result = fit(built.module, train_ds, cfg.train, path, test=test_ds,
+                             progress=self.progress, desc=str(job))
+                history, resumed_from = result.history, result.resumed_from
+                break
+            except TrainingRestart as restart:
+                attempts.append(start_over(path, restart, len(attempts)))
+                log.warning("%s: %s; starting again with %s", job, restart.reason,
+                            ", ".join(f"{k}={v}" for k, v in restart.overrides.items()))
+                cfg = with_overrides(cfg, restart.overrides)
+        if attempts:
+            info["restarts"] = attempts
         seconds = time.perf_counter() - t0
         return self._finish(path, job, built, bins, cohort, train_ds, test_ds, history,
-                            {"train_seconds": seconds, "started_at": started_at,
-                             "resumed_after_epoch": resumed_from})
+                            seconds, info, started_at=started_at, resumed_after_epoch=resumed_from)
+
+    def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
+                 theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
+                 path: Path, pool_loader=None) -> MethodContext:
+        return MethodContext(
+            cfg=cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
+            bins=bins, n_patients=len(cohort), n_train=len(train_ds),
+            train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
+            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader)
+
+    def _search(self, job: Job, method: Method, spec, cohort: Cohort, split: Split,
+                theta0: dict, meta: dict):
+        """Run (or resume) ``spec``'s inner cross-validation on ``job``'s training patients."""
+        target_job, *sources = self.prerequisites(job)
+        target_method = get_method(target_job.method)
+        patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+                    .reset_index()[["patient_id", "time", "event"]])
+        weights = "model.safetensors"
+
+        def inner_data(j: int, train_ids, val_ids):
+            inner = Split(j, tuple(train_ids), tuple(val_ids))
+            bins = self.bins_for(cohort, inner)
+            train, val = self.datasets(cohort, inner, bins)
+            return bins, train, val
+
+        def train_target(j: int, train_ids, run: Path) -> Path:
+            if not (run / weights).exists():
+                bins, train, _ = inner_data(j, train_ids, ())
+                ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
+                built = _build(target_method, ctx)
+                fit(built.module, train, self.cfg.train, run, progress=False,
+                    desc=f"{job} search target {j}")
+                save_tensors(run / weights, built.module.state_dict())
+                (run / CHECKPOINT).unlink(missing_ok=True)
+            return run / weights
+
+        def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
+            bins, train, val = inner_data(j, train_ids, val_ids)
+            cfg = with_overrides(self.cfg, {spec.key: value})
+            pool = lambda: ModelPool.from_files(
+                self.runs_root / "theta0.safetensors", (job.cohort, target),
+                [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
+                hparams=meta["hparams"])
+            ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
+            built = _build(method, ctx)
+            for ds in (train, val):
+                ds.set_bag_inputs(dict(built.bag_inputs))
+            try:
+                fit(built.module, train, cfg.train, run, progress=False,
+                    desc=f"{job} search {spec.key}={value} inner {j}")
+            except TrainingRestart as restart:  # e.g. collapsed: scored as it stands
+                log.info("%s search %s=%s inner %d: %s", job, spec.key, value, j, restart.reason)
+            module = built.export() if built.export is not None else built.module
+            return _cindex(predict(module, val)[0])
+
+        return run_search(spec, job.path(self.runs_root) / "search", patients,
+                          self.cfg.data.split_seed, train_target, train_candidate,
+                          outer_target=target_job.path(self.runs_root) / weights)
 
     def _finish(self, path: Path, job: Job, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
-                timing: dict[str, Any]) -> dict[str, Any]:
+                seconds: float, info: dict[str, Any] | None = None,
+                started_at: float | None = None, resumed_after_epoch: int = 0) -> dict[str, Any]:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
         command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
         test_pred, test_curves = predict(module, test_ds)
-        train_pred, _ = predict(module, train_ds)
+        train_pred, _ = predict(module, train_ds.full_bags() if train_ds.max_instances else train_ds)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
@@ -306,15 +389,16 @@ class Experiment:
         }
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
         if built.info is not None:
-            metrics.update(built.info())
+            metrics.update(built.info(history))
+        metrics.update(info or {})
         save_artefact(path / "model.safetensors", module, built.kind, built.settings(), bins,
                       cohort.feature_dim, info={"cohort": job.cohort, "method": job.method,
                                                 "fold": job.fold, "repeat": job.repeat})
         write_csv(path / PREDICTIONS, preds)
         # epochs that ran before a resume count too: their times are in the history
-        if history:
-            timing["train_seconds"] = sum(r.get("seconds", 0.0) for r in history)
-        write_run_record(path, history=history, **timing)
+        train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
+        write_run_record(path, train_seconds=train_seconds, history=history,
+                         started_at=started_at, resumed_after_epoch=resumed_after_epoch)
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
@@ -338,6 +422,14 @@ def one_line(err: BaseException, limit: int = 400) -> str:
     if not isinstance(err, StephError):
         text = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _build(method: Method, ctx: MethodContext):
+    """``method.build(ctx)`` from a seeded RNG: a fresh module's random parts (e.g. STEPH's
+    hypernetworks) depend on the run's settings only, not on which runs this process trained
+    before (a local grid, a Ray worker, a retry)."""
+    torch.manual_seed(ctx.cfg.train.seed)
+    return method.build(ctx)
 
 
 def _cindex(pred: pd.DataFrame) -> float:
@@ -374,7 +466,8 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True, repeats: int = 1, executor: Any = "local") -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1, baseline: str = "abmil",
+           executor: Any = "local") -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
 
     ``executor``: ``"local"`` (this process, one run after another), ``"ray"`` (a Ray task graph
@@ -402,7 +495,8 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
              sum(is_finished(j.path(exp.runs_root)) for j in jobs))
     outcome = runner.run(exp, jobs)
     summary = write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                            methods=method_names, folds=fold_ids, repeats=repeats)
+                            methods=method_names, folds=fold_ids, repeats=repeats,
+                            baseline=baseline)
     if outcome.failed:
         raise GridError(outcome.failed, len(jobs), summary=summary,
                         where=exp.runs_root / "summary.csv")

@@ -125,6 +125,38 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if _canon(a) == _canon(b) else [prefix.rstrip(".")]
 
 
+# -- restarts (a module's TrainingRestart, e.g. STEPH's collapse guard) ------------------------
+
+ATTEMPTS = "attempts.json"
+
+
+def read_attempts(path: Path) -> list[dict[str, Any]]:
+    """The restarts a run has made so far (``attempts.json``), oldest first."""
+    p = Path(path) / ATTEMPTS
+    return read_json(p) if p.exists() else []
+
+
+def start_over(path: Path, restart: Any, n_before: int) -> dict[str, Any]:
+    """Record a restart and clear the run for the next attempt: the checkpoint goes first (a
+    process killed here redoes the same attempt, which ends the same way), the finished
+    attempt's log is kept as ``log.attempt<n>.jsonl``, then ``attempts.json`` is written."""
+    from steph.training.trainer import CHECKPOINT, LOG_FILE
+
+    path = Path(path)
+    history = []
+    log_path = path / LOG_FILE
+    if log_path.exists():
+        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    for ckpt in path.glob(CHECKPOINT.replace(".safetensors", "*.safetensors")):
+        ckpt.unlink()
+    if log_path.exists():
+        os.replace(log_path, path / f"log.attempt{n_before}.jsonl")
+    entry = {"reason": restart.reason, "overrides": restart.overrides,
+             "stopped_after_epoch": history[-1]["epoch"] if history else 0}
+    write_json(path / ATTEMPTS, [*read_attempts(path), entry])
+    return entry
+
+
 # -- provenance -------------------------------------------------------------------------------
 
 def timestamp(seconds: float | None = None) -> str:

@@ -164,21 +164,40 @@ def plot_summary(summary: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def with_paired_difference(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Add ``baseline`` and ``c_index_diff`` (this run's test C-index minus the baseline
+    method's on the same cohort, repeat and fold; NaN where the baseline has no such run)."""
+    base = (summary[summary["method"] == baseline]
+            .set_index(["cohort", "repeat", "fold"])["c_index"].rename("_base"))
+    out = summary.join(base, on=["cohort", "repeat", "fold"])
+    out["baseline"] = baseline
+    out["c_index_diff"] = np.where(out["method"].isin([baseline, ORACLE]), np.nan,
+                                   out["c_index"] - out["_base"])
+    return out.drop(columns="_base")
+
+
 def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
                   targets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                   folds: Sequence[int] | None = None, plot: bool = True,
-                  repeats: int | None = None) -> pd.DataFrame:
+                  repeats: int | None = None, baseline: str = "abmil") -> pd.DataFrame:
+    """Write summary.csv, comparisons.csv, timing.csv, summary.md and summary.png."""
+    from steph.experiments.compare import comparison_markdown, compare_methods
+
     root = Path(runs_root)
     summary = collect(root, targets, methods, folds, repeats)
     if data_root is not None and not summary.empty:
         oracle = oracle_rows(root, data_root, summary)
         if not oracle.empty:
             summary = pd.concat([summary, oracle], ignore_index=True)
+    summary = with_paired_difference(summary, baseline)
     write_csv(root / "summary.csv", summary)
+    comparisons = compare_methods(summary, root, baseline=baseline)
+    write_csv(root / "comparisons.csv", comparisons)
     timing = collect_timing(root, summary)
     write_csv(root / "timing.csv", timing)
-    text = ["# Test C-index (5-fold cross-validation: mean ± std over folds)", "",
-            markdown_table(summary, methods), "", "## Training time", "", timing_table(timing)]
+    text = ["# Test C-index (cross-validation: mean ± std over folds)", "",
+            markdown_table(summary, methods), "", f"## Compared with {baseline}", "",
+            comparison_markdown(comparisons), "", "## Training time", "", timing_table(timing)]
     write_text(root / "summary.md", "\n".join(text))
     if plot and not summary.empty:
         plot_summary(summary, root / "summary.png")

@@ -95,7 +95,7 @@ from steph.errors import ConfigError
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL, init_fresh_head
+from steph.models.abmil import ABMIL, ABMILEmbedder, init_fresh_head
 from steph.models.output import ModelOutput
 from steph.models.registry import register_artefact
 
@@ -208,17 +208,6 @@ def adamerging_stack(pool: ModelPool, preprocessing: str = "none",
     return TaskVectorStack.from_dicts(theta0, [tau_t, *taus], labels, names)
 
 
-class _Embedder(nn.Module):
-    """Calls ``ABMIL.embed`` so that ``functional_call`` can swap the encoder's tensors."""
-
-    def __init__(self, abmil: ABMIL):
-        super().__init__()
-        self.abmil = abmil
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.abmil.embed(x)[0]
-
-
 class AdaMerging(nn.Module):
     """Task-wise AdaMerging on the MIL encoder with a fresh head (and optional surgery).
 
@@ -230,8 +219,10 @@ class AdaMerging(nn.Module):
 
     def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any],
                  init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None,
-                 head_bias: torch.Tensor | None = None):
+                 head_bias: torch.Tensor | None = None, coef_lr_scale: float = 1.0):
         super().__init__()
+        # read by the trainer's parameter groups: the coefficients' own learning-rate factor
+        self.lr_scales = {"coef": float(coef_lr_scale)} if coef_lr_scale != 1.0 else {}
         if stack.vectors.shape[0] < 1:
             raise ConfigError("AdaMerging needs at least one task vector")
         self.layout: FlatLayout = stack.layout
@@ -255,7 +246,7 @@ class AdaMerging(nn.Module):
         self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
                         if surgery_rank is not None else None)
         # Not registered (it would duplicate ``abmil`` in the state dict).
-        object.__setattr__(self, "_embedder", _Embedder(self.abmil))
+        object.__setattr__(self, "_embedder", ABMILEmbedder(self.abmil))
         self._step_params: TensorDict | None = None
         self._step_coef_version: int | None = None
         self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
@@ -332,6 +323,13 @@ class AdaMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         logits = self.abmil.head(self.embedding(x))
         return ModelOutput(logits=logits, stats={"coef": self.coef.detach()})
+
+    @property
+    def survival_head(self) -> nn.Linear:
+        return self.abmil.head
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x)
 
     # -- export -----------------------------------------------------------------------------------
     def coefficients(self) -> dict[str, float]:

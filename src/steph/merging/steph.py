@@ -23,6 +23,7 @@ vector), ``aggregation="free"`` (w a learned vector), any ``top_k`` (K >= m: no 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,11 @@ from torch.func import functional_call
 
 from steph.config import StephConfig
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL, init_fresh_head
-from steph.models.output import ModelOutput
+from steph.models.abmil import ABMIL, ABMILEmbedder, init_fresh_head
+from steph.models.output import ModelOutput, TrainingRestart
 from steph.models.registry import register_artefact
+
+log = logging.getLogger("steph.merging")
 
 # A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
 # would sit where ReLU-type parametrisations have no gradient.
@@ -90,6 +93,8 @@ class STEPH(nn.Module):
         for name, p in self.abmil.named_parameters():
             p.requires_grad_(name not in self.layout.names)
         init_fresh_head(self.abmil.head, torch.Generator().manual_seed(head_seed), head_bias)
+        # Not registered (it would duplicate ``abmil`` in the state dict).
+        object.__setattr__(self, "_embedder", ABMILEmbedder(self.abmil))
 
         in_dim, d = self.abmil.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
@@ -147,10 +152,15 @@ class STEPH(nn.Module):
         return l_agg, l_mix
 
     def gamma(self) -> float:
-        """gamma as set, else by cohort size (the paper: 0.005 above 500 patients, else 0.05)."""
-        if self.cfg.gamma is not None:
-            return self.cfg.gamma
-        return self.cfg.gamma_large if self.n_patients > self.cfg.large_cohort else self.cfg.gamma_small
+        """gamma as set, or by cohort size (``size_rule``: 0.005 above 500 patients, else 0.05).
+        ``search`` is resolved by the experiment before the module is built."""
+        g = self.cfg.gamma
+        if g == "size_rule":
+            return self.cfg.gamma_large if self.n_patients > self.cfg.large_cohort else self.cfg.gamma_small
+        if g == "search":
+            raise ValueError("gamma 'search' must be resolved (steph.experiments.search) before "
+                             "STEPH is built")
+        return float(g)
 
     # -- forward --------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor):
@@ -160,8 +170,23 @@ class STEPH(nn.Module):
         mask = self.select(w)
         coef = self.coefficients(w, lam, mask)
         params = self.layout.unflatten(self.merged_flat(coef))
-        logits = functional_call(self.abmil, params, (x,), strict=False)
-        return logits, w, lam, mask, coef, params
+        z = self._merged_embedding(x, params)
+        return self.abmil.head(z), w, lam, mask, coef, params
+
+    def _merged_embedding(self, x: torch.Tensor, params: TensorDict) -> torch.Tensor:
+        """ABMIL's bag embedding (1, hidden) with the merged encoder tensors ``params``."""
+        return functional_call(self._embedder, {f"abmil.{k}": v for k, v in params.items()},
+                               (x,), strict=False)
+
+    @property
+    def survival_head(self) -> nn.Linear:
+        return self.abmil.head
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged model's bag embedding for ``x`` (what enters the fresh head)."""
+        w, lam = self.weights(x)
+        coef = self.coefficients(w, lam, self.select(w))
+        return self._merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)))
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer (epoch is 0-based): hold w and lambda during the head warm-up."""
@@ -171,8 +196,28 @@ class STEPH(nn.Module):
         logits, w, lam, mask, _, _ = self._run(x)
         l_agg, l_mix = self.aux_losses(w, lam, mask)
         aux = self.gamma() * l_agg + self.cfg.beta * l_mix
-        stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach()}
+        alive = ((w.detach() * mask) > 0).any().float()  # 1 if a selected source contributes
+        stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach(), "alive": alive}
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        """The collapse guard (``steph.guard``), called by the trainer after each epoch's log.
+
+        When no selected merge weight was positive for any bag of the epoch, the merged encoder
+        was theta_0 (a random network) for the whole epoch and, under ReLU, nothing can bring w
+        back. Warn; with the guard on and a smaller gamma in ``gamma_grid``, ask for a restart
+        with the next smaller one."""
+        if row.get("mean_alive", 1.0) > 0:
+            return
+        g = self.gamma()
+        reason = (f"every selected merge weight was 0 for all of epoch {row.get('epoch')} "
+                  f"(gamma {g:g}): STEPH had reduced to a head on theta_0")
+        smaller = [x for x in self.cfg.gamma_grid if x < g]
+        if self.cfg.guard and smaller:
+            raise TrainingRestart(reason, {"steph.gamma": max(smaller)})
+        if not getattr(self, "_warned_collapse", False):
+            log.warning("%s%s", reason, "" if self.cfg.guard else " (steph.guard is off)")
+            self._warned_collapse = True
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> MergeExplanation:

@@ -10,8 +10,11 @@ the experiment grid. Importing this package registers every method.
 from steph.methods import abmil, model_merging, steph  # noqa: F401  (registration)
 from steph.methods.registry import (
     Built,
+    CostModel,
+    CostSpec,
     Method,
     MethodContext,
+    SearchSpec,
     config_for,
     get_method,
     list_methods,
@@ -23,8 +26,11 @@ from steph.methods.registry import (
 
 __all__ = [
     "Built",
+    "CostModel",
+    "CostSpec",
     "Method",
     "MethodContext",
+    "SearchSpec",
     "config_for",
     "get_method",
     "list_methods",

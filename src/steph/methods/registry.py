@@ -76,8 +76,39 @@ class Built:
     # Extra per-bag inputs the module takes as keyword arguments (its ``bag_inputs``), provided
     # per patient; the experiment attaches them to the training and test datasets.
     bag_inputs: Mapping[str, BagInputProvider] = field(default_factory=dict)
-    # Small facts about the run to record in metrics.json (e.g. a chosen hyper-parameter).
-    info: Callable[[], dict[str, Any]] | None = None
+    # Small facts about the run to record in metrics.json (e.g. the gamma it trained with),
+    # from the training history (the rows of log.jsonl).
+    info: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A hyper-parameter a method wants chosen by inner cross-validation on the training
+    patients before it is built (see steph.experiments.search)."""
+
+    key: str  # dotted config key, e.g. "steph.gamma"
+    grid: tuple[Any, ...]
+    folds: int = 3
+    prefer: str = "larger"  # tie-break between equal mean scores: "larger" or "smaller" value
+    target_model: str = "inner"  # "inner": inner target models; "outer": the fold's own model
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    """The setting of an efficiency measurement (Table S4 / ``steph bench efficiency``)."""
+
+    in_dim: int = 1536
+    n_bins: int = 32
+    n_sources: int = 12  # m: source cohorts of a transfer method
+    n_instances: int = 10_000  # patches of the measured bag
+    arch: str = "abmil"  # the backbone (model.arch) of merged / transferred models
+
+
+# cost_model(spec) -> (module in eval mode as it runs at inference, with random weights where
+# weights would come from training; the extra per-bag inputs for a bag of spec.n_instances).
+# Its learnable-parameter count is ``module.trainable_parameter_count()`` when defined, else
+# the parameters with requires_grad.
+CostModel = Callable[[CostSpec], tuple[nn.Module, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -88,6 +119,10 @@ class Method:
     trains: bool
     build: Callable[[MethodContext], Built]
     config_sections: tuple[str, ...] = ("data", "bins", "model", "train")
+    # Settings to choose by inner cross-validation before building (None: nothing to choose).
+    search: Callable[[ExperimentConfig], SearchSpec | None] | None = None
+    # The module as it runs at inference, for efficiency figures (None: not measured).
+    cost_model: CostModel | None = None
 
 
 _METHODS: dict[str, Method] = {}

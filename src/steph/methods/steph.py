@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from steph.merging.steph import STEPH
+from steph.config import ExperimentConfig
 from steph.methods.registry import (
     Built,
     Method,
     MethodContext,
+    SearchSpec,
     register_method,
     register_method_pattern,
 )
@@ -23,10 +25,27 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
         cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
         model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
                       n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias))
-        return Built(module=model, kind="steph", settings=model.settings)
+        return Built(module=model, kind="steph", settings=model.settings,
+                     info=lambda history: merge_facts(model, history))
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=STEPH_SECTIONS)
+                  config_sections=STEPH_SECTIONS, search=gamma_search)
+
+
+def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
+    """``steph.gamma: search``: gamma by inner cross-validation over ``steph.gamma_grid``."""
+    s = cfg.steph
+    if s.gamma != "search":
+        return None
+    return SearchSpec("steph.gamma", tuple(s.gamma_grid), folds=s.search_folds, prefer="larger",
+                      target_model=s.search_target)
+
+
+def merge_facts(model: STEPH, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What metrics.json says about the merge: the gamma trained with and whether any merge
+    weight was alive in the last epoch (0: STEPH ended as a head on theta_0)."""
+    last = history[-1] if history else {}
+    return {"gamma": model.gamma(), "merge_alive_last_epoch": last.get("mean_alive")}
 
 
 register_method(steph_method("steph", "STEPH: sparse task-vector mixup with hypernetworks"))

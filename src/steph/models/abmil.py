@@ -2,6 +2,15 @@
 
 Parameter names are part of the public contract: the merging methods address "the MIL encoder"
 as the tensors under ``feat_proj.`` and ``attention.`` (8 tensors) and the head as ``head.``.
+ABMIL follows the interface of every steph MIL network (:mod:`steph.models.base`).
+
+Exact prediction on any bag size: in eval mode without autograd (how every prediction in steph
+runs), a bag of more than ``chunk_size`` instances is pooled in chunks with an online softmax
+(a running maximum of the attention scores, the running sum of their exponentials and the
+running exp-weighted sum of the projected instances, rescaled whenever the maximum grows). The
+result equals the one-pass computation up to float rounding, every instance counts, and the
+memory for activations is bounded by the chunk instead of growing with the bag. Training mode
+and autograd always take the one-pass path (unchanged).
 """
 
 from __future__ import annotations
@@ -10,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steph.models.base import MILNetwork
+
 ENCODER_PREFIXES = ("feat_proj.", "attention.")
+DEFAULT_CHUNK_SIZE = 65_536  # instances per chunk in eval / no-grad pooling (0 = never chunk)
 HEAD_PREFIX = "head."
 
 
@@ -27,7 +39,7 @@ class GatedAttention(nn.Module):
         return self.score(self.a(h) * self.b(h)).squeeze(-1)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILNetwork):
     """Attention-based MIL survival network.
 
     ``feat_proj``: Linear(in_dim -> hidden_dim) + ReLU; gated attention (hidden_dim -> attn_dim
@@ -35,7 +47,15 @@ class ABMIL(nn.Module):
     projected instances; ``head``: Linear(hidden_dim -> n_bins) giving hazard logits.
 
     With in_dim=1536 and n_bins=32 it has 1,197,729 parameters.
+
+    ``chunk_size`` (a performance setting, not a hyperparameter: not in :meth:`hparams`, not
+    saved): above this many instances, eval-mode no-grad pooling runs chunk by chunk (see the
+    module docstring); 0 never chunks.
     """
+
+    ENCODER_PREFIXES = ENCODER_PREFIXES
+    HEAD_PREFIX = HEAD_PREFIX
+    bag_inputs = ()
 
     def __init__(
         self,
@@ -44,8 +64,12 @@ class ABMIL(nn.Module):
         hidden_dim: int = 512,
         attn_dim: int = 384,
         dropout: float = 0.25,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         super().__init__()
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 = never chunk), got {chunk_size}")
+        self.chunk_size = int(chunk_size)
         self.in_dim, self.n_bins = int(in_dim), int(n_bins)
         self.hidden_dim, self.attn_dim, self.dropout = int(hidden_dim), int(attn_dim), float(dropout)
         self.feat_proj = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
@@ -61,29 +85,62 @@ class ABMIL(nn.Module):
             "dropout": self.dropout,
         }
 
-    @staticmethod
-    def _as_instances(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            if x.shape[0] != 1:
-                raise ValueError(f"ABMIL takes one bag at a time, got a batch of {x.shape[0]}")
-            x = x[0]
-        if x.dim() != 2:
-            raise ValueError(f"expected a bag of shape (N, D) or (1, N, D), got {tuple(x.shape)}")
-        return x
+    def embed(self, x: torch.Tensor, chunk_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bag embedding (1, hidden_dim) and attention weights (N,) of one bag.
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bag embedding (1, hidden_dim) and attention weights (N,) of one bag."""
-        h = self.feat_proj(self._as_instances(x))
+        ``chunk_size``: None = ``self.chunk_size`` when in eval mode with autograd off, else
+        one pass; an int > 0 forces chunked pooling with that chunk size (differentiable, but
+        then without the memory saving); 0 = one pass."""
+        x = self._as_instances(x)
+        if chunk_size is None:
+            chunked = not self.training and not torch.is_grad_enabled()
+            chunk_size = self.chunk_size if chunked else 0
+        if 0 < chunk_size < x.shape[0]:
+            return self._embed_chunked(x, chunk_size)
+        h = self.feat_proj(x)
         attn = F.softmax(self.attention(h), dim=0)
         return (attn @ h).unsqueeze(0), attn
+
+    def _embed_chunked(self, x: torch.Tensor, chunk_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online-softmax attention pooling over chunks of ``chunk_size`` instances."""
+        scores = []
+        run_max = run_sum = acc = None
+        for start in range(0, x.shape[0], chunk_size):
+            h = self.feat_proj(x[start:start + chunk_size])
+            s = self.attention(h)  # (c,)
+            scores.append(s)
+            m = s.max()
+            if run_max is None:
+                e = torch.exp(s - m)
+                run_max, run_sum, acc = m, e.sum(), e @ h
+                continue
+            new_max = torch.maximum(run_max, m)
+            scale = torch.exp(run_max - new_max)  # <= 1: earlier terms shrink, never overflow
+            e = torch.exp(s - new_max)
+            run_sum = run_sum * scale + e.sum()
+            acc = acc * scale + e @ h
+            run_max = new_max
+        attn = F.softmax(torch.cat(scores), dim=0)
+        return (acc / run_sum).unsqueeze(0), attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Hazard logits (1, n_bins) of one bag."""
         z, _ = self.embed(x)
         return self.head(z)
 
-    def encoder_names(self) -> list[str]:
-        return encoder_parameter_names(self)
+
+class ABMILEmbedder(nn.Module):
+    """Calls ``ABMIL.embed`` as its forward, so that ``torch.func.functional_call`` can run the
+    bag embedding with swapped (e.g. merged) encoder tensors: ``{"abmil.<name>": tensor}``."""
+
+    def __init__(self, abmil: ABMIL):
+        super().__init__()
+        self.abmil = abmil
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.abmil.embed(x)[0]
 
 
 def encoder_parameter_names(model: nn.Module) -> list[str]:

@@ -15,6 +15,18 @@ class ModelOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class TrainingRestart(Exception):
+    """Raised by a module's ``on_epoch_end(row)`` hook to ask for its run to start again from
+    scratch with other settings (``overrides``: dotted config keys, e.g. ``{"steph.gamma":
+    0.01}``); the trainer has already written that epoch's log. The experiment records the
+    attempt and restarts (see steph.experiments.cv)."""
+
+    def __init__(self, reason: str, overrides: dict[str, object]):
+        super().__init__(reason)
+        self.reason = reason
+        self.overrides = dict(overrides)
+
+
 def as_output(out: torch.Tensor | ModelOutput) -> ModelOutput:
     return out if isinstance(out, ModelOutput) else ModelOutput(logits=out)
 

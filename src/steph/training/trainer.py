@@ -15,7 +15,9 @@ inputs it names in a ``bag_inputs`` attribute (e.g. a graph), taken from the dat
 A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
 an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
 baselines whose merged weights are constant within a step use them to merge once per step.
-``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too.
+``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too;
+``on_epoch_end(row)`` after each epoch's checkpoint and log are written: it may raise
+:class:`steph.models.output.TrainingRestart` to ask for a fresh start with other settings.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.training.head_start import initialize_head
 from steph.utils.faults import fault_point
 from steph.utils.io import load_tensor_metadata, load_tensors, save_tensors, write_text
 
@@ -48,17 +51,27 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG_FILE = "log.jsonl"
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters.
+
+    A module may name parameters that learn at a multiple of the learning rate in an
+    ``lr_scales`` attribute, ``{name prefix: factor}`` (e.g. AdaMerging's merge coefficients);
+    they get groups of their own with ``lr * factor``."""
+    scales = dict(getattr(model, "lr_scales", {}) or {})
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            factor = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+            grouped.setdefault((p.ndim >= 2, float(factor)), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for decays, factor in sorted(grouped, key=lambda k: (k[1] != 1.0, not k[0], k[1])):
+        group = {"params": grouped[(decays, factor)], "weight_decay": weight_decay if decays else 0.0}
+        if factor != 1.0:
+            if lr is None:
+                raise ValueError("parameter_groups: lr_scales need the base learning rate")
+            group["lr"] = lr * factor
+        groups.append(group)
     if not groups:
         raise RunError("the model has no trainable parameter")
     return groups
@@ -208,7 +221,7 @@ def fit(
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
-    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps)
     )
@@ -224,10 +237,16 @@ def fit(
         log.info("%s: resuming after epoch %d", desc, start_epoch)
     else:
         torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
+        head_info = initialize_head(model, train, cfg.head_init, cfg.loss_alpha, seed=cfg.seed)
+        if head_info:
+            log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
     begin_step = getattr(model, "begin_step", None)
     end_step = getattr(model, "end_step", None)
     epoch_start = getattr(model, "on_epoch_start", None)
+    module_epoch_end = getattr(model, "on_epoch_end", None)
 
+    if history and module_epoch_end is not None:
+        module_epoch_end(history[-1])  # a process killed between the check and its effect
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
                initial=start_epoch, total=cfg.epochs, leave=False)
@@ -291,5 +310,7 @@ def fit(
             log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s)", desc, epoch + 1,
                      cfg.epochs, row["train_loss"], row["train_cindex"],
                      f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-", row["seconds"])
+        if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
+            module_epoch_end(row)
     bar.close()
     return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0)
