@@ -124,7 +124,11 @@ class StephConfig(_Strict):
     # Start of the merge weights: "complete" sets H_agg's output bias (or the free w) to 1/K so
     # that sum_{i in S} w_i ~ 1 and theta(X) starts near theta_0 + tau_t (the target's model);
     # "default" keeps PyTorch's initialisation (w ~ 0.03: theta(X) starts near theta_0).
-    w_init: Literal["complete", "default"] = "complete"
+    # "screened": each source is scored by a cross-validated probe of theta_0 + tau_t + tau_i
+    # on the training patients against theta_0 + tau_t (forward passes only); the merge starts
+    # with w = 1 and lambda = 0.5 for the sources that helped (at most K), w ~ 0 for the others,
+    # and as "complete" (the target's own encoder) when none helped.
+    w_init: Literal["complete", "default", "screened"] = "complete"
     # Output activation of H_agg (the reference release offers relu / softplus / sigmoid; the
     # paper uses relu). softplus never has zero gradient, so a small w can recover.
     w_activation: Literal["relu", "softplus"] = "relu"

@@ -85,6 +85,10 @@ class SynthConfig:
     # variance that comes from the grades (the rest from the phenotype composition).
     variant_shift: float = 0.0
     variant_share: float = 0.0
+    # Mean abundance of a family's prognostic phenotypes relative to the others (1: as common;
+    # 0.1: ten times rarer, a few % of the patches). Rare prognostic tissue hides in the mean of
+    # the patches; an attention network that learned to look for it finds it.
+    prognostic_abundance: float = 1.0
     min_patches: int = 16
     layout: str = "contiguous"  # or "trident" (one-row chunks)
     families: dict[str, int] = field(default_factory=dict)  # family -> index (derived)
@@ -211,7 +215,9 @@ def _make_world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
         signs[0] = 1.0
         beta[idx] = signs * rng.uniform(1.0, 2.0, size=k)
         effects[fam] = beta
-        bases[fam] = rng.normal(0.0, 0.6, size=P)
+        base = rng.normal(0.0, 0.6, size=P)
+        base[idx] += math.log(cfg.prognostic_abundance)
+        bases[fam] = base
         # the family's variant of each of its prognostic phenotypes: a direction of its own
         shift = np.zeros((P, L))
         d = rng.normal(size=(k, L))

@@ -111,6 +111,26 @@ class STEPH(nn.Module):
         elif cfg.mixing == "free":
             self.rho_free = nn.Parameter(torch.full((m,), _FREE_RHO_INIT))
 
+    @torch.no_grad()
+    def start_merge_at(self, w: torch.Tensor, lam: torch.Tensor) -> None:
+        """Start the merge at the same ``w`` and ``lambda`` (both (m,)) for every bag: the output
+        layers' weights become 0 and their biases give w and lambda (they learn input
+        dependence from there; lambda's start is kept off ReLU's kink, at most 1/1.05)."""
+        if w.shape != (self.m,) or lam.shape != (self.m,):
+            raise ValueError(f"start_merge_at needs ({self.m},) weights, got {tuple(w.shape)}, "
+                             f"{tuple(lam.shape)}")
+        r = (1.0 / lam.clamp(1e-3, 1.0) - 1.0).clamp_min(0.05)
+        if self.cfg.aggregation == "hyper":
+            self.h_agg[-1].weight.zero_()
+            self.h_agg[-1].bias.copy_(w)
+        else:
+            self.w_free.copy_(w)
+        if self.cfg.mixing == "hyper":
+            self.h_mix[-1].weight.zero_()
+            self.h_mix[-1].bias.copy_(r)
+        elif self.cfg.mixing == "free":
+            self.rho_free.copy_(torch.log(r))
+
     # -- the pieces of the formula ------------------------------------------------------------
     def bag_embedding(self, x: torch.Tensor) -> torch.Tensor:
         x = ABMIL._as_instances(x)
