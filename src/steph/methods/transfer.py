@@ -206,19 +206,17 @@ def _fusion_mean_cost(spec: CostSpec):
     return ExpertReadout(_cost_bank(spec, spec.n_sources + 1), spec.n_bins).eval(), {}
 
 
-register_method(Method(
-    "roupkt", "ROUPKT: a router picks the top-5 of the frozen source/self models' embeddings",
-    needs_pool=True, trains=True, build=_build_roupkt, config_sections=TRANSFER_SECTIONS,
-    cost_model=_roupkt_cost))
-register_method(Method(
-    "zero_shot", "zero-shot: the source model that ranks the training patients best, as it is",
-    needs_pool=True, trains=False, build=_build_zero_shot,
-    config_sections=("data", "bins", "model"), cost_model=_zero_shot_cost))
-register_method(Method(
-    "linear_probe", "linear probe: a fresh head on the best source's embedding (chosen on train)",
-    needs_pool=True, trains=True, build=_build_linear_probe, config_sections=TRANSFER_SECTIONS,
-    cost_model=_linear_probe_cost))
-register_method(Method(
-    "fusion_mean", "fusion: a fresh head on the mean of every source's and the self embedding",
-    needs_pool=True, trains=True, build=_build_fusion_mean, config_sections=TRANSFER_SECTIONS,
-    cost_model=_fusion_mean_cost))
+# name, summary, trains, build, config sections, cost model
+ROWS = (
+    ("roupkt", "ROUPKT: a router picks the top-5 of the frozen source/self models' embeddings",
+     True, _build_roupkt, TRANSFER_SECTIONS, _roupkt_cost),
+    ("zero_shot", "zero-shot: the source model that ranks the training patients best, as it is",
+     False, _build_zero_shot, ("data", "bins", "model"), _zero_shot_cost),
+    ("linear_probe", "linear probe: a fresh head on the best source's embedding (train-chosen)",
+     True, _build_linear_probe, TRANSFER_SECTIONS, _linear_probe_cost),
+    ("fusion_mean", "fusion: a fresh head on the mean of every source's and the self embedding",
+     True, _build_fusion_mean, TRANSFER_SECTIONS, _fusion_mean_cost),
+)
+for _name, _summary, _trains, _build, _sections, _cost in ROWS:
+    register_method(Method(_name, _summary, needs_pool=True, trains=_trains, build=_build,
+                           config_sections=_sections, cost_model=_cost))
