@@ -5,6 +5,9 @@ Every row reads the same experts' inputs: the bag embedding of every target pati
 and every source's fold-0 model, computed once per run and cached in its run directory
 (:mod:`steph.transfer.cache`, keyed by the content digests of the models).
 
+Fresh heads (and ROUPKT's router and experts) are drawn at random from the training seed; where
+a head starts is ``train.head_init``'s (the trainer's head start), as for every method.
+
 ``roupkt``        ROUPKT: a router ABMIL on the raw bag picks the top-k experts; a fresh head on
                   their probability-weighted ReLU(Linear) outputs (method.md section 6).
 ``zero_shot``     one source model applied to the target as it is (no training): the source
@@ -127,8 +130,7 @@ def _build_roupkt(ctx: MethodContext) -> Built:
     model = ROUPKT(bank, ctx.bins.n_bins, top_k=t.top_k, z_loss=t.z_loss,
                    balance_loss=t.balance_loss,
                    router={k: hp[k] for k in ("hidden_dim", "attn_dim", "dropout") if k in hp},
-                   seed=ctx.cfg.train.seed, head_bias=ctx.head_bias(t.head_bias),
-                   cached_inputs=True)
+                   seed=ctx.cfg.train.seed, cached_inputs=True)
 
     def info(history: list[dict[str, Any]]) -> dict[str, Any]:
         last = history[-1] if history else {}
@@ -164,8 +166,7 @@ def _build_linear_probe(ctx: MethodContext) -> Built:
     best = best_of(scores)
     i = bank.names.index(best)
     model = ExpertReadout(bank.subset([i]), ctx.bins.n_bins, columns=[i],
-                          seed=ctx.cfg.train.seed,
-                          head_bias=ctx.head_bias(ctx.cfg.transfer.head_bias), cached_inputs=True)
+                          seed=ctx.cfg.train.seed, cached_inputs=True)
     return Built(module=model, kind="expert_readout", settings=model.settings,
                  bag_inputs=_provider(emb),
                  info=lambda history: {"probe_source": best, "probe_selection": rule,
@@ -174,8 +175,7 @@ def _build_linear_probe(ctx: MethodContext) -> Built:
 
 def _build_fusion_mean(ctx: MethodContext) -> Built:
     bank, emb = run_experts(ctx)
-    model = ExpertReadout(bank, ctx.bins.n_bins, seed=ctx.cfg.train.seed,
-                          head_bias=ctx.head_bias(ctx.cfg.transfer.head_bias), cached_inputs=True)
+    model = ExpertReadout(bank, ctx.bins.n_bins, seed=ctx.cfg.train.seed, cached_inputs=True)
     return Built(module=model, kind="expert_readout", settings=model.settings,
                  bag_inputs=_provider(emb), info=lambda history: {"experts": bank.names})
 
