@@ -358,11 +358,13 @@ def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], featu
 
     patients = _patients_from_inputs([*slides, *more_slides], features, labels)
     table = predict_patients(model, patients)
+    n_enc = table.attrs.get("encoders_per_bag", 1)
     if out:
         write_csv(out, table)
         click.echo(f"wrote {len(table)} prediction(s) to {out}")
     else:
         click.echo(table[["patient_id", "n_patches", "risk"]].to_string(index=False))
+    click.echo(f"ran {n_enc} MIL encoder{'s' if n_enc != 1 else ''} per bag")
 
 
 @cli.command()

@@ -150,6 +150,18 @@ class MergeConfig(_Strict):
     coef_lr_scale: float = Field(1.0, gt=0)
 
 
+class TransferConfig(_Strict):
+    """Representation transfer (method.md section 6): ROUPKT and the simpler transfer rows."""
+
+    top_k: int = Field(5, ge=1)  # experts kept per bag (larger than E: all)
+    z_loss: float = Field(0.01, ge=0)  # weight of (logsumexp router logits)^2
+    balance_loss: float = Field(0.01, ge=0)  # weight of the top-1 router probability
+    # How linear_probe picks its source on the training patients: "inner_cv" = the inner
+    # cross-validated C-index of a linear read-out of each source's embedding; "zero_shot" =
+    # the training C-index of each source model as it is.
+    probe_selection: Literal["inner_cv", "zero_shot"] = "inner_cv"
+
+
 # What ``steph.profile: reference`` sets (unless given explicitly): the reference release's
 # training of every method, without the departures documented in docs/method-notes.md.
 REFERENCE_PROFILE: dict[tuple[str, str], Any] = {
@@ -168,6 +180,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     steph: StephConfig = StephConfig()
     merge: MergeConfig = MergeConfig()
+    transfer: TransferConfig = TransferConfig()
 
     @field_validator("*", mode="before")
     @classmethod

@@ -8,8 +8,9 @@ feature dimension.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,16 @@ FORMAT = "steph-artefact/1"
 
 def _kinds_registered() -> None:
     """Every module registers its artefact kind where it is defined: import those packages."""
-    import steph.merging  # noqa: F401  (STEPH, the merged baselines)
-    import steph.models  # noqa: F401  (the MIL networks)
+    import steph.merging  # STEPH, the merged baselines
+    import steph.models  # the MIL networks
+    import steph.transfer  # noqa: F401  (ROUPKT, the expert read-outs)
+
+
+def encoders_per_bag(module: nn.Module) -> int:
+    """MIL encoders ``module`` runs on one bag at inference: its ``encoders_per_bag`` (a method
+    or a number) when it declares one, else 1 (a MIL network, STEPH after its merge)."""
+    n = getattr(module, "encoders_per_bag", 1)
+    return int(n() if callable(n) else n)
 
 
 def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
@@ -97,7 +106,8 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     """Predict with a saved artefact for patients given as (patient_id, [feature files]).
 
     Returns one row per patient: patient_id, n_patches, risk, then the survival probability at
-    the end of every time bin (``S@<days>`` columns)."""
+    the end of every time bin (``S@<days>`` columns); ``attrs["encoders_per_bag"]`` is how many
+    MIL encoders the model ran per bag."""
     from tqdm.auto import tqdm
 
     from steph.data.features import read_features
@@ -118,4 +128,6 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
         risk, curve = predict_bag(module, bag)
         rows.append([pid, bag.shape[0], risk, *curve.tolist()])
     cols = ["patient_id", "n_patches", "risk"] + [f"S@{int(t)}" for t in bins.end_times]
-    return pd.DataFrame(rows, columns=cols)
+    table = pd.DataFrame(rows, columns=cols)
+    table.attrs["encoders_per_bag"] = encoders_per_bag(module)
+    return table

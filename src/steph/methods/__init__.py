@@ -5,9 +5,10 @@ the experiment grid. Importing this package registers every method.
   abmil.py          cancer-specific ABMIL from theta_0
   steph.py          STEPH, its ablations and the K sweep
   model_merging.py  Model Avg, Task Arithmetic, AdaMerging, TIES / Iso-C / Iso-CTS / Surgery AM
+  transfer.py       representation transfer: ROUPKT, zero_shot, linear_probe, fusion_mean
 """
 
-from steph.methods import abmil, model_merging, steph  # noqa: F401  (registration)
+from steph.methods import abmil, model_merging, steph, transfer  # noqa: F401  (registration)
 from steph.methods.registry import (
     Built,
     CostModel,
