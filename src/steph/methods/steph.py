@@ -1,13 +1,16 @@
-"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3)."""
+"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3), over the
+runs folder's network (``model.arch``: ABMIL by default, or any registered MIL network)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from steph.config import ExperimentConfig, StephConfig
 from steph.merging.steph import STEPH
-from steph.config import ExperimentConfig
+from steph.methods.networks import example_bag_inputs, network_bag_inputs, random_task_vectors
 from steph.methods.registry import (
     Built,
+    CostSpec,
     Method,
     MethodContext,
     SearchSpec,
@@ -24,12 +27,21 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
     def build(ctx: MethodContext) -> Built:
         cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
         model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
-                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias))
+                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias),
+                      arch=ctx.arch)
         return Built(module=model, kind="steph", settings=model.settings,
-                     info=lambda history: merge_facts(model, history))
+                     info=lambda history: merge_facts(model, history),
+                     bag_inputs=network_bag_inputs(ctx, ctx.arch))
+
+    def cost(spec: CostSpec):
+        """STEPH over ``spec.arch`` with m = ``spec.n_sources`` random source task vectors."""
+        cfg = StephConfig.model_validate({**StephConfig().model_dump(), **overrides})
+        stack, hparams = random_task_vectors(spec, spec.n_sources + 1)
+        model = STEPH(stack, hparams, cfg, arch=spec.arch).eval()
+        return model, example_bag_inputs(model, spec.n_instances)
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=STEPH_SECTIONS, search=gamma_search)
+                  config_sections=STEPH_SECTIONS, search=gamma_search, cost_model=cost)
 
 
 def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
