@@ -228,19 +228,58 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
               help="Repeat the cross-validation with this many split seeds (data.split_seed + r).")
 @click.option("--baseline", default="abmil", show_default=True,
               help="Method every other method is compared with (paired, same test folds).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: the runs one after another in this process; ray: the grid as a Ray "
+                   "task graph (pip install 'steph[ray]').")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="ray: join a running Ray cluster (default: start a local Ray instance).")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per run, also its thread count (ray default: 1; local default: torch's).")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="ray: GPUs per run; a fraction shares a GPU, e.g. 0.25 (default 0).")
+@click.option("--memory-per-run", default=None, metavar="SIZE",
+              help="ray: memory Ray reserves per run, e.g. 8G (default: none).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="ray: retries of a run whose worker or node died (default 2); a run that "
+                   "fails on its input is not retried.")
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
-       sources: str | None, repeats: int, baseline: str, sets: Sequence[str], config: str | None,
-       epochs: int | None, seed: int | None, quiet: bool) -> None:
-    """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
+       sources: str | None, repeats: int, baseline: str, executor: str, address: str | None,
+       cpus_per_run: float | None, gpus_per_run: float | None, memory_per_run: str | None,
+       retries: int | None, sets: Sequence[str], config: str | None, epochs: int | None,
+       seed: int | None, quiet: bool) -> None:
+    """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png.
+
+    A run that fails fails only the runs that need it; the command then writes the summary of
+    the finished runs, lists the failed ones and exits with status 1.
+    """
     from steph.experiments.cv import run_cv
+    from steph.experiments.executors import GridError, LocalExecutor, RayExecutor
     from steph.methods import resolve_methods
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     names = resolve_methods(methods)
-    summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds, cfg=cfg,
-                     sources=_split_list(sources), progress=not quiet, repeats=repeats,
-                     baseline=baseline)
+    if executor == "ray":
+        runner = RayExecutor(address=address, cpus_per_run=cpus_per_run or 1.0,
+                             gpus_per_run=gpus_per_run or 0.0, memory_per_run=memory_per_run,
+                             retries=2 if retries is None else retries)
+    else:
+        ray_only = {"--address": address, "--gpus-per-run": gpus_per_run,
+                    "--memory-per-run": memory_per_run, "--retries": retries}
+        given = [k for k, v in ray_only.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --executor ray")
+        runner = LocalExecutor(cpus_per_run=cpus_per_run)
+    try:
+        summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds,
+                         cfg=cfg, sources=_split_list(sources), progress=not quiet,
+                         repeats=repeats, baseline=baseline, executor=runner)
+    except GridError as err:
+        if err.summary is not None:  # what finished, before the list of failed runs
+            _print_table(err.summary, names)
+            _print_comparisons(out)
+        raise
     _print_table(summary, names)
     _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from steph.errors import ConfigError
@@ -146,6 +147,9 @@ class StephConfig(_Strict):
     # Collapse guard: when every selected merge weight was zero for a whole epoch, warn and
     # restart the run with the next smaller gamma of gamma_grid (off: warn only).
     guard: bool = True
+    # "reference": every setting not given explicitly takes the reference release's value
+    # (REFERENCE_PROFILE below), so the paper can be run as published next to steph's defaults.
+    profile: Literal["steph", "reference"] = "steph"
     mixing: Literal["hyper", "none", "free"] = "hyper"  # none: lambda = 1; free: learned vector
     aggregation: Literal["hyper", "free"] = "hyper"  # free: w as a learned vector
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
@@ -160,9 +164,6 @@ class StephConfig(_Strict):
     # Epochs at the start during which w and lambda are held fixed (no gradient) so that the
     # fresh head first adapts to the initial merged encoder.
     head_warmup_epochs: int = Field(0, ge=0)
-    # Bias of the fresh head: "baseline" = logit of the training split's discrete baseline hazard
-    # (weights stay random); "random" = PyTorch's default range for the bias too.
-    head_bias: Literal["baseline", "random"] = "baseline"
 
 
 class MergeConfig(_Strict):
@@ -173,10 +174,20 @@ class MergeConfig(_Strict):
     ties_density: float = Field(0.2, gt=0.0, le=1.0)
     iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
     surgery_rank: int = Field(16, ge=1)
-    head_bias: Literal["baseline", "random"] = "baseline"  # fresh heads, as steph.head_bias
     # The AdaMerging family's coefficients learn at train.lr x coef_lr_scale: at the protocol's
     # 1e-4 they move about 1e-4 per step, i.e. not at all within a small cohort's budget.
     coef_lr_scale: float = Field(1.0, gt=0)
+
+
+# What ``steph.profile: reference`` sets (unless given explicitly): the reference release's
+# training of every method, without the departures documented in docs/method-notes.md.
+REFERENCE_PROFILE: dict[tuple[str, str], Any] = {
+    ("train", "head_init"): "reference",  # ABMIL keeps theta_0's head; fresh heads fully random
+    ("steph", "w_init"): "default",  # PyTorch's initialisation of H_agg
+    ("steph", "gamma"): "size_rule",  # 0.005 above 500 patients, else 0.05
+    ("steph", "guard"): False,  # nothing protects w from collapsing
+    ("merge", "coef_lr_scale"): 1.0,  # AdaMerging coefficients at the shared learning rate
+}
 
 
 class ExperimentConfig(_Strict):
@@ -191,6 +202,15 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _none_is_default(cls, v: Any) -> Any:
         return {} if v is None else v  # an empty YAML section means "defaults"
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> "ExperimentConfig":
+        if self.steph.profile == "reference":
+            for (section, key), value in REFERENCE_PROFILE.items():
+                part = getattr(self, section)
+                if key not in part.model_fields_set:
+                    object.__setattr__(part, key, value)  # stays "not explicitly set"
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -12,33 +12,34 @@ evaluated on whole bags unless ``data.eval_max_instances`` is set; then bags abo
 evaluated on a sample of their patches, which the log and ``metrics.json`` record
 (``eval_policy``, ``eval_sampled_bags``).
 
-Several processes may share one runs directory (a cluster job array, e.g. one target per job):
-each run is claimed with a lock file, and a process that finds a prerequisite claimed by another
-waits for it.
+Who runs the runs is an executor (``steph.experiments.executors``): in this process one after
+another (``local``, the default) or as a Ray task graph on a cluster (``ray``). Either way the
+run directories are the record, each run is held by a lease (``runs.RunLock``) while it trains,
+and a run that fails fails only the runs that need it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
 from steph.data.splits import Split, has_split_files, load_or_create_splits
-from steph.errors import ConfigError, DataError, RunError
-from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
+from steph.errors import ConfigError, DataError, RunError, StephError
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
     WEIGHTS,
-    RunLock,
     check_or_write_config,
     ensure_theta0,
     graph_cache,
@@ -53,6 +54,7 @@ from steph.experiments.runs import (
 from steph.experiments.search import run_search, with_overrides
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
+from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.models.output import TrainingRestart
 from steph.models.registry import model_class
 from steph.survival.bins import TimeBins
@@ -183,8 +185,9 @@ class Experiment:
         """Training bags (patches sampled down to ``data.max_instances``) and test bags (never
         sampled: evaluation sees every patch)."""
         d = self.cfg.data
-        kw = dict(cache_mb=d.cache_mb, seed=self.cfg.train.seed)
-        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances, **kw),
+        kw = {"cache_mb": d.cache_mb, "seed": self.cfg.train.seed}
+        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances,
+                           **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
 
     def theta0(self, in_dim: int, arch: str = "abmil") -> Path:
@@ -229,6 +232,27 @@ class Experiment:
         first = [j for j in jobs if not get_method(j.method).needs_pool]  # cancer-specific
         ordered = first + [j for j in jobs if get_method(j.method).needs_pool]
         return list(dict.fromkeys(ordered))
+
+    def prepare(self, jobs: Sequence[Job]) -> dict[Job, str]:
+        """Create what runs share before any of them starts: the splits of every cohort and
+        repeat in ``jobs`` and the theta_0 of each network they train (from the first cohort that
+        loads). Returns the jobs whose cohort could not be prepared, with the one-line error
+        (their runs cannot start)."""
+        failed: dict[Job, str] = {}
+        errors: dict[tuple[str, int, str], str] = {}
+        for job in jobs:
+            arch = get_method(job.method).network(self.cfg)  # the network's own theta_0
+            key = (job.cohort, job.repeat, arch)
+            if key not in errors:
+                try:
+                    self.splits(job.cohort, job.repeat)
+                    self.theta0(self.cohort(job.cohort).feature_dim, arch)
+                    errors[key] = ""
+                except StephError as err:
+                    errors[key] = one_line(err)
+            if errors[key]:
+                failed[job] = errors[key]
+        return failed
 
     # -- one run -----------------------------------------------------------------------------
     def pool_for(self, job: Job) -> ModelPool:
@@ -277,6 +301,7 @@ class Experiment:
         done = self.finished_metrics(job)
         if done is not None:
             return done
+        started_at = time.time()
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold, job.repeat)
@@ -300,18 +325,20 @@ class Experiment:
         for attempt in attempts:
             cfg = with_overrides(cfg, attempt["overrides"])
         history: list[dict[str, Any]] = []
+        resumed_from = 0
         while True:
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train_ds, test_ds, path,
                                 pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
-            built = method.build(ctx)
+            built = _build(method, ctx)
             for ds in (train_ds, test_ds):
                 ds.set_bag_inputs(dict(built.bag_inputs))
             test_eval = self.eval_dataset(test_ds, built.module, cfg)
             if not method.trains:
                 break
             try:
-                history = fit(built.module, train_ds, cfg.train, path, test=test_eval,
-                              progress=self.progress, desc=str(job)).history
+                result = fit(built.module, train_ds, cfg.train, path, test=test_eval,
+                             progress=self.progress, desc=str(job))
+                history, resumed_from = result.history, result.resumed_from
                 break
             except TrainingRestart as restart:
                 attempts.append(start_over(path, restart, len(attempts)))
@@ -321,8 +348,9 @@ class Experiment:
         if attempts:
             info["restarts"] = attempts
         seconds = time.perf_counter() - t0
-        return self._finish(path, job, method, built, bins, cohort, train_ds, test_eval, history,
-                            seconds, info, cfg)
+        return self._finish(path, job, built, bins, cohort, train_ds, test_eval, history,
+                            seconds, info, cfg, started_at=started_at,
+                            resumed_after_epoch=resumed_from)
 
     def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
                  theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
@@ -354,7 +382,7 @@ class Experiment:
             if not (run / weights).exists():
                 bins, train, _ = inner_data(j, train_ids, ())
                 ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
-                built = target_method.build(ctx)
+                built = _build(target_method, ctx)
                 train.set_bag_inputs(dict(built.bag_inputs))
                 fit(built.module, train, self.cfg.train, run, progress=False,
                     desc=f"{job} search target {j}")
@@ -367,7 +395,7 @@ class Experiment:
             cfg = with_overrides(self.cfg, {spec.key: value})
             pool = lambda: self._pool(job, target, sources, meta)  # noqa: E731
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
-            built = method.build(ctx)
+            built = _build(method, ctx)
             for ds in (train, val):
                 ds.set_bag_inputs(dict(built.bag_inputs))
             val = self.eval_dataset(val, built.module, cfg)
@@ -383,10 +411,11 @@ class Experiment:
                           self.cfg.data.split_seed, train_target, train_candidate,
                           outer_target=target_job.path(self.runs_root) / weights)
 
-    def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
+    def _finish(self, path: Path, job: Job, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
                 seconds: float, info: dict[str, Any] | None = None,
-                cfg: ExperimentConfig | None = None) -> dict[str, Any]:
+                cfg: ExperimentConfig | None = None, started_at: float | None = None,
+                resumed_after_epoch: int = 0) -> dict[str, Any]:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
         command and the data, never on timing: reruns give the same bytes). ``test_ds`` is the
         test set as evaluation sees it (:meth:`eval_dataset`)."""
@@ -415,7 +444,8 @@ class Experiment:
         write_csv(path / PREDICTIONS, preds)
         # epochs that ran before a resume count too: their times are in the history
         train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
-        write_run_record(path, train_seconds=train_seconds, history=history)
+        write_run_record(path, train_seconds=train_seconds, history=history,
+                         started_at=started_at, resumed_after_epoch=resumed_after_epoch)
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
@@ -439,35 +469,32 @@ class Experiment:
         return {"eval_policy": policy, "eval_sampled_bags": n_test,
                 "train_eval_sampled_bags": n_train}
 
-    def run_all(self, jobs: Sequence[Job], poll_seconds: float = 5.0) -> list[dict[str, Any]]:
-        """Run jobs in order; a job claimed by another process is revisited until finished."""
-        pending = list(jobs)
-        results: dict[Job, dict[str, Any]] = {}
-        while pending:
-            waiting = []
-            for job in pending:
-                path = job.path(self.runs_root)
-                done = self.finished_metrics(job)
-                if done is not None:
-                    results[job] = done
-                    continue
-                if not all(is_finished(p.path(self.runs_root)) for p in self.prerequisites(job)):
-                    waiting.append(job)
-                    continue
-                lock = RunLock(path.parent / f".{path.name}.lock")
-                if not lock.acquire():
-                    waiting.append(job)
-                    continue
-                try:
-                    results[job] = self.run(job)
-                finally:
-                    lock.release()
-            if waiting:
-                if len(waiting) == len(pending):
-                    log.info("waiting for %d run(s) claimed by other processes", len(waiting))
-                    time.sleep(poll_seconds)
-            pending = waiting
-        return [results[j] for j in jobs]
+    def run_all(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Run ``jobs`` (prerequisites first) in this process; return their metrics in order.
+        Raises :class:`~steph.experiments.executors.GridError` listing the runs that failed."""
+        from steph.experiments.executors import GridError, LocalExecutor
+
+        outcome = LocalExecutor().run(self, jobs)
+        if outcome.failed:
+            raise GridError(outcome.failed, len(jobs))
+        return [outcome.metrics[j] for j in jobs]
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error as one line (its lines joined, at most ``limit`` characters): the message of
+    a steph error, else ``Type: message``."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    if not isinstance(err, StephError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _build(method: Method, ctx: MethodContext):
+    """``method.build(ctx)`` from a seeded RNG: a fresh module's random parts (e.g. STEPH's
+    hypernetworks) depend on the run's settings only, not on which runs this process trained
+    before (a local grid, a Ray worker, a retry)."""
+    torch.manual_seed(ctx.cfg.train.seed)
+    return method.build(ctx)
 
 
 def _cindex(pred: pd.DataFrame) -> float:
@@ -504,16 +531,25 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True, repeats: int = 1, baseline: str = "abmil") -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1, baseline: str = "abmil",
+           executor: Any = "local") -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
+
+    ``executor``: ``"local"`` (this process, one run after another), ``"ray"`` (a Ray task graph
+    on a local Ray instance, or on the cluster ``ray.init`` is already connected to) or an
+    executor object such as ``RayExecutor(address="auto", gpus_per_run=0.25)`` (see
+    :mod:`steph.experiments.executors`). When runs fail, the summary of the finished ones is
+    written first, then :class:`~steph.experiments.executors.GridError` lists the failed runs.
 
     Example::
 
         from steph.experiments import run_cv
         summary = run_cv("DATA", "RUNS", methods="abmil,steph", targets=["BLCA"], folds="0-4")
     """
+    from steph.experiments.executors import GridError, make_executor
     from steph.experiments.summary import write_summary
 
+    runner = make_executor(executor)
     exp = Experiment(data_root, out, cfg, sources=sources, progress=progress)
     method_names = resolve_methods(methods)
     target_names = list(targets) if targets else list(exp.cohort_names)
@@ -522,6 +558,11 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     jobs = exp.plan(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(jobs),
              sum(is_finished(j.path(exp.runs_root)) for j in jobs))
-    exp.run_all(jobs)
-    return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                         methods=method_names, folds=fold_ids, repeats=repeats, baseline=baseline)
+    outcome = runner.run(exp, jobs)
+    summary = write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
+                            methods=method_names, folds=fold_ids, repeats=repeats,
+                            baseline=baseline)
+    if outcome.failed:
+        raise GridError(outcome.failed, len(jobs), summary=summary,
+                        where=exp.runs_root / "summary.csv")
+    return summary

@@ -58,7 +58,6 @@ def _adamerging_method(name: str, summary: str, surgery: bool = False) -> Method
         model = AdaMerging(stack, ctx.hparams, init_coef=cfg.init_coef,
                            head_seed=ctx.cfg.train.seed,
                            surgery_rank=cfg.surgery_rank if surgery else None,
-                           head_bias=ctx.head_bias(cfg.head_bias),
                            coef_lr_scale=cfg.coef_lr_scale, arch=ctx.arch)
         return Built(module=model, kind=model.export_kind, settings=model.export_settings,
                      export=model.export, bag_inputs=network_bag_inputs(ctx, ctx.arch))

@@ -50,16 +50,6 @@ class MethodContext:
     graph_dir: Path | None = None  # cache of the cohort's patch graphs (RUNS/graphs/<cohort>)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def head_bias(self, mode: str) -> torch.Tensor | None:
-        """The fresh head's bias: the training split's baseline hazard logits, or None (random)."""
-        if mode == "random":
-            return None
-        if self.train_bins is None or self.train_events is None:
-            raise ConfigError("a baseline-hazard head bias needs the training labels")
-        from steph.survival.baseline import baseline_hazard_logits
-
-        return baseline_hazard_logits(self.train_bins, self.train_events, self.bins.n_bins)
-
     def pool(self) -> ModelPool:
         if self.pool_loader is None:
             raise ConfigError("this method needs source models but no model pool was given")

@@ -26,9 +26,9 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
 
     def build(ctx: MethodContext) -> Built:
         cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
+        # a fresh head drawn at random; where it starts is train.head_init's (the trainer's)
         model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
-                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias),
-                      arch=ctx.arch)
+                      n_patients=ctx.n_patients, arch=ctx.arch)
         return Built(module=model, kind="steph", settings=model.settings,
                      info=lambda history: merge_facts(model, history),
                      bag_inputs=network_bag_inputs(ctx, ctx.arch))
