@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import resource
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from steph.data.graphs import raster_edges

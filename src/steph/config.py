@@ -15,7 +15,7 @@ saved with every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,7 +29,6 @@ from pydantic import (
 )
 
 from steph.errors import ConfigError
-
 
 # Settings that change speed or memory but never a result: not part of a run's identity.
 PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
@@ -51,18 +50,18 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     labels: str = "labels.csv"  # file name inside each cohort folder
-    convention: Optional[Literal["native", "mcat", "tcga_cdr", "steph"]] = None  # None: detect
-    endpoint: Optional[Literal["os", "dss", "pfi", "dfi"]] = None  # TCGA-CDR only; None: DSS
-    time_unit: Optional[Literal["days", "months"]] = None
+    convention: Literal["native", "mcat", "tcga_cdr", "steph"] | None = None  # None: detect
+    endpoint: Literal["os", "dss", "pfi", "dfi"] | None = None  # TCGA-CDR only; None: DSS
+    time_unit: Literal["days", "months"] | None = None
     on_bad_slide: Literal["raise", "skip"] = "raise"
     check: Literal["shape", "full"] = "shape"
     n_folds: int = Field(5, ge=2)
     split_seed: int = 0
-    max_instances: Optional[int] = Field(None, ge=1)  # patch sampling of training bags
+    max_instances: int | None = Field(None, ge=1)  # patch sampling of training bags
     # Evaluation of a network that cannot compute a huge bag in pieces (TransMIL): bags above
     # this many patches are evaluated on a sample, recorded in metrics.json (None: whole bags,
     # always exact). Networks that compute in pieces (ABMIL, ILRA, R2T-MIL, Patch-GCN) ignore it.
-    eval_max_instances: Optional[int] = Field(None, ge=1)
+    eval_max_instances: int | None = Field(None, ge=1)
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
 
 
@@ -113,7 +112,7 @@ class TrainConfig(_Strict):
     # Where every method's survival head starts (steph.training.head_start): reference | baseline
     # | null | fit.
     head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
-    threads: Optional[int] = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 class StephConfig(_Strict):
@@ -134,7 +133,7 @@ class StephConfig(_Strict):
     # Weight of L_agg: a number; "size_rule" (the paper's result on TCGA: gamma_large above
     # large_cohort patients, else gamma_small); or "search" (the paper's method: an inner
     # cross-validation on the training patients over gamma_grid, see steph.experiments.search).
-    gamma: Union[Literal["search", "size_rule"], Annotated[float, Field(ge=0)]] = "size_rule"
+    gamma: Literal["search", "size_rule"] | Annotated[float, Field(ge=0)] = "size_rule"
     gamma_grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.0, 0.0025, 0.005, 0.01, 0.05)
     gamma_large: float = 0.005
     gamma_small: float = 0.05
@@ -204,7 +203,7 @@ class ExperimentConfig(_Strict):
         return {} if v is None else v  # an empty YAML section means "defaults"
 
     @model_validator(mode="after")
-    def _apply_profile(self) -> "ExperimentConfig":
+    def _apply_profile(self) -> ExperimentConfig:
         if self.steph.profile == "reference":
             for (section, key), value in REFERENCE_PROFILE.items():
                 part = getattr(self, section)

@@ -8,8 +8,9 @@ feature dimension.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ FORMAT = "steph-artefact/1"
 
 def _kinds_registered() -> None:
     """Every module registers its artefact kind where it is defined: import those packages."""
-    import steph.merging  # noqa: F401  (STEPH, the merged baselines)
+    import steph.merging
     import steph.models  # noqa: F401  (the MIL networks)
 
 

@@ -21,7 +21,7 @@ from steph.inference import load_artefact, predict_patients
 from steph.utils.io import load_tensors
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_experiment_config  # noqa: E402
+from conftest import tiny_experiment_config
 
 OPTIONS = {"transmil": {"dim": 16, "heads": 2, "n_landmarks": 8, "residual_kernel": 5},
            "ilra": {"hidden_dim": 16, "heads": 2},

@@ -393,7 +393,7 @@ class Experiment:
         def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
             bins, train, val = inner_data(j, train_ids, val_ids)
             cfg = with_overrides(self.cfg, {spec.key: value})
-            pool = lambda: self._pool(job, target, sources, meta)  # noqa: E731
+            pool = lambda: self._pool(job, target, sources, meta)
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
             built = _build(method, ctx)
             for ds in (train, val):

@@ -5,8 +5,8 @@ minutes on two CPU cores."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from steph.config import ExperimentConfig, build_config
 from steph.data import synthetic

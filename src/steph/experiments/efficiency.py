@@ -117,9 +117,9 @@ def _forward(module: nn.Module, x: torch.Tensor, inputs: dict[str, torch.Tensor]
 
 def efficiency_markdown(table: pd.DataFrame) -> str:
     """The table as markdown: parameters in millions, GFLOPs and latency rounded."""
-    lines = ["| method | arch | learnable params (M) | GFLOPs all ops | GFLOPs layers | "
-             "latency ms | Table S4 params (M) | Table S4 GFLOPs |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| method | arch | learnable params (M) | GFLOPs all ops | GFLOPs layers | "
+              "latency ms | Table S4 params (M) | Table S4 GFLOPs |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         def opt(v, fmt):
             return "" if v is None or pd.isna(v) else format(v, fmt)

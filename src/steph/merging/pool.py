@@ -8,10 +8,9 @@ of one registered network ``arch``, whose class declares which tensors form "the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 
 from steph.errors import RunError
 from steph.merging.task_vectors import TaskVectorStack, TensorDict, task_vector
@@ -63,7 +62,7 @@ class ModelPool:
     @classmethod
     def from_files(cls, theta0: str | Path, target: tuple[str, str | Path],
                    sources: Sequence[tuple[str, str | Path]], hparams: dict | None = None,
-                   arch: str = "abmil") -> "ModelPool":
+                   arch: str = "abmil") -> ModelPool:
         def load(path: str | Path) -> TensorDict:
             path = Path(path)
             if not path.exists():

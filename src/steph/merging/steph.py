@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.config import StephConfig
-from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.merging.networks import load_frozen_encoder, merged_embedding, renamed_prefix
+from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput, TrainingRestart
 from steph.models.registry import create_model, register_artefact
@@ -262,7 +262,7 @@ class STEPH(nn.Module):
         }
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> "STEPH":
+    def from_settings(cls, settings: dict[str, Any]) -> STEPH:
         """An empty STEPH (zero tensors) shaped by ``settings``; load the state dict after."""
         layout = FlatLayout.from_dict(settings["layout"])
         labels = [settings["target"], *settings["sources"]]

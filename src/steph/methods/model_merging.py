@@ -4,7 +4,8 @@ folder's network (``model.arch``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from steph.config import MergeConfig
 from steph.merging.baselines import AdaMerging, adamerging_stack, merged_network, static_merge

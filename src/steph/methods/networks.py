@@ -99,7 +99,7 @@ def _network_cost(arch: str):
     return cost
 
 
-for _arch, _cls in NETWORKS.items():
+for _arch in NETWORKS:
     register_method(Method(
         _arch, f"cancer-specific {NAMES.get(_arch, _arch)} trained from its shared theta_0",
         needs_pool=False, trains=True, build=_cancer_specific(_arch),

@@ -11,9 +11,10 @@ Recipes live beside this file (``networks.py``, ``steph.py``, ``model_merging.py
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -39,12 +39,12 @@ for _name, _cls in NETWORKS.items():
 
 __all__ = [
     "ABMIL",
-    "NETWORKS",
-    "EmbedCall",
     "ENCODER_PREFIXES",
     "HEAD_PREFIX",
     "ILRA",
+    "NETWORKS",
     "R2TMIL",
+    "EmbedCall",
     "MILNetwork",
     "PatchGCN",
     "TransMIL",
