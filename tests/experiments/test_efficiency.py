@@ -19,12 +19,7 @@ KNOWN = {"abmil": 1_197_729, "transmil": 2_949_680, "ilra": 4_214_560, "r2t_mil"
          "adamerging": 13 + 512 * 32 + 32, "model_avg": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parameter_counts_at_1536(tmp_path):

@@ -21,12 +21,9 @@ from steph.inference import load_artefact, predict_patients
 from steph.utils.io import load_tensors
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_experiment_config
+from conftest import TINY_NETWORKS, tiny_experiment_config
 
-OPTIONS = {"transmil": {"dim": 16, "heads": 2, "n_landmarks": 8, "residual_kernel": 5},
-           "ilra": {"hidden_dim": 16, "heads": 2},
-           "r2t_mil": {"dim": 16, "heads": 2, "region_num": 2, "epeg_kernel": 3, "attn_dim": 8},
-           "patch_gcn": {"hidden_dim": 8}}
+OPTIONS = {k: v for k, v in TINY_NETWORKS.items() if k != "abmil"}  # ABMIL: model.hidden_dim...
 
 
 def net_config(arch="abmil", data=None, **train):

@@ -2,6 +2,9 @@
 merged is the network's declared encoder, the merged forward equals the plain network with the
 merged tensors loaded, Patch-GCN's graph passes through, artefacts rebuild the right network."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,23 +16,12 @@ from steph.merging.steph import STEPH
 from steph.models import create_model
 from steph.survival import TimeBins
 
-TINY = {
-    "abmil": {"hidden_dim": 8, "attn_dim": 6},
-    "transmil": {"dim": 16, "heads": 2, "n_landmarks": 8, "residual_kernel": 5},
-    "ilra": {"hidden_dim": 16, "heads": 2},
-    "r2t_mil": {"dim": 16, "heads": 2, "region_num": 2, "epeg_kernel": 3, "attn_dim": 8},
-    "patch_gcn": {"hidden_dim": 8},
-}
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import TINY_NETWORKS as TINY  # tests/conftest.py
+
 NETS = sorted(TINY)
 N = 23  # instances of the test bag
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hparams(arch):
