@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from steph.cli import main
 from steph.config import build_config, load_config
 from steph.errors import ConfigError, RunError
 from steph.experiments.cv import Experiment, Job, run_cv
@@ -91,7 +92,7 @@ def test_configs_written_before_model_arch_still_match(tmp_path):
         check_or_write_config(tmp_path, changed)
 
 
-def test_patch_gcn_and_steph_over_patch_gcn(tiny_data, tmp_path):
+def test_patch_gcn_and_steph_over_patch_gcn(tiny_data, tmp_path, capsys):
     """Graphs built once into RUNS/graphs/<cohort>, STEPH merging Patch-GCN models trained from
     their shared theta_0, and its artefact predicting new patients from their feature files."""
     out = tmp_path / "runs"
@@ -121,6 +122,10 @@ def test_patch_gcn_and_steph_over_patch_gcn(tiny_data, tmp_path):
     np.testing.assert_allclose(got["risk"].to_numpy(), test["risk"].to_numpy(), rtol=1e-5)
     got = predict_patients(run_dir(out, "TGT", "patch_gcn", 0), patients)
     assert got["risk"].notna().all()
+    # steph explain builds the bag's graph too
+    main(["explain", "--model", str(run_dir(out, "TGT", "steph", 0)),
+          *map(str, patients[0][1])])
+    assert "selected sources" in capsys.readouterr().out
 
 
 def test_transmil_and_steph_record_sampled_evaluation(tiny_data, tmp_path, caplog):
