@@ -97,7 +97,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.errors import ConfigError
-from steph.merging.networks import load_frozen_encoder, merged_embedding, renamed_prefix
+from steph.merging.networks import (
+    load_frozen_encoder,
+    merged_embedding,
+    network_settings,
+    renamed_prefix,
+)
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
@@ -202,8 +207,7 @@ class SurgeryMIL(nn.Module):
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SurgeryMIL:
-        arch = settings.get("arch", "abmil")
-        hparams = settings["network"] if "network" in settings else settings["abmil"]
+        arch, hparams = network_settings(settings)
         return cls(hparams, int(settings["rank"]), arch)
 
 

@@ -4,6 +4,8 @@ ones through ``torch.func.functional_call`` on the network's ``embed``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -40,3 +42,11 @@ def renamed_prefix(old: str, new: str):
         for key in [k for k in state_dict if k.startswith(prefix + old)]:
             state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
     return hook
+
+
+def network_settings(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(arch, hparams) of the network inside a merging artefact's settings: ``arch`` and
+    ``network``, or ``abmil`` in artefacts written before any network could be merged."""
+    if "network" in settings:
+        return settings.get("arch", "abmil"), settings["network"]
+    return "abmil", settings["abmil"]

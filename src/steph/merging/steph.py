@@ -39,7 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.config import StephConfig
-from steph.merging.networks import load_frozen_encoder, merged_embedding, renamed_prefix
+from steph.merging.networks import (
+    load_frozen_encoder,
+    merged_embedding,
+    network_settings,
+    renamed_prefix,
+)
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput, TrainingRestart
@@ -269,9 +274,7 @@ class STEPH(nn.Module):
         zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
         stack = TaskVectorStack(layout=layout, base=layout.flatten(zeros),
                                 vectors=torch.zeros(len(labels), layout.size), labels=labels)
-        # artefacts written before any network could be merged: {"abmil": hparams}
-        arch = settings.get("arch", "abmil")
-        hparams = settings["network"] if "network" in settings else settings["abmil"]
+        arch, hparams = network_settings(settings)
         return cls(stack, hparams, StephConfig(**settings["steph"]),
                    n_patients=int(settings.get("n_patients", 0)), arch=arch)
 
