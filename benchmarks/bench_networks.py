@@ -15,28 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import resource
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from steph.data.graphs import knn_edges
-from steph.models import create_model, list_models
+from steph.data.graphs import raster_edges
+from steph.models import create_model, list_models, model_class
 from steph.models.flops import count_flops
 
 
 def bag_inputs(name: str, n: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    model_cls = type(create_model(name, in_dim=4, n_bins=2))
-    if "edge_index" not in model_cls.bag_inputs:
+    if "edge_index" not in model_class(name).bag_inputs:
         return {}
-    side = math.isqrt(n - 1) + 1
-    coords = np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
-    return {"edge_index": torch.from_numpy(knn_edges(coords)).to(device)}
+    return {"edge_index": raster_edges(n).to(device)}
 
 
 def _measure(name: str, n: int, d: int, threads: int, rounds: int, train: bool,

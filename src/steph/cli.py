@@ -376,19 +376,71 @@ def explain(model: str, slides: Sequence[str]) -> None:
     import torch
 
     from steph.data.features import read_features
-    from steph.inference import load_artefact
+    from steph.inference import bag_inputs_from_files, load_artefact
 
     module, manifest = load_artefact(model)
     if manifest["kind"] != "steph":
         raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
     bag = torch.from_numpy(np.concatenate([read_features(Path(s)) for s in slides]))
-    ex = module.explain(bag)
+    ex = module.explain(bag, **bag_inputs_from_files(module, slides))
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):
         click.echo(f"{name:12s} {float(ex.w[i]):8.4f} {float(ex.lam[i]):8.4f} "
                    f"{ex.coefficients[name]:8.4f}")
     click.echo(f"{'target':12s} {'':8s} {'':8s} {ex.coefficients[module.target_name]:8.4f}")
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+@cli.group()
+def bench() -> None:
+    """Measurements of the methods themselves (Table S4)."""
+
+
+@bench.command("efficiency")
+@click.option("--methods", default=None,
+              help="Comma-separated methods (default: every method with a cost model).")
+@click.option("--instances", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Patches of the measured bag.")
+@click.option("--dim", type=click.IntRange(min=1), default=1536, show_default=True,
+              help="Feature dimension.")
+@click.option("--bins", "n_bins", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sources", type=click.IntRange(min=1), default=12, show_default=True,
+              help="m, the source models of a transfer method.")
+@click.option("--arch", default="abmil", show_default=True,
+              help="Backbone of the transfer methods (model.arch).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed rounds (candidates interleaved); the median is reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write a CSV here.")
+def bench_efficiency(methods: str | None, instances: int, dim: int, n_bins: int, sources: int,
+                     arch: str, device: str, repeats: int, warmup: int, threads: int | None,
+                     out: str | None) -> None:
+    """Learnable parameters, inference GFLOPs and latency of every method on one bag."""
+    import torch
+
+    from steph.experiments.efficiency import efficiency_markdown, measure_efficiency
+    from steph.methods import CostSpec
+    from steph.models import model_class
+    from steph.utils.io import write_csv
+
+    model_class(arch)  # an unknown network: one clear error
+    if threads:
+        torch.set_num_threads(threads)
+    spec = CostSpec(in_dim=dim, n_bins=n_bins, n_sources=sources, n_instances=instances,
+                    arch=arch)
+    table = measure_efficiency(_split_list(methods), spec, device=device, repeats=repeats,
+                               warmup=warmup)
+    click.echo(f"bag {instances} x {dim}, {n_bins} bins, m = {sources} sources over {arch}, "
+               f"{device}, {torch.get_num_threads()} thread(s), median of {repeats}")
+    click.echo(efficiency_markdown(table))
+    if out:
+        write_csv(out, table.assign(instances=instances, dim=dim, n_sources=sources,
+                                    device=device, threads=torch.get_num_threads()))
+        click.echo(f"wrote {out}")
 
 
 # -- demo --------------------------------------------------------------------------------------------

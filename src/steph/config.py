@@ -15,13 +15,20 @@ saved with every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from steph.errors import ConfigError
-
 
 # Settings that change speed or memory but never a result: not part of a run's identity.
 PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
@@ -43,14 +50,18 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     labels: str = "labels.csv"  # file name inside each cohort folder
-    convention: Optional[Literal["native", "mcat", "tcga_cdr", "steph"]] = None  # None: detect
-    endpoint: Optional[Literal["os", "dss", "pfi", "dfi"]] = None  # TCGA-CDR only; None: DSS
-    time_unit: Optional[Literal["days", "months"]] = None
+    convention: Literal["native", "mcat", "tcga_cdr", "steph"] | None = None  # None: detect
+    endpoint: Literal["os", "dss", "pfi", "dfi"] | None = None  # TCGA-CDR only; None: DSS
+    time_unit: Literal["days", "months"] | None = None
     on_bad_slide: Literal["raise", "skip"] = "raise"
     check: Literal["shape", "full"] = "shape"
     n_folds: int = Field(5, ge=2)
     split_seed: int = 0
-    max_instances: Optional[int] = Field(None, ge=1)  # patch sampling for huge bags
+    max_instances: int | None = Field(None, ge=1)  # patch sampling of training bags
+    # Evaluation of a network that cannot compute a huge bag in pieces (TransMIL): bags above
+    # this many patches are evaluated on a sample, recorded in metrics.json (None: whole bags,
+    # always exact). Networks that compute in pieces (ABMIL, ILRA, R2T-MIL, Patch-GCN) ignore it.
+    eval_max_instances: int | None = Field(None, ge=1)
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
 
 
@@ -61,11 +72,32 @@ class BinsConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["abmil"] = "abmil"
-    hidden_dim: int = Field(512, ge=1)
-    attn_dim: int = Field(384, ge=1)
-    dropout: float = Field(0.25, ge=0.0, lt=1.0)
-    init_seed: int = 0  # seed of the shared initialisation theta_0
+    # The backbone of a runs folder (a registered network: abmil, transmil, ilra, r2t_mil,
+    # patch_gcn): what the transfer methods (STEPH, the merging baselines) merge, i.e. which
+    # cancer-specific runs they need. Configs written before it existed call it ``name``.
+    arch: str = Field("abmil", validation_alias=AliasChoices("arch", "name"))
+    hidden_dim: int = Field(512, ge=1)  # ABMIL's
+    attn_dim: int = Field(384, ge=1)  # ABMIL's
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)  # ABMIL's
+    init_seed: int = 0  # seed of the shared initialisation theta_0 (one per architecture)
+    # Keyword arguments of the other networks by name, e.g. {transmil: {dim: 256}}; unset
+    # ones keep the configuration of method.md section 6 (Table S4's parameter counts).
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("options", mode="after")
+    @classmethod
+    def _no_abmil_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if "abmil" in v:
+            raise ValueError("ABMIL's settings are model.hidden_dim, attn_dim and dropout")
+        return v
+
+    def network_kwargs(self, arch: str | None = None) -> dict[str, Any]:
+        """Keyword arguments (besides in_dim and n_bins) of network ``arch`` (default: arch)."""
+        arch = arch or self.arch
+        if arch == "abmil":
+            return {"hidden_dim": self.hidden_dim, "attn_dim": self.attn_dim,
+                    "dropout": self.dropout}
+        return dict(self.options.get(arch, {}))
 
 
 class TrainConfig(_Strict):
@@ -80,7 +112,7 @@ class TrainConfig(_Strict):
     # Where every method's survival head starts (steph.training.head_start): reference | baseline
     # | null | fit.
     head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
-    threads: Optional[int] = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 class StephConfig(_Strict):
@@ -101,7 +133,7 @@ class StephConfig(_Strict):
     # Weight of L_agg: a number; "size_rule" (the paper's result on TCGA: gamma_large above
     # large_cohort patients, else gamma_small); or "search" (the paper's method: an inner
     # cross-validation on the training patients over gamma_grid, see steph.experiments.search).
-    gamma: Union[Literal["search", "size_rule"], Annotated[float, Field(ge=0)]] = "size_rule"
+    gamma: Literal["search", "size_rule"] | Annotated[float, Field(ge=0)] = "size_rule"
     gamma_grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.0, 0.0025, 0.005, 0.01, 0.05)
     gamma_large: float = 0.005
     gamma_small: float = 0.05
@@ -188,7 +220,7 @@ class ExperimentConfig(_Strict):
         return {} if v is None else v  # an empty YAML section means "defaults"
 
     @model_validator(mode="after")
-    def _apply_profile(self) -> "ExperimentConfig":
+    def _apply_profile(self) -> ExperimentConfig:
         if self.steph.profile == "reference":
             for (section, key), value in REFERENCE_PROFILE.items():
                 part = getattr(self, section)

@@ -95,15 +95,37 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 @torch.no_grad()
-def predict_bag(module: nn.Module, bag: torch.Tensor) -> tuple[float, np.ndarray]:
-    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag."""
-    logits = as_output(module(bag)).logits
+def predict_bag(module: nn.Module, bag: torch.Tensor, **bag_inputs: torch.Tensor
+                ) -> tuple[float, np.ndarray]:
+    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (plus
+    the extra per-bag inputs the module declares, see :func:`bag_inputs_from_files`)."""
+    logits = as_output(module(bag, **bag_inputs)).logits
     return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].numpy()
 
 
+def bag_inputs_from_files(module: nn.Module, files: Sequence[str | Path],
+                          graph_cache: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The extra per-bag inputs ``module`` declares (its ``bag_inputs``) for a bag made of the
+    feature files ``files`` (in that order): ``edge_index``, the k-NN graph of each file's patch
+    coordinates (a disjoint union over the files; Patch-GCN and merges of it)."""
+    from steph.data.graphs import bag_graph
+
+    out: dict[str, torch.Tensor] = {}
+    for name in getattr(module, "bag_inputs", ()) or ():
+        if name != "edge_index":
+            raise RunError(f"the model needs the per-bag input {name!r}, which steph predict "
+                           "cannot build from feature files")
+        out[name] = bag_graph([Path(f) for f in files], cache_dir=graph_cache)
+    return out
+
+
 def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
-                     progress: bool = False) -> pd.DataFrame:
+                     progress: bool = False, graph_cache: str | Path | None = None) -> pd.DataFrame:
     """Predict with a saved artefact for patients given as (patient_id, [feature files]).
+
+    A model that needs patch graphs (Patch-GCN, or STEPH / a merge over it) gets each patient's
+    k-NN graph built from the files' ``coords`` (cached in ``graph_cache`` when given); a file
+    without coordinates is an error naming it.
 
     Returns one row per patient: patient_id, n_patches, risk, then the survival probability at
     the end of every time bin (``S@<days>`` columns); ``attrs["encoders_per_bag"]`` is how many
@@ -125,7 +147,7 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
             if a.shape[1] != dim:
                 raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")
         bag = torch.from_numpy(np.concatenate(arrays, axis=0))
-        risk, curve = predict_bag(module, bag)
+        risk, curve = predict_bag(module, bag, **bag_inputs_from_files(module, files, graph_cache))
         rows.append([pid, bag.shape[0], risk, *curve.tolist()])
     cols = ["patient_id", "n_patches", "risk"] + [f"S@{int(t)}" for t in bins.end_times]
     table = pd.DataFrame(rows, columns=cols)

@@ -134,3 +134,95 @@ def test_patient_graph_is_the_disjoint_union_of_its_slides(tmp_path):
         del f["coords"]
     with pytest.raises(DataError, match=r"cohort 'C', patient 'P2': slide 'P2-S1'"):
         graphs.patient_graph(cohort, "P2")
+
+
+# -- sampled bags: the graph follows the kept patches -------------------------------------------
+
+def _cohort_with_coords(tmp_path, sizes, seed=0):
+    """A cohort whose slides have random (tie-free) float coordinates; returns the cohort and
+    each slide's coordinates."""
+    rng = np.random.default_rng(seed)
+    feats, coords, rows = tmp_path / "C" / "features", {}, []
+    for sid, n in sizes.items():
+        coords[sid] = rng.random((n, 2)) * 1000
+        write_features_h5(feats / f"{sid}.h5", rng.standard_normal((n, 4)).astype(np.float32),
+                          coords=coords[sid])
+        rows.append((sid.split("-")[0], sid, 100, 1))
+    pd.DataFrame(rows, columns=["patient_id", "slide_id", "time", "event"]).to_csv(
+        tmp_path / "C" / "labels.csv", index=False)
+    return Cohort.load(tmp_path / "C"), coords
+
+
+def _expected_edges(slide_coords):
+    """Disjoint union of brute-force k-NN graphs, node ids offset slide by slide."""
+    parts = [graphs.neighbours_to_edges(brute_force(c)) for c in slide_coords]
+    return graphs.union_edges(parts, [len(c) for c in slide_coords])
+
+
+def test_split_indices():
+    got = graphs.split_indices(np.array([0, 3, 4, 9, 10]), [4, 0, 6, 1])
+    assert [g.tolist() for g in got] == [[0, 3], [], [0, 5], [0]]
+    with pytest.raises(ValueError, match="sorted"):
+        graphs.split_indices(np.array([3, 1]), [4])
+    with pytest.raises(ValueError, match="out of range"):
+        graphs.split_indices(np.array([4]), [4])
+
+
+def test_sampled_patient_graph_is_the_knn_of_the_kept_patches(tmp_path):
+    cohort, coords = _cohort_with_coords(tmp_path, {"P1-S1": 40, "P1-S2": 25, "P1-S3": 12})
+    keep = np.sort(np.random.default_rng(1).choice(77, size=30, replace=False))
+    keep = keep[(keep < 65) | (keep > 70)]  # some slides lose many patches
+    got = graphs.patient_graph(cohort, "P1", indices=keep, cache_dir=tmp_path / "cache")
+    sides = graphs.split_indices(keep, [40, 25, 12])
+    kept = [c[s] for c, s in zip(coords.values(), sides)]
+    assert np.array_equal(got.numpy(), _expected_edges(kept))
+    assert int(got.max()) == len(keep) - 1
+    # every kept patch keeps its k (here 8) neighbours where its slide kept more than k patches
+    degree = np.bincount(got[1].numpy(), minlength=len(keep))
+    assert (degree == np.concatenate([np.full(len(s), min(8, len(s) - 1)) for s in sides])).all()
+    # the whole bag is unchanged
+    whole = graphs.patient_graph(cohort, "P1", cache_dir=tmp_path / "cache")
+    assert np.array_equal(whole.numpy(), _expected_edges(list(coords.values())))
+    # a slide with no kept patch adds no node
+    first_only = graphs.patient_graph(cohort, "P1", indices=np.arange(5))
+    assert np.array_equal(first_only.numpy(), _expected_edges([coords["P1-S1"][:5]]))
+
+
+def test_dataset_with_patch_sampling_gets_the_graph_of_its_sampled_bag(tmp_path, monkeypatch):
+    from steph.data.dataset import BagDataset
+    from steph.data.features import read_coords
+    from steph.survival import TimeBins
+
+    cohort, coords = _cohort_with_coords(tmp_path, {"P1-S1": 40, "P1-S2": 25, "P2-S1": 9})
+    provider = graphs.PatchGraphs(cohort, cache_dir=tmp_path / "cache")
+    ds = BagDataset(cohort, ["P1", "P2"], TimeBins.uniform(), max_instances=20, seed=3)
+    ds.set_bag_inputs({"edge_index": provider})
+    item = ds[0]
+    keep = ds.kept_indices("P1")
+    assert len(keep) == 20 == item["features"].shape[0]
+    bag_coords = np.concatenate([coords["P1-S1"], coords["P1-S2"]])
+    files = cohort.slides.set_index("slide_id")["path"]
+    features = np.concatenate([read_coords(files["P1-S1"]), read_coords(files["P1-S2"])])
+    np.testing.assert_allclose(features, bag_coords)  # rows and coords line up in the files
+    sides = graphs.split_indices(keep, [40, 25])
+    expected = _expected_edges([coords["P1-S1"][sides[0]], coords["P1-S2"][sides[1]]])
+    assert np.array_equal(item["edge_index"].numpy(), expected)
+    # built once: a second epoch reads the cached sampled graph
+    calls = []
+    real = graphs.knn_neighbours
+    monkeypatch.setattr(graphs, "knn_neighbours", lambda c, k=8: calls.append(len(c)) or real(c, k))
+    assert np.array_equal(ds[0]["edge_index"].numpy(), expected) and calls == []
+    assert ds[1]["edge_index"].shape == (2, 9 * 8)  # P2 (9 patches) is whole
+    full = ds.full_bags()[0]["edge_index"]
+    assert np.array_equal(full.numpy(), _expected_edges([coords["P1-S1"], coords["P1-S2"]]))
+
+
+def test_prepare_reports_a_slide_without_coords_before_training(tmp_path):
+    cohort, _ = _cohort_with_coords(tmp_path, {"P1-S1": 10, "P2-S1": 9})
+    with h5py.File(cohort.slides.set_index("slide_id")["path"]["P2-S1"], "a") as f:
+        del f["coords"]
+    provider = graphs.PatchGraphs(cohort, cache_dir=tmp_path / "cache")
+    provider.prepare(["P1"])
+    with pytest.raises(DataError, match=r"patient 'P2': slide 'P2-S1' \(.*P2-S1\.h5\): has no "
+                                        "patch coordinates"):
+        provider.prepare(["P1", "P2"])

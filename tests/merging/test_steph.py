@@ -9,7 +9,7 @@ from steph.merging.pool import ModelPool
 from steph.merging.steph import STEPH
 from steph.models import ABMIL
 
-HP = dict(in_dim=12, n_bins=4, hidden_dim=8, attn_dim=6)
+HP = {"in_dim": 12, "n_bins": 4, "hidden_dim": 8, "attn_dim": 6}
 
 
 def make_pool(m=4, scale=0.1, seed=0, hp=HP):
@@ -67,8 +67,8 @@ def test_forward_uses_the_merged_encoder_and_its_own_head():
     x = torch.randn(15, HP["in_dim"])
     ex = model.explain(x)
     ref = ABMIL(**HP).eval()
-    sd = {**pool.theta0, **ex.merged, "head.weight": model.abmil.head.weight,
-          "head.bias": model.abmil.head.bias}
+    sd = {**pool.theta0, **ex.merged, "head.weight": model.network.head.weight,
+          "head.bias": model.network.head.bias}
     ref.load_state_dict(sd)
     torch.testing.assert_close(model(x).logits, ref(x))
 
@@ -76,7 +76,7 @@ def test_forward_uses_the_merged_encoder_and_its_own_head():
 def test_head_is_fresh_not_copied():
     model, pool = make_steph()
     for src in [pool.theta0, pool.target, *pool.sources.values()]:
-        assert not torch.equal(model.abmil.head.weight, src["head.weight"])
+        assert not torch.equal(model.network.head.weight, src["head.weight"])
 
 
 def test_lambda_is_one_when_r_is_zero():
@@ -111,7 +111,7 @@ def test_gradients_reach_exactly_the_trainable_parts():
     out = model(torch.randn(11, HP["in_dim"]))
     (out.logits.sum() + out.aux_loss).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected_prefixes = ("embed.", "h_agg.", "h_mix.", "abmil.head.")
+    expected_prefixes = ("embed.", "h_agg.", "h_mix.", "network.head.")
     assert trainable and all(n.startswith(expected_prefixes) for n in trainable)
     for n, p in model.named_parameters():
         if n.startswith(expected_prefixes):
@@ -126,7 +126,7 @@ def test_frozen_parts_do_not_change_during_training(tmp_path):
     from steph.training.trainer import fit
 
     model, _ = make_steph()
-    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("embed", "h_", "abmil.head"))}
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("embed", "h_", "network.head"))}
     g = torch.Generator().manual_seed(0)
     bags = [{"features": torch.randn(8, HP["in_dim"], generator=g), "bin": torch.tensor(i % 4),
              "time": float(i + 1), "event": i % 2, "patient_id": str(i)} for i in range(8)]
@@ -175,7 +175,7 @@ def test_ablations_change_what_they_claim():
 
 
 def test_efficiency_figures_at_paper_scale():
-    hp = dict(in_dim=1536, n_bins=32)
+    hp = {"in_dim": 1536, "n_bins": 32}
     pool = make_pool(m=12, scale=0.01, hp=hp)
     model = STEPH(pool.stack(), hp)
     assert model.trainable_parameter_count() == 1_340_984  # Table S4: 1.34 M
@@ -233,9 +233,9 @@ def test_head_bias_is_set_and_weights_stay_fresh():
     bias = torch.linspace(-3, -1, HP["n_bins"])
     a = STEPH(pool.stack(), HP, StephConfig(embed_dim=10), head_bias=bias)
     b = STEPH(pool.stack(), HP, StephConfig(embed_dim=10))
-    assert torch.equal(a.abmil.head.bias.detach(), bias)
-    assert torch.equal(a.abmil.head.weight, b.abmil.head.weight)
-    assert not torch.equal(b.abmil.head.bias.detach(), bias)
+    assert torch.equal(a.network.head.bias.detach(), bias)
+    assert torch.equal(a.network.head.weight, b.network.head.weight)
+    assert not torch.equal(b.network.head.bias.detach(), bias)
 
 
 def test_softplus_keeps_gradient_for_negative_outputs():
@@ -255,7 +255,7 @@ def test_head_warmup_holds_w_and_lambda():
     out = model(torch.randn(6, HP["in_dim"]))
     (out.logits.sum() + out.aux_loss).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.h_agg.parameters())
-    assert model.abmil.head.weight.grad.abs().sum() > 0
+    assert model.network.head.weight.grad.abs().sum() > 0
     model.zero_grad()
     model.on_epoch_start(1)
     out = model(torch.randn(6, HP["in_dim"]))

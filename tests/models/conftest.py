@@ -1,19 +1,16 @@
 """Tiny configurations of every MIL network, and bag inputs for them (as fixtures: the test
 modules are imported with --import-mode=importlib and cannot import this file)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from steph.models import create_model
 
-# small but structurally complete: every code path of the full-size networks runs
-TINY = {
-    "abmil": {"hidden_dim": 16, "attn_dim": 8},
-    "transmil": {"dim": 16, "heads": 2, "n_landmarks": 8, "residual_kernel": 5},
-    "ilra": {"hidden_dim": 16, "heads": 2},
-    "r2t_mil": {"dim": 16, "heads": 2, "region_num": 2, "epeg_kernel": 3, "attn_dim": 8},
-    "patch_gcn": {"hidden_dim": 8},
-}
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import TINY_NETWORKS as TINY  # tests/conftest.py
 
 
 def ring_edges(n: int, k: int = 2) -> torch.Tensor:
@@ -25,13 +22,9 @@ def ring_edges(n: int, k: int = 2) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread wake-up costs, which on a busy machine made these
-    millisecond forwards take seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_thread):
+    """Every test here runs on one thread (tests/conftest.py's fixture)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

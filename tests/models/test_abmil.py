@@ -186,9 +186,9 @@ def test_chunking_reaches_models_that_call_abmil_with_merged_parameters(monkeypa
     model = STEPH(pool.stack(), hp, StephConfig(embed_dim=10)).eval()
     x = torch.randn(60, 12)
     with torch.no_grad():
-        model.abmil.chunk_size = 0
+        model.network.chunk_size = 0
         one = model(x).logits
-        model.abmil.chunk_size = 7
+        model.network.chunk_size = 7
         calls = []
         real = ABMIL._embed_chunked
         monkeypatch.setattr(ABMIL, "_embed_chunked",

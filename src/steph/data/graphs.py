@@ -19,6 +19,11 @@ Graphs are built once and cached when a cache folder is given: one safetensors f
 (its neighbour table, int32) whose metadata records the feature file, its size and
 modification time and k; a changed feature file or another k rebuilds it (a file replaced by
 one of identical size and mtime is not noticed).
+
+Sampled bags (``data.max_instances``): the graph follows the sampled patches. Given the kept
+rows of a bag, each slide's graph is the k-NN graph of its kept patches' coordinates (cached
+under an entry of its own); :class:`PatchGraphs` is the provider a dataset calls with those
+rows.
 """
 
 from __future__ import annotations
@@ -107,69 +112,159 @@ def union_edges(parts: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray
 # one slide, cached
 
 
-def _cache_file(cache_dir: Path, path: Path) -> Path:
+def _subset_tag(subset: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(subset, dtype=np.int64).tobytes(),
+                           digest_size=8).hexdigest()
+
+
+def _cache_file(cache_dir: Path, path: Path, subset_tag: str | None = None) -> Path:
     digest = hashlib.blake2b(str(path.resolve()).encode("utf-8"), digest_size=8).hexdigest()
-    return cache_dir / f"{path.stem}-{digest}.safetensors"
+    tail = f"-s{subset_tag}" if subset_tag else ""
+    return cache_dir / f"{path.stem}-{digest}{tail}.safetensors"
 
 
-def _cache_key(path: Path, k: int) -> dict[str, str]:
+def _cache_key(path: Path, k: int, subset_tag: str | None = None) -> dict[str, str]:
     st = os.stat(path)
-    return {"version": CACHE_VERSION, "source": str(path.resolve()), "size": str(st.st_size),
-            "mtime_ns": str(st.st_mtime_ns), "k": str(k)}
+    key = {"version": CACHE_VERSION, "source": str(path.resolve()), "size": str(st.st_size),
+           "mtime_ns": str(st.st_mtime_ns), "k": str(k)}
+    if subset_tag:
+        key["subset"] = subset_tag
+    return key
 
 
 def slide_neighbours(path: str | os.PathLike, *, slide_id: str | None = None,
-                     k: int = K_NEIGHBOURS, cache_dir: str | os.PathLike | None = None
-                     ) -> np.ndarray:
+                     k: int = K_NEIGHBOURS, cache_dir: str | os.PathLike | None = None,
+                     subset: np.ndarray | None = None) -> np.ndarray:
     """The k-NN neighbour table (N, min(k, N - 1)) of one slide's feature file, read from
     ``cache_dir`` when a valid entry is there, else built (and stored there when given).
+
+    ``subset``: sorted row indices of the slide's patches to keep (a sampled bag): the graph is
+    then the k-NN graph of those patches' coordinates (node i = ``subset[i]``), as if the slide
+    had only them, cached under its own entry (the indices' digest in its name and key).
 
     Raises :class:`DataError` naming the slide and file when the file has no ``coords`` or
     their count differs from the number of patches."""
     path = Path(path)
-    if cache_dir is None:
-        return knn_neighbours(read_coords(path, slide_id=slide_id, required=True), k)
-    cache = _cache_file(Path(cache_dir), path)
-    key = _cache_key(path, k)
-    if cache.is_file():
-        try:
-            if load_tensor_metadata(cache) == key:
-                return load_tensors(cache)["neighbours"].numpy().astype(np.int64)
-        except Exception as e:  # noqa: BLE001 - an unreadable entry is rebuilt, not fatal
-            logger.debug("graph cache entry %s unreadable (%s); rebuilding", cache, e)
-    neighbours = knn_neighbours(read_coords(path, slide_id=slide_id, required=True), k)
-    save_tensors(cache, {"neighbours": torch.from_numpy(neighbours.astype(np.int32))},
-                 metadata=key)
+    tag = None if subset is None else _subset_tag(subset)
+    cache = key = None
+    if cache_dir is not None:
+        cache = _cache_file(Path(cache_dir), path, tag)
+        key = _cache_key(path, k, tag)
+        if cache.is_file():
+            try:
+                if load_tensor_metadata(cache) == key:
+                    return load_tensors(cache)["neighbours"].numpy().astype(np.int64)
+            except Exception as e:  # noqa: BLE001 - an unreadable entry is rebuilt, not fatal
+                logger.debug("graph cache entry %s unreadable (%s); rebuilding", cache, e)
+    coords = read_coords(path, slide_id=slide_id, required=True)
+    if subset is not None:
+        if len(subset) and (int(subset[0]) < 0 or int(subset[-1]) >= len(coords)):
+            raise DataError(f"slide {_name(path, slide_id)!r} ({path}): patch index "
+                            f"{int(subset[-1])} out of range for {len(coords)} patches")
+        coords = coords[np.asarray(subset, dtype=np.int64)]
+    neighbours = knn_neighbours(coords, k)
+    if cache is not None:
+        save_tensors(cache, {"neighbours": torch.from_numpy(neighbours.astype(np.int32))},
+                     metadata=key)
     return neighbours
+
+
+def _name(path: Path, slide_id: str | None) -> str:
+    return slide_id if slide_id is not None else Path(path).stem
 
 
 def bag_graph(paths: Sequence[str | os.PathLike], slide_ids: Sequence[str] | None = None, *,
               n_patches: Sequence[int] | None = None, k: int = K_NEIGHBOURS,
-              cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+              cache_dir: str | os.PathLike | None = None,
+              subsets: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
     """(2, E) int64 edge_index of a bag made of the slides ``paths`` (in concatenation order):
     the disjoint union of their k-NN graphs. ``n_patches``, when given, is checked against each
-    slide's number of coordinates."""
+    slide's number of coordinates. ``subsets[i]``, when given, keeps only those patches of
+    slide i (see :func:`slide_neighbours`); a slide with none kept adds no node."""
     parts, sizes = [], []
     for i, path in enumerate(paths):
         sid = slide_ids[i] if slide_ids is not None else None
-        neighbours = slide_neighbours(path, slide_id=sid, k=k, cache_dir=cache_dir)
-        if n_patches is not None and len(neighbours) != int(n_patches[i]):
-            name = sid if sid is not None else Path(path).stem
-            raise DataError(f"slide {name!r} ({path}): {len(neighbours)} patch coordinates but "
-                            f"{int(n_patches[i])} patches (the file changed since the cohort "
-                            "was loaded?)")
+        subset = subsets[i] if subsets is not None else None
+        if subset is not None and len(subset) == 0:
+            continue
+        neighbours = slide_neighbours(path, slide_id=sid, k=k, cache_dir=cache_dir,
+                                      subset=subset)
+        if subset is None and n_patches is not None and len(neighbours) != int(n_patches[i]):
+            raise DataError(f"slide {_name(path, sid)!r} ({path}): {len(neighbours)} patch "
+                            f"coordinates but {int(n_patches[i])} patches (the file changed "
+                            "since the cohort was loaded?)")
         parts.append(neighbours_to_edges(neighbours))
         sizes.append(len(neighbours))
     return torch.from_numpy(union_edges(parts, sizes))
 
 
+def split_indices(indices: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Sorted bag-level row indices -> one array of slide-local indices per slide (slides of
+    ``sizes`` rows, in concatenation order)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) > 1 and not (np.diff(idx) > 0).all():
+        raise ValueError("bag indices must be sorted and distinct")
+    bounds = np.cumsum([0, *sizes])
+    if len(idx) and (idx[0] < 0 or idx[-1] >= bounds[-1]):
+        raise ValueError(f"bag indices out of range for a bag of {int(bounds[-1])} rows")
+    cuts = np.searchsorted(idx, bounds)
+    return [idx[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(sizes))]
+
+
 def patient_graph(cohort: Any, patient_id: str, *, k: int = K_NEIGHBOURS,
-                  cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    """edge_index of a patient's bag as :meth:`Cohort.load_bag` concatenates it."""
+                  cache_dir: str | os.PathLike | None = None,
+                  indices: np.ndarray | None = None) -> torch.Tensor:
+    """edge_index of a patient's bag as :meth:`Cohort.load_bag` concatenates it; with
+    ``indices`` (sorted rows of that bag, e.g. the patches a training sampler kept), the graph
+    of the sampled bag: node i is row ``indices[i]``, each slide's k-NN graph rebuilt over its
+    kept patches' coordinates (every kept patch keeps k neighbours, unlike the induced
+    subgraph, where sampled-out neighbours would leave patches with fewer or none)."""
     cohort.patient(patient_id)  # unknown patient: DataError
     slides = cohort.slides[cohort.slides["patient_id"] == patient_id]
+    sizes = [int(n) for n in slides["n_patches"]]
+    subsets = None if indices is None else split_indices(indices, sizes)
     try:
         return bag_graph(slides["path"].tolist(), slides["slide_id"].tolist(),
-                         n_patches=slides["n_patches"].tolist(), k=k, cache_dir=cache_dir)
+                         n_patches=sizes, k=k, cache_dir=cache_dir, subsets=subsets)
     except DataError as e:
         raise DataError(f"cohort {cohort.name!r}, patient {patient_id!r}: {e}") from e
+
+
+class PatchGraphs:
+    """The per-bag input ``edge_index`` of Patch-GCN for the bags of one cohort: a provider
+    ``(patient_id, indices) -> (2, E) int64 tensor`` for :meth:`BagDataset.set_bag_inputs`.
+
+    ``per_instance = True`` tells the dataset that the input is indexed by the bag's rows, so a
+    dataset that samples patches (``max_instances``) passes the kept row indices and gets the
+    graph of the sampled bag (:func:`patient_graph`); ``indices=None`` is the whole bag. Graphs
+    are cached per slide in ``cache_dir`` (sampled bags under their own entries), so each is
+    built once, not every epoch; :meth:`prepare` builds them all up front, so that a slide
+    without coordinates is reported before any training."""
+
+    per_instance = True
+
+    def __init__(self, cohort: Any, cache_dir: str | os.PathLike | None = None,
+                 k: int = K_NEIGHBOURS):
+        self.cohort = cohort
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.k = int(k)
+
+    def __call__(self, patient_id: str, indices: np.ndarray | None = None) -> torch.Tensor:
+        return patient_graph(self.cohort, patient_id, k=self.k, cache_dir=self.cache_dir,
+                             indices=indices)
+
+    def prepare(self, patient_ids: Sequence[str]) -> None:
+        """Build (and cache) the whole-bag graph of every patient now."""
+        ids = list(patient_ids)
+        logger.info("cohort %s: k-NN patch graphs of %d patient(s)%s", self.cohort.name,
+                    len(ids), f" (cache {self.cache_dir})" if self.cache_dir else "")
+        for pid in ids:
+            self(pid)
+
+
+def raster_edges(n: int, k: int = K_NEIGHBOURS) -> torch.Tensor:
+    """edge_index of ``n`` patches laid row-major on a square raster (an example graph for
+    measurements: every interior patch has its 8 grid neighbours)."""
+    side = max(1, int(np.ceil(np.sqrt(n))))
+    coords = np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
+    return torch.from_numpy(knn_edges(coords, k))

@@ -1,8 +1,16 @@
 """The cohort x fold x method grid: plan the runs a request needs, train what is missing in
 dependency order (cancer-specific models first), skip what is finished, summarise.
 
-Transfer methods for target t and fold k need the target's ABMIL of fold k and every source's
-ABMIL of fold 0 (method.md section 4); ``run_cv`` trains them when they are missing.
+Transfer methods for target t and fold k need the target's cancer-specific model of fold k and
+every source's of fold 0 (method.md section 4), all of the runs folder's network ``model.arch``
+(ABMIL by default; :meth:`Experiment.prerequisites`); ``run_cv`` trains them when they are
+missing. Each network has its own shared initialisation in the runs folder.
+
+Evaluation sees every patch wherever the network can compute a bag of any size exactly (ABMIL,
+ILRA, Patch-GCN, R2T-MIL compute huge bags in pieces). A network that cannot (TransMIL) is
+evaluated on whole bags unless ``data.eval_max_instances`` is set; then bags above it are
+evaluated on a sample of their patches, which the log and ``metrics.json`` record
+(``eval_policy``, ``eval_sampled_bags``).
 
 Who runs the runs is an executor (``steph.experiments.executors``): in this process one after
 another (``local``, the default) or as a Ray task graph on a cluster (``ray``). Either way the
@@ -31,13 +39,16 @@ from steph.errors import ConfigError, DataError, RunError, StephError
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
+    WEIGHTS,
     check_or_write_config,
     ensure_theta0,
+    graph_cache,
     is_finished,
     load_theta0,
     read_attempts,
     run_dir,
     start_over,
+    theta0_path,
     write_run_record,
 )
 from steph.experiments.search import run_search, with_overrides
@@ -45,6 +56,7 @@ from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
 from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.models.output import TrainingRestart
+from steph.models.registry import model_class
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
@@ -106,6 +118,11 @@ class Experiment:
         self.runs_root = Path(runs_root)
         self.cfg = cfg or ExperimentConfig()
         self.progress = progress
+        arch = self.cfg.model.arch
+        model_class(arch)  # an unknown network: ConfigError naming the known ones
+        base = get_method(arch)
+        if base.needs_pool or base.network(self.cfg) != arch:
+            raise ConfigError(f"model.arch {arch!r} has no cancer-specific method of its name")
         self.cohort_names = discover_cohorts(self.data_root, self.cfg.data.labels)
         if not self.cohort_names:
             raise DataError(f"no cohort under {self.data_root} (expected <cohort>/{self.cfg.data.labels})")
@@ -173,18 +190,32 @@ class Experiment:
                            **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
 
-    def theta0(self, in_dim: int) -> Path:
-        return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
+    def theta0(self, in_dim: int, arch: str = "abmil") -> Path:
+        return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins, arch)
+
+    def eval_dataset(self, data: BagDataset, module: Any, cfg: ExperimentConfig | None = None
+                     ) -> BagDataset:
+        """``data`` as evaluation must see it: whole bags, except for a module that cannot
+        compute a bag in pieces (``eval_in_pieces`` false or absent, e.g. TransMIL) when
+        ``data.eval_max_instances`` is set: then bags above it are sampled."""
+        limit = self._eval_limit(module, cfg or self.cfg)
+        return data if data.max_instances == limit else data.resampled(limit)
+
+    @staticmethod
+    def _eval_limit(module: Any, cfg: ExperimentConfig) -> int | None:
+        return None if getattr(module, "eval_in_pieces", False) else cfg.data.eval_max_instances
 
     # -- planning ----------------------------------------------------------------------------
     def prerequisites(self, job: Job) -> list[Job]:
         """Runs that must be finished before ``job`` starts: for a transfer method, the target's
-        own model of the same fold and repeat, then every source's fold-0 model (method.md
-        section 4; sources never see a target patient, so every repeat shares repeat 0's)."""
+        own cancer-specific model of the same fold and repeat, then every source's fold-0 model
+        (method.md section 4; sources never see a target patient, so every repeat shares repeat
+        0's), all of the network ``model.arch`` (the method of that name)."""
         if not get_method(job.method).needs_pool:
             return []
-        return [Job(job.cohort, "abmil", job.fold, job.repeat),
-                *(Job(s, "abmil", 0) for s in self.sources_for(job.cohort))]
+        base = self.cfg.model.arch
+        return [Job(job.cohort, base, job.fold, job.repeat),
+                *(Job(s, base, 0) for s in self.sources_for(job.cohort))]
 
     def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int],
              repeats: int = 1) -> list[Job]:
@@ -198,21 +229,24 @@ class Experiment:
                     for k in folds:
                         job = Job(t, name, k, r)
                         jobs += [*self.prerequisites(job), job]
-        ordered = [j for j in jobs if j.method == "abmil"] + [j for j in jobs if j.method != "abmil"]
+        first = [j for j in jobs if not get_method(j.method).needs_pool]  # cancer-specific
+        ordered = first + [j for j in jobs if get_method(j.method).needs_pool]
         return list(dict.fromkeys(ordered))
 
     def prepare(self, jobs: Sequence[Job]) -> dict[Job, str]:
         """Create what runs share before any of them starts: the splits of every cohort and
-        repeat in ``jobs`` and theta_0 (from the first cohort that loads). Returns the jobs whose
-        cohort could not be prepared, with the one-line error (their runs cannot start)."""
+        repeat in ``jobs`` and the theta_0 of each network they train (from the first cohort that
+        loads). Returns the jobs whose cohort could not be prepared, with the one-line error
+        (their runs cannot start)."""
         failed: dict[Job, str] = {}
-        errors: dict[tuple[str, int], str] = {}
+        errors: dict[tuple[str, int, str], str] = {}
         for job in jobs:
-            key = (job.cohort, job.repeat)
+            arch = get_method(job.method).network(self.cfg)  # the network's own theta_0
+            key = (job.cohort, job.repeat, arch)
             if key not in errors:
                 try:
-                    self.splits(*key)
-                    self.theta0(self.cohort(job.cohort).feature_dim)
+                    self.splits(job.cohort, job.repeat)
+                    self.theta0(self.cohort(job.cohort).feature_dim, arch)
                     errors[key] = ""
                 except StephError as err:
                     errors[key] = one_line(err)
@@ -222,17 +256,21 @@ class Experiment:
 
     # -- one run -----------------------------------------------------------------------------
     def pool_for(self, job: Job) -> ModelPool:
-        theta0_path = self.runs_root / "theta0.safetensors"
-        _, meta = load_theta0(self.runs_root)
+        arch = self.cfg.model.arch
+        _, meta = load_theta0(self.runs_root, arch)
         target, *sources = self.prerequisites(job)
         missing = [str(j.path(self.runs_root)) for j in (target, *sources)
                    if not is_finished(j.path(self.runs_root))]
         if missing:
             raise RunError(f"prerequisite runs not finished: {', '.join(missing)}")
-        weights = "model.safetensors"
+        return self._pool(job, target.path(self.runs_root) / WEIGHTS, sources, meta)
+
+    def _pool(self, job: Job, target: Path, sources: Sequence[Job], meta: dict) -> ModelPool:
+        arch = self.cfg.model.arch
         return ModelPool.from_files(
-            theta0_path, (job.cohort, target.path(self.runs_root) / weights),
-            [(s.cohort, s.path(self.runs_root) / weights) for s in sources], hparams=meta["hparams"])
+            theta0_path(self.runs_root, arch), (job.cohort, target),
+            [(s.cohort, s.path(self.runs_root) / WEIGHTS) for s in sources],
+            hparams=meta["hparams"], arch=arch)
 
     def settings(self, job: Job) -> dict[str, Any]:
         """What decides a run's result: its identity and the config sections its method uses."""
@@ -268,11 +306,12 @@ class Experiment:
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold, job.repeat)
         bins = self.bins_for(cohort, split)
-        theta0_path = self.theta0(cohort.feature_dim)
-        theta0, meta = load_theta0(self.runs_root)
+        arch = method.network(self.cfg)
+        path0 = self.theta0(cohort.feature_dim, arch)
+        theta0, meta = load_theta0(self.runs_root, arch)
         if meta["hparams"]["in_dim"] != cohort.feature_dim:
             raise RunError(f"cohort {cohort.name!r} has {cohort.feature_dim}-d features but the "
-                           f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
+                           f"experiment's theta_0 ({path0}) takes {meta['hparams']['in_dim']}-d")
         check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
         t0 = time.perf_counter()
@@ -293,10 +332,11 @@ class Experiment:
             built = _build(method, ctx)
             for ds in (train_ds, test_ds):
                 ds.set_bag_inputs(dict(built.bag_inputs))
+            test_eval = self.eval_dataset(test_ds, built.module, cfg)
             if not method.trains:
                 break
             try:
-                result = fit(built.module, train_ds, cfg.train, path, test=test_ds,
+                result = fit(built.module, train_ds, cfg.train, path, test=test_eval,
                              progress=self.progress, desc=str(job))
                 history, resumed_from = result.history, result.resumed_from
                 break
@@ -308,8 +348,9 @@ class Experiment:
         if attempts:
             info["restarts"] = attempts
         seconds = time.perf_counter() - t0
-        return self._finish(path, job, built, bins, cohort, train_ds, test_ds, history,
-                            seconds, info, started_at=started_at, resumed_after_epoch=resumed_from)
+        return self._finish(path, job, built, bins, cohort, train_ds, test_eval, history,
+                            seconds, info, cfg, started_at=started_at,
+                            resumed_after_epoch=resumed_from)
 
     def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
                  theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
@@ -318,7 +359,9 @@ class Experiment:
             cfg=cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
             train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
-            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader)
+            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader,
+            arch=meta.get("model", "abmil"), cohort=cohort,
+            graph_dir=graph_cache(self.runs_root, cohort.name))
 
     def _search(self, job: Job, method: Method, spec, cohort: Cohort, split: Split,
                 theta0: dict, meta: dict):
@@ -327,7 +370,7 @@ class Experiment:
         target_method = get_method(target_job.method)
         patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
                     .reset_index()[["patient_id", "time", "event"]])
-        weights = "model.safetensors"
+        weights = WEIGHTS
 
         def inner_data(j: int, train_ids, val_ids):
             inner = Split(j, tuple(train_ids), tuple(val_ids))
@@ -340,6 +383,7 @@ class Experiment:
                 bins, train, _ = inner_data(j, train_ids, ())
                 ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
                 built = _build(target_method, ctx)
+                train.set_bag_inputs(dict(built.bag_inputs))
                 fit(built.module, train, self.cfg.train, run, progress=False,
                     desc=f"{job} search target {j}")
                 save_tensors(run / weights, built.module.state_dict())
@@ -349,14 +393,12 @@ class Experiment:
         def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
             bins, train, val = inner_data(j, train_ids, val_ids)
             cfg = with_overrides(self.cfg, {spec.key: value})
-            pool = lambda: ModelPool.from_files(
-                self.runs_root / "theta0.safetensors", (job.cohort, target),
-                [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
-                hparams=meta["hparams"])
+            pool = lambda: self._pool(job, target, sources, meta)
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
             built = _build(method, ctx)
             for ds in (train, val):
                 ds.set_bag_inputs(dict(built.bag_inputs))
+            val = self.eval_dataset(val, built.module, cfg)
             try:
                 fit(built.module, train, cfg.train, run, progress=False,
                     desc=f"{job} search {spec.key}={value} inner {j}")
@@ -372,12 +414,16 @@ class Experiment:
     def _finish(self, path: Path, job: Job, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
                 seconds: float, info: dict[str, Any] | None = None,
-                started_at: float | None = None, resumed_after_epoch: int = 0) -> dict[str, Any]:
+                cfg: ExperimentConfig | None = None, started_at: float | None = None,
+                resumed_after_epoch: int = 0) -> dict[str, Any]:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
-        command and the data, never on timing: reruns give the same bytes)."""
+        command and the data, never on timing: reruns give the same bytes). ``test_ds`` is the
+        test set as evaluation sees it (:meth:`eval_dataset`)."""
+        cfg = cfg or self.cfg
         module = built.export() if built.export is not None else built.module
+        train_eval = self.eval_dataset(train_ds, built.module, cfg)
         test_pred, test_curves = predict(module, test_ds)
-        train_pred, _ = predict(module, train_ds.full_bags() if train_ds.max_instances else train_ds)
+        train_pred, _ = predict(module, train_eval)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
@@ -387,6 +433,7 @@ class Experiment:
             "test_events": int(test_pred["event"].sum()),
             "epochs": len(history),
         }
+        metrics.update(self._eval_facts(job, built.module, cfg, test_ds, train_eval))
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
         if built.info is not None:
             metrics.update(built.info(history))
@@ -403,6 +450,24 @@ class Experiment:
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
         return metrics
+
+    def _eval_facts(self, job: Job, module: Any, cfg: ExperimentConfig, test_ds: BagDataset,
+                    train_eval: BagDataset) -> dict[str, Any]:
+        """How the bags were evaluated (``eval_policy``) and how many were sampled."""
+        limit = self._eval_limit(module, cfg)
+        if getattr(module, "eval_in_pieces", False):
+            policy = "exact"  # every patch, huge bags computed in pieces
+        elif limit is None:
+            policy = "exact, whole bags"
+        else:
+            policy = f"patches sampled above {limit} per bag"
+        n_test, n_train = test_ds.n_sampled(), train_eval.n_sampled()
+        if n_test or n_train:
+            log.warning("%s: %d test and %d training bag(s) above data.eval_max_instances=%d "
+                        "evaluated on a sample of their patches (%s cannot compute a bag in "
+                        "pieces)", job, n_test, n_train, limit, type(module).__name__)
+        return {"eval_policy": policy, "eval_sampled_bags": n_test,
+                "train_eval_sampled_bags": n_train}
 
     def run_all(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Run ``jobs`` (prerequisites first) in this process; return their metrics in order.

@@ -7,9 +7,11 @@ where and with what software: everything that may differ between two runs of the
 and, written last, ``metrics.json`` (only what the command and the data decide, so reruns give
 the same bytes): a run is finished when its metrics file exists.
 
-``RUNS/theta0.safetensors`` is the shared initialisation of every cancer-specific model of the
-experiment directory, created once. ``RUNS/splits/<cohort>/`` holds the folds when the cohort
-brings none.
+``RUNS/theta0.safetensors`` (+ ``theta0.json``) is the shared initialisation of every
+cancer-specific ABMIL of the experiment directory, created once; each other network has its own,
+``RUNS/theta0-<arch>.safetensors`` (+ ``.json``), created once too (ABMIL keeps the old names).
+``RUNS/splits/<cohort>/`` holds the folds when the cohort brings none; ``RUNS/graphs/<cohort>/``
+the patch graphs of graph networks (Patch-GCN).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import yaml
 
 from steph.config import ModelConfig, without_performance_keys
 from steph.errors import RunError
-from steph.models import ABMIL
+from steph.models import create_model
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json, write_text
 
-THETA0 = "theta0.safetensors"
+THETA0 = "theta0.safetensors"  # ABMIL's; theta0-<arch>.safetensors for the other networks
+GRAPHS = "graphs"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 PREDICTIONS = "predictions.csv"
@@ -54,41 +57,53 @@ def is_finished(path: str | Path) -> bool:
 
 # -- theta_0 ------------------------------------------------------------------------------------
 
-def theta0_identity(model_cfg: ModelConfig, in_dim: int, n_bins: int) -> dict[str, Any]:
-    return {
-        "hparams": {"in_dim": in_dim, "n_bins": n_bins, "hidden_dim": model_cfg.hidden_dim,
-                    "attn_dim": model_cfg.attn_dim, "dropout": model_cfg.dropout},
-        "init_seed": model_cfg.init_seed,
-        "model": model_cfg.name,
-    }
+def theta0_path(root: str | Path, arch: str = "abmil") -> Path:
+    """``RUNS/theta0.safetensors`` for ABMIL, ``RUNS/theta0-<arch>.safetensors`` otherwise."""
+    return Path(root) / (THETA0 if arch == "abmil" else f"theta0-{arch}.safetensors")
 
 
-def ensure_theta0(root: str | Path, model_cfg: ModelConfig, in_dim: int, n_bins: int) -> Path:
-    """Create ``theta0.safetensors`` once; afterwards check it matches the requested model."""
-    root = Path(root)
-    path = root / THETA0
+def graph_cache(root: str | Path, cohort: str) -> Path:
+    """Where the patch graphs of a cohort are cached: ``RUNS/graphs/<cohort>``."""
+    return Path(root) / GRAPHS / cohort
+
+
+def theta0_identity(model_cfg: ModelConfig, in_dim: int, n_bins: int,
+                    arch: str = "abmil") -> dict[str, Any]:
+    with torch.device("meta"):  # hparams only: nothing allocated
+        net = create_model(arch, in_dim=in_dim, n_bins=n_bins, **model_cfg.network_kwargs(arch))
+    return {"hparams": net.hparams(), "init_seed": model_cfg.init_seed, "model": arch}
+
+
+def ensure_theta0(root: str | Path, model_cfg: ModelConfig, in_dim: int, n_bins: int,
+                  arch: str = "abmil") -> Path:
+    """Create network ``arch``'s theta_0 once; afterwards check it matches the requested
+    network (same architecture, hyper-parameters and seed)."""
+    path = theta0_path(root, arch)
     meta_path = path.with_suffix(".json")
-    ident = theta0_identity(model_cfg, in_dim, n_bins)
+    ident = theta0_identity(model_cfg, in_dim, n_bins, arch)
     if path.exists() and meta_path.exists():
         found = read_json(meta_path)
-        if found.get("hparams") != ident["hparams"] or found.get("init_seed") != ident["init_seed"]:
+        if (found.get("hparams") != ident["hparams"] or found.get("init_seed") != ident["init_seed"]
+                or found.get("model", "abmil") != arch):
             raise RunError(
-                f"{path} was created for {found.get('hparams')} (seed {found.get('init_seed')}) but "
-                f"this run needs {ident['hparams']} (seed {ident['init_seed']}): every model of an "
-                "experiment directory must start from the same theta_0; use another --out"
+                f"{path} was created for {found.get('model', 'abmil')} {found.get('hparams')} "
+                f"(seed {found.get('init_seed')}) but this run needs {arch} {ident['hparams']} "
+                f"(seed {ident['init_seed']}): every {arch} model of an experiment directory must "
+                "start from the same theta_0; use another --out"
             )
         return path
     torch.manual_seed(model_cfg.init_seed)
-    model = ABMIL(**ident["hparams"])
+    model = create_model(arch, **ident["hparams"])
     save_tensors(path, model.state_dict())
     write_json(meta_path, ident)
     return path
 
 
-def load_theta0(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = Path(root) / THETA0
+def load_theta0(root: str | Path, arch: str = "abmil"
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = theta0_path(root, arch)
     if not path.exists():
-        raise RunError(f"no shared initialisation at {path}")
+        raise RunError(f"no shared initialisation of {arch} at {path}")
     return load_tensors(path), read_json(path.with_suffix(".json"))
 
 
@@ -99,7 +114,7 @@ def check_or_write_config(path: Path, settings: dict[str, Any]) -> None:
     cfg_path = path / CONFIG
     if cfg_path.exists():
         # performance-only keys (data.cache_mb, train.threads) never make two runs differ
-        found = without_performance_keys(yaml.safe_load(cfg_path.read_text()) or {})
+        found = without_performance_keys(_upgrade(yaml.safe_load(cfg_path.read_text()) or {}))
         settings = without_performance_keys(settings)
         if _canon(found) != _canon(settings):
             diff = sorted(_diff_keys(found, settings))
@@ -110,6 +125,22 @@ def check_or_write_config(path: Path, settings: dict[str, Any]) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(settings, sort_keys=False))
+
+
+def _upgrade(found: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings in today's names: ``model.name`` is now ``model.arch``, and
+    runs recorded before ``model.options`` / ``data.eval_max_instances`` existed ran with their
+    defaults (none)."""
+    model, data = found.get("model"), found.get("data")
+    if isinstance(model, dict):
+        model = dict(model)
+        if "name" in model and "arch" not in model:
+            model["arch"] = model.pop("name")
+        model.setdefault("options", {})
+        found = {**found, "model": model}
+    if isinstance(data, dict) and "eval_max_instances" not in data:
+        found = {**found, "data": {**data, "eval_max_instances": None}}
+    return found
 
 
 def _canon(d: Any) -> str:

@@ -1,4 +1,5 @@
-"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3)."""
+"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3), over the
+runs folder's network (``model.arch``: ABMIL by default, or any registered MIL network)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from steph.config import ExperimentConfig, StephConfig
 from steph.merging.steph import STEPH
-from steph.config import ExperimentConfig
+from steph.methods.networks import example_bag_inputs, network_bag_inputs, random_task_vectors
 from steph.methods.registry import (
     Built,
+    CostSpec,
     Method,
     MethodContext,
     SearchSpec,
@@ -28,18 +31,27 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
         cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
         # a fresh head drawn at random; where it starts is train.head_init's (the trainer's)
         model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
-                      n_patients=ctx.n_patients)
+                      n_patients=ctx.n_patients, arch=ctx.arch)
+        bag_inputs = network_bag_inputs(ctx, ctx.arch)
         screening: dict[str, Any] = {}
         if cfg.w_init == "screened":
-            screening = screen_sources(ctx.pool(), ctx.hparams, ctx.train_data,
-                                       ctx.cfg.train.loss_alpha, ctx.cfg.train.seed)
+            screening = screen_sources(ctx.pool(), ctx.hparams, ctx.arch, ctx.train_data,
+                                       bag_inputs, ctx.cfg.train.loss_alpha, ctx.cfg.train.seed)
             w, lam = screened_start(screening, model.source_names, model.top_k)
             model.start_merge_at(w, lam)
         return Built(module=model, kind="steph", settings=model.settings,
-                     info=lambda history: {**merge_facts(model, history), **screening})
+                     info=lambda history: {**merge_facts(model, history), **screening},
+                     bag_inputs=bag_inputs)
+
+    def cost(spec: CostSpec):
+        """STEPH over ``spec.arch`` with m = ``spec.n_sources`` random source task vectors."""
+        cfg = StephConfig.model_validate({**StephConfig().model_dump(), **overrides})
+        stack, hparams = random_task_vectors(spec, spec.n_sources + 1)
+        model = STEPH(stack, hparams, cfg, arch=spec.arch).eval()
+        return model, example_bag_inputs(model, spec.n_instances)
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=STEPH_SECTIONS, search=gamma_search)
+                  config_sections=STEPH_SECTIONS, search=gamma_search, cost_model=cost)
 
 
 def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
@@ -51,13 +63,15 @@ def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
                       target_model=s.search_target)
 
 
-def screen_sources(pool, hparams: dict[str, Any], train, loss_alpha: float,
-                   seed: int) -> dict[str, Any]:
+def screen_sources(pool, hparams: dict[str, Any], arch: str, train, bag_inputs: dict,
+                   loss_alpha: float, seed: int) -> dict[str, Any]:
     """Cross-validated probe C-index, on the training patients, of theta_0 + tau_t and of
     theta_0 + tau_t + tau_i for every source i (forward passes and penalised head fits only)."""
-    from steph.merging.baselines import merged_abmil
+    from steph.merging.baselines import merged_network
     from steph.training.head_start import fit_ph_head, head_inputs
 
+    if bag_inputs:
+        train.set_bag_inputs(dict(bag_inputs))
     bins = np.array([int(item["bin"]) for item in train])
     events = np.array([int(item["event"]) for item in train])
     times = np.array([float(item["time"]) for item in train])
@@ -71,7 +85,7 @@ def screen_sources(pool, hparams: dict[str, Any], train, loss_alpha: float,
         state = dict(pool.theta0)
         for n in names:
             state[n] = pool.theta0[n] + tau_t[n] + (extra[n] if extra is not None else 0.0)
-        z = head_inputs(merged_abmil(state, hparams), train)
+        z = head_inputs(merged_network(state, hparams, arch), train)
         _, _, info = fit_ph_head(z, bins, events, times, base, loss_alpha, seed=seed)
         return float(np.nanmax(list(info["head_cv_cindex"].values())))
 

@@ -5,7 +5,7 @@ named encoder and head)."""
 from typing import Any
 
 from steph.models.abmil import ABMIL, ENCODER_PREFIXES, HEAD_PREFIX, encoder_parameter_names
-from steph.models.base import MILNetwork
+from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
 from steph.models.ilra import ILRA
 from steph.models.patch_gcn import PatchGCN
 from steph.models.r2t_mil import R2TMIL
@@ -14,21 +14,27 @@ from steph.models.registry import (
     build_artefact,
     create_model,
     list_models,
+    model_class,
     register_artefact,
     register_model,
 )
 from steph.models.transmil import TransMIL
 
-register_model("abmil")(ABMIL)
-register_model("transmil")(TransMIL)
-register_model("ilra")(ILRA)
-register_model("r2t_mil")(R2TMIL)
-register_model("patch_gcn")(PatchGCN)
+NETWORKS = {"abmil": ABMIL, "transmil": TransMIL, "ilra": ILRA, "r2t_mil": R2TMIL,
+            "patch_gcn": PatchGCN}
 
 
-@register_artefact("abmil")
-def _abmil_artefact(settings: dict[str, Any]) -> ABMIL:
-    return ABMIL(**settings)
+def _artefact_builder(cls: type[MILNetwork]):
+    def build(settings: dict[str, Any]) -> MILNetwork:
+        return cls(**settings)  # settings: the network's hparams()
+    return build
+
+
+# every network is a model (by name) and an artefact kind of the same name (a cancer-specific
+# model, or a merge exported as a plain network)
+for _name, _cls in NETWORKS.items():
+    register_model(_name)(_cls)
+    register_artefact(_name)(_artefact_builder(_cls))
 
 
 __all__ = [
@@ -36,7 +42,9 @@ __all__ = [
     "ENCODER_PREFIXES",
     "HEAD_PREFIX",
     "ILRA",
+    "NETWORKS",
     "R2TMIL",
+    "EmbedCall",
     "MILNetwork",
     "PatchGCN",
     "TransMIL",
@@ -44,7 +52,9 @@ __all__ = [
     "build_artefact",
     "create_model",
     "encoder_parameter_names",
+    "init_fresh_head",
     "list_models",
+    "model_class",
     "register_artefact",
     "register_model",
 ]

@@ -19,10 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.base import MILNetwork
+from steph.models.base import (
+    DEFAULT_CHUNK_SIZE,
+    MILNetwork,
+    OnlineSoftmax,
+    check_chunk_size,
+    init_fresh_head,  # noqa: F401  (re-exported: it lived here first)
+)
 
 ENCODER_PREFIXES = ("feat_proj.", "attention.")
-DEFAULT_CHUNK_SIZE = 65_536  # instances per chunk in eval / no-grad pooling (0 = never chunk)
 HEAD_PREFIX = "head."
 
 
@@ -56,6 +61,7 @@ class ABMIL(MILNetwork):
     ENCODER_PREFIXES = ENCODER_PREFIXES
     HEAD_PREFIX = HEAD_PREFIX
     bag_inputs = ()
+    eval_in_pieces = True
 
     def __init__(
         self,
@@ -67,9 +73,7 @@ class ABMIL(MILNetwork):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         super().__init__()
-        if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 = never chunk), got {chunk_size}")
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.in_dim, self.n_bins = int(in_dim), int(n_bins)
         self.hidden_dim, self.attn_dim, self.dropout = int(hidden_dim), int(attn_dim), float(dropout)
         self.feat_proj = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
@@ -105,25 +109,14 @@ class ABMIL(MILNetwork):
     def _embed_chunked(self, x: torch.Tensor, chunk_size: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Online-softmax attention pooling over chunks of ``chunk_size`` instances."""
-        scores = []
-        run_max = run_sum = acc = None
+        scores, pool = [], OnlineSoftmax()
         for start in range(0, x.shape[0], chunk_size):
             h = self.feat_proj(x[start:start + chunk_size])
             s = self.attention(h)  # (c,)
             scores.append(s)
-            m = s.max()
-            if run_max is None:
-                e = torch.exp(s - m)
-                run_max, run_sum, acc = m, e.sum(), e @ h
-                continue
-            new_max = torch.maximum(run_max, m)
-            scale = torch.exp(run_max - new_max)  # <= 1: earlier terms shrink, never overflow
-            e = torch.exp(s - new_max)
-            run_sum = run_sum * scale + e.sum()
-            acc = acc * scale + e @ h
-            run_max = new_max
+            pool.add(s, h)
         attn = F.softmax(torch.cat(scores), dim=0)
-        return (acc / run_sum).unsqueeze(0), attn
+        return pool.result().unsqueeze(0), attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Hazard logits (1, n_bins) of one bag."""
@@ -131,32 +124,6 @@ class ABMIL(MILNetwork):
         return self.head(z)
 
 
-class ABMILEmbedder(nn.Module):
-    """Calls ``ABMIL.embed`` as its forward, so that ``torch.func.functional_call`` can run the
-    bag embedding with swapped (e.g. merged) encoder tensors: ``{"abmil.<name>": tensor}``."""
-
-    def __init__(self, abmil: ABMIL):
-        super().__init__()
-        self.abmil = abmil
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.abmil.embed(x)[0]
-
-
 def encoder_parameter_names(model: nn.Module) -> list[str]:
     """Names of the MIL-encoder tensors (everything but the head), in registration order."""
     return [n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
-
-
-def init_fresh_head(head: nn.Linear, generator: torch.Generator,
-                    bias: torch.Tensor | None = None) -> None:
-    """Draw a head afresh (not copied from any model): U(+-1/sqrt(fan_in)) from ``generator``.
-
-    ``bias``, when given, replaces the drawn bias (e.g. the training split's baseline hazard
-    logits, see steph.survival.baseline); the weights always stay freshly drawn."""
-    with torch.no_grad():
-        bound = 1.0 / head.in_features ** 0.5
-        head.weight.uniform_(-bound, bound, generator=generator)
-        head.bias.uniform_(-bound, bound, generator=generator)
-        if bias is not None:
-            head.bias.copy_(bias)

@@ -22,16 +22,29 @@ Encoder / head: the MIL encoder is both blocks and the pooling unit (``blocks.``
 the head is ``head``. ``embed`` returns the pooled vector and the pooling attention averaged
 over heads (N,). The network is permutation invariant.
 
+Large bags: the network is linear in the number of instances. In eval mode without autograd a
+bag of more than ``chunk_size`` instances is computed exactly in chunks: the latent (and the
+pooling seed) reads the instances by an online softmax over chunks of keys, and the instances
+read the latent chunk by chunk; only the (N, hidden) block outputs are held whole.
+
 4,214,560 parameters at in_dim=1536, n_bins=32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.base import MILNetwork, head_dim
+from steph.models.base import (
+    DEFAULT_CHUNK_SIZE,
+    MILNetwork,
+    OnlineSoftmax,
+    check_chunk_size,
+    head_dim,
+)
 
 
 class MultiHeadAttention(nn.Module):
@@ -43,16 +56,31 @@ class MultiHeadAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.out_proj = nn.Linear(dim, dim)
 
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # (n, dim) -> (heads, n, head_dim)
+        return t.reshape(-1, self.heads, self.head_dim).transpose(0, 1)
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:  # (heads, n, head_dim) -> (n, dim)
+        return self.out_proj(t.transpose(0, 1).reshape(-1, self.heads * self.head_dim))
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(nq, dim), (nk, dim), (nk, dim) -> output (nq, dim), weights (heads, nq, nk)."""
-        def split(t: torch.Tensor) -> torch.Tensor:  # (n, dim) -> (heads, n, head_dim)
-            return t.reshape(-1, self.heads, self.head_dim).transpose(0, 1)
-
-        q, k, v = split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v))
+        q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
         w = F.softmax((q * self.head_dim ** -0.5) @ k.transpose(-1, -2), dim=-1)
-        out = (w @ v).transpose(0, 1).reshape(-1, self.heads * self.head_dim)
-        return self.out_proj(out), w
+        return self._merge(w @ v), w
+
+    def forward_streamed(self, q: torch.Tensor,
+                         kv_chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`forward` with the keys and values given chunk by chunk (an online
+        softmax over the chunks): only one chunk's projections are held at a time."""
+        q = self._split(self.q_proj(q)) * self.head_dim ** -0.5
+        scores, pool = [], OnlineSoftmax()
+        for k, v in kv_chunks:
+            s = q @ self._split(self.k_proj(k)).transpose(-1, -2)  # (heads, nq, c)
+            scores.append(s)
+            pool.add(s, self._split(self.v_proj(v)))
+        return self._merge(pool.result()), F.softmax(torch.cat(scores, dim=-1), dim=-1)
 
 
 class AttentionUnit(nn.Module):
@@ -67,11 +95,19 @@ class AttentionUnit(nn.Module):
         self.fc_o = nn.Linear(dim, dim)
         self.gate = nn.Linear(dim_q, dim) if gated else None
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor
+    def forward(self, query: torch.Tensor, key: torch.Tensor, chunk: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chunk`` > 0: queries and keys beyond that many rows are taken in chunks of it
+        (the same result up to float rounding; eval-time memory bound)."""
+        if chunk and query.shape[0] > chunk:  # every query is independent of the others
+            parts = [self(query[i:i + chunk], key, chunk) for i in range(0, query.shape[0], chunk)]
+            return torch.cat([o for o, _ in parts]), torch.cat([w for _, w in parts], dim=1)
         q = self.fc_q(query)
-        kv = self.fc_k(key), self.fc_v(key)
-        a, w = self.attn(q, *kv)
+        if chunk and key.shape[0] > chunk:
+            a, w = self.attn.forward_streamed(
+                q, ((self.fc_k(c), self.fc_v(c)) for c in key.split(chunk)))
+        else:
+            a, w = self.attn(q, self.fc_k(key), self.fc_v(key))
         o = q + a
         o = o + F.relu(self.fc_o(o))
         if self.gate is not None:
@@ -88,9 +124,9 @@ class GAB(nn.Module):
         self.to_latent = AttentionUnit(dim, dim_in, dim, heads, gated=True)
         self.to_instances = AttentionUnit(dim_in, dim, dim, heads, gated=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.to_latent(self.latent, x)
-        return self.to_instances(x, h)[0]
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        h, _ = self.to_latent(self.latent, x, chunk)
+        return self.to_instances(x, h, chunk)[0]
 
 
 class SeedPooling(nn.Module):
@@ -101,8 +137,8 @@ class SeedPooling(nn.Module):
         self.seed = nn.Parameter(torch.empty(1, dim))
         self.attn = AttentionUnit(dim, dim, dim, heads, gated=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, w = self.attn(self.seed, x)
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        z, w = self.attn(self.seed, x, chunk)
         return z, w.mean(dim=0)[0]  # (1, dim), (N,)
 
 
@@ -110,10 +146,13 @@ class ILRA(MILNetwork):
     """ILRA survival network (see the module docstring)."""
 
     ENCODER_PREFIXES = ("blocks.", "pool.")
+    eval_in_pieces = True
 
     def __init__(self, in_dim: int = 1536, n_bins: int = 32, hidden_dim: int = 256,
-                 n_blocks: int = 2, heads: int = 8, rank: int = 1):
+                 n_blocks: int = 2, heads: int = 8, rank: int = 1,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()
+        self.chunk_size = check_chunk_size(chunk_size)
         self.in_dim, self.n_bins, self.hidden_dim = int(in_dim), int(n_bins), int(hidden_dim)
         self.n_blocks, self.heads, self.rank = int(n_blocks), int(heads), int(rank)
         self.blocks = nn.ModuleList(
@@ -141,6 +180,7 @@ class ILRA(MILNetwork):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled vector (1, hidden_dim) and the pooling attention (N,) of one bag."""
         h = self._bag(x)
+        chunk = self._eval_chunk(h.shape[0])
         for block in self.blocks:
-            h = block(h)
-        return self.pool(h)
+            h = block(h, chunk)
+        return self.pool(h, chunk)

@@ -30,6 +30,11 @@ without ``edge_index`` is an error: silently dropping the graph would train anot
 
 The LayerNorms act per node (nn.LayerNorm), so nodes interact only through edges.
 
+Large bags: time and memory are linear in the number of patches. In eval mode without autograd
+a bag of more than ``chunk_size`` patches is computed exactly layer by layer in chunks of
+destination nodes (:meth:`PatchGCN._embed_chunked`): only four (N, hidden) tensors are held,
+never the (E, hidden) messages of the whole graph.
+
 Encoder / head: the MIL encoder is everything but ``head`` (``fc.``, ``layers.``, ``phi.``,
 ``attention.``). ``embed`` returns the pooled vector and the attention weights (N,). The
 network is invariant to a relabelling of the nodes applied to ``x`` and ``edge_index`` alike.
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.models.abmil import GatedAttention
-from steph.models.base import MILNetwork
+from steph.models.base import DEFAULT_CHUNK_SIZE, MILNetwork, OnlineSoftmax, check_chunk_size
 
 
 def softmax_aggregate(messages: torch.Tensor, dst: torch.Tensor, n_nodes: int,
@@ -111,7 +116,11 @@ class DeepGCNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor,
                 degree: int | None = None) -> torch.Tensor:
-        return self.drop(x + F.relu(self.norm(self.conv(x, edge_index, degree))))
+        return self.finish(x, self.conv(x, edge_index, degree))
+
+    def finish(self, x: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input ``x`` and its convolution's output (per node)."""
+        return self.drop(x + F.relu(self.norm(conv)))
 
 
 class PatchGCN(MILNetwork):
@@ -119,10 +128,13 @@ class PatchGCN(MILNetwork):
 
     ENCODER_PREFIXES = ("fc.", "layers.", "phi.", "attention.")
     bag_inputs = ("edge_index",)
+    eval_in_pieces = True
 
     def __init__(self, in_dim: int = 1536, n_bins: int = 32, hidden_dim: int = 256,
-                 n_layers: int = 3, dropout: float = 0.25, block_dropout: float = 0.1):
+                 n_layers: int = 3, dropout: float = 0.25, block_dropout: float = 0.1,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()
+        self.chunk_size = check_chunk_size(chunk_size)
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         self.in_dim, self.n_bins, self.hidden_dim = int(in_dim), int(n_bins), int(hidden_dim)
@@ -162,6 +174,9 @@ class PatchGCN(MILNetwork):
         x = self._bag(x)
         edge_index = self._check_edges(edge_index, x.shape[0])
         degree = uniform_degree(edge_index[1], x.shape[0])
+        chunk = self._eval_chunk(x.shape[0])
+        if chunk:
+            return self._embed_chunked(x, edge_index, degree, chunk)
         h = self.fc(x)
         outs = [h]
         h = self.layers[0].conv(h, edge_index, degree)  # the first layer: a bare convolution
@@ -172,3 +187,46 @@ class PatchGCN(MILNetwork):
         h = self.phi(torch.cat(outs, dim=1))
         attn = F.softmax(self.attention(h), dim=0)
         return (attn @ h).unsqueeze(0), attn
+
+    def _embed_chunked(self, x: torch.Tensor, edge_index: torch.Tensor, degree: int | None,
+                       chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`embed` in chunks of ``chunk`` nodes, layer by layer (eval, no autograd).
+
+        Each layer keeps its (N, hidden) node features whole and does the edge work (gather,
+        softmax aggregation, MLP) for one chunk of destination nodes at a time; ``phi``'s input,
+        the concatenation of the four (N, hidden) outputs, is never formed: its Linear is the
+        sum of four block products, accumulated as the layers go; the attention pooling is an
+        online softmax over chunks. The same result up to float rounding."""
+        n, width = x.shape[0], self.hidden_dim
+        src, dst = edge_index[0], edge_index[1]
+        if degree is None:  # group the edges by destination node
+            order = torch.argsort(dst, stable=True)
+            src, dst = src[order], dst[order]
+        starts = list(range(0, n, chunk))
+        ptr = torch.searchsorted(dst, torch.tensor([*starts, n], device=dst.device)).tolist()
+
+        def layer(conv: GENConv, h: torch.Tensor, finish=None) -> torch.Tensor:
+            messages = F.relu(h) + conv.eps
+            out = []
+            for i, a in enumerate(starts):
+                b = min(a + chunk, n)
+                e = slice(ptr[i], ptr[i + 1])
+                agg = softmax_aggregate(messages[src[e]], dst[e] - a, b - a, conv.t, degree)
+                c = conv.mlp(h[a:b] + agg)
+                out.append(c if finish is None else finish(h[a:b], c))
+            return torch.cat(out)
+
+        proj = self.phi[0]  # Linear over [h_0, h_1, ..., h_L]: one column block per layer
+        h = torch.cat([self.fc(x[a:a + chunk]) for a in starts])
+        pre = F.linear(h, proj.weight[:, :width], proj.bias)
+        for i, block in enumerate(self.layers):
+            # the first layer is its bare convolution (see the class docstring)
+            h = layer(block.conv, h, None if i == 0 else block.finish)
+            pre = pre + F.linear(h, proj.weight[:, (i + 1) * width:(i + 2) * width])
+        scores, pool = [], OnlineSoftmax()
+        for a in starts:
+            hp = self.phi[2](self.phi[1](pre[a:a + chunk]))
+            s = self.attention(hp)
+            scores.append(s)
+            pool.add(s, hp)
+        return pool.result().unsqueeze(0), F.softmax(torch.cat(scores), dim=0)

@@ -22,6 +22,13 @@ token and no attention (Nystrom attention has no per-instance weight to report).
 
 2,949,680 parameters at in_dim=1536, n_bins=32. The network is not permutation invariant (the
 grid positions feed PPEG).
+
+Large bags: memory is linear in the number of instances (about 40 kB per instance at
+inference), but no exact split of a bag exists: the landmarks are means over segments of n/256
+tokens, the third Nystrom kernel is a softmax over all n keys, PPEG and the residual
+convolution need neighbouring rows, and each layer needs the whole previous output. The whole
+bag is therefore evaluated at once (``eval_in_pieces = False``); an experiment may sample the
+patches of bags above ``data.eval_max_instances`` and records it (see steph.experiments.cv).
 """
 
 from __future__ import annotations
