@@ -76,19 +76,13 @@ class SynthConfig:
     feature_noise: float = 0.3  # isotropic noise added in feature space
     cohort_shift: float = 0.5  # scale of each cohort's latent offset
     composition_concentration: float = 2.0  # Dirichlet concentration of a patient's mix
-    effect_size: float = 1.0  # std of the true log-hazard within a cohort
+    effect_size: float = 1.5  # std of the true log-hazard within a cohort
     n_prognostic: int = 3  # phenotypes with a non-zero effect per family
     weibull_shape: float = 1.2
-    # Subtle prognostic variants: a patch of one of a family's prognostic phenotypes is, with a
-    # patient-specific probability q (its "grade"), a variant shifted by a family-specific latent
-    # direction of this norm (0: no variants). variant_share is the share of the log-hazard's
-    # variance that comes from the grades (the rest from the phenotype composition).
-    variant_shift: float = 0.0
-    variant_share: float = 0.0
     # Mean abundance of a family's prognostic phenotypes relative to the others (1: as common;
     # 0.1: ten times rarer, a few % of the patches). Rare prognostic tissue hides in the mean of
     # the patches; an attention network that learned to look for it finds it.
-    prognostic_abundance: float = 1.0
+    prognostic_abundance: float = 0.1
     min_patches: int = 16
     layout: str = "contiguous"  # or "trident" (one-row chunks)
     families: dict[str, int] = field(default_factory=dict)  # family -> index (derived)
@@ -193,8 +187,6 @@ class _World:
     offset: np.ndarray  # (D,) features are not centred, like real foundation-model features
     family_effects: dict[str, np.ndarray]  # family -> (P,)
     family_base: dict[str, np.ndarray]  # family -> (P,) log base composition
-    family_variants: dict[str, np.ndarray]  # family -> (P, L) latent shift of variant patches
-    family_grade_effects: dict[str, np.ndarray]  # family -> (P,) log-hazard per unit of grade
 
 
 def _make_world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
@@ -206,7 +198,7 @@ def _make_world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
     # Each family gets its own prognostic phenotypes: consecutive windows of k phenotypes,
     # disjoint while P allows (P >= k x families); beyond that the windows wrap around and
     # families share phenotypes, possibly with reversed effects.
-    effects, bases, variants, grades = {}, {}, {}, {}
+    effects, bases = {}, {}
     k = cfg.n_prognostic
     for i, fam in enumerate(families):
         beta = np.zeros(P)
@@ -218,15 +210,7 @@ def _make_world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
         base = rng.normal(0.0, 0.6, size=P)
         base[idx] += math.log(cfg.prognostic_abundance)
         bases[fam] = base
-        # the family's variant of each of its prognostic phenotypes: a direction of its own
-        shift = np.zeros((P, L))
-        d = rng.normal(size=(k, L))
-        shift[idx] = d / np.linalg.norm(d, axis=1, keepdims=True) * cfg.variant_shift
-        variants[fam] = shift
-        g = np.zeros(P)
-        g[idx] = rng.choice([-1.0, 1.0], size=k) * rng.uniform(1.0, 2.0, size=k)
-        grades[fam] = g
-    return _World(prototypes, mixing, offset, effects, bases, variants, grades)
+    return _World(prototypes, mixing, offset, effects, bases)
 
 
 def _censoring_scale(t_event: np.ndarray, entry: np.ndarray, dropout: np.ndarray,
@@ -302,14 +286,6 @@ def _simulate_cohort(cfg: SynthConfig, spec: CohortSpec, world: _World, rng: np.
     alpha = cfg.composition_concentration * np.exp(base) / np.exp(base).sum() * P
     mix = rng.dirichlet(alpha, size=n)  # (n, P) phenotype composition of each patient
     raw = mix @ beta
-    raw = (raw - raw.mean()) / (raw.std() + 1e-12)
-    variant = world.family_variants[spec.family]
-    grade = rng.beta(1.0, 1.0, size=(n, P)) * (np.abs(variant).sum(1) > 0)  # per patient
-    if cfg.variant_share > 0:
-        g = grade @ (world.family_grade_effects[spec.family]
-                     + rng.normal(0.0, spec.effect_noise, size=P))
-        g = (g - g.mean()) / (g.std() + 1e-12)
-        raw = math.sqrt(1 - cfg.variant_share) * raw + math.sqrt(cfg.variant_share) * g
     eta = (raw - raw.mean()) / (raw.std() + 1e-12) * cfg.effect_size  # true log-hazard
 
     # Weibull proportional hazards: S(t) = exp(-(t / lam)^k * exp(eta)); lam from the median.
@@ -323,7 +299,7 @@ def _simulate_cohort(cfg: SynthConfig, spec: CohortSpec, world: _World, rng: np.
     time = np.maximum(1.0, np.round(np.minimum(t_event, t_cens)))
     event = (t_event <= t_cens).astype(int)
 
-    shift = rng.normal(0.0, cfg.cohort_shift, size=cfg.latent_dim)[None, :]
+    shift = rng.normal(0.0, cfg.cohort_shift, size=cfg.latent_dim)
     rows, slides = [], []
     patient_ids = [f"{spec.name}-{i:04d}" for i in range(n)]
     for i, pid in enumerate(patient_ids):
@@ -332,8 +308,7 @@ def _simulate_cohort(cfg: SynthConfig, spec: CohortSpec, world: _World, rng: np.
             slide_id = f"{pid}-S{j + 1}"
             n_patches = _bag_size(spec, cfg, rng)
             phen = rng.choice(P, size=n_patches, p=mix[i])
-            is_variant = rng.random(n_patches) < grade[i, phen]
-            slides.append((slide_id, phen, shift + is_variant[:, None] * variant[phen]))
+            slides.append((slide_id, phen, shift))
             # Every other slide id carries a WSI extension, as in real tables: the loaders strip it.
             rows.append((pid, slide_id + (".svs" if (i + j) % 2 else ""), time[i], event[i]))
     labels = pd.DataFrame(rows, columns=["patient_id", "slide_id", "time", "event"])
