@@ -15,25 +15,35 @@ saved with every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from steph.errors import ConfigError
 
-
 # Settings that change speed or memory but never a result: not part of a run's identity.
+# (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
 PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
+
+# Keys added after runs were first written, with the value those earlier runs had in effect:
+# a saved config without the key identifies the same run as one holding that value.
+ADDED_LATER = {"train": {"deterministic": True}}
 
 
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a settings tree without the keys of PERFORMANCE_ONLY."""
+    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY,
+    and without the keys of ADDED_LATER that hold the value runs made before them had."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
     for section, keys in PERFORMANCE_ONLY.items():
         if isinstance(out.get(section), dict):
             for key in keys:
                 out[section].pop(key, None)
+    for section, defaults in ADDED_LATER.items():
+        if isinstance(out.get(section), dict):
+            for key, value in defaults.items():
+                if key in out[section] and out[section][key] == value:
+                    del out[section][key]
     return out
 
 
@@ -43,14 +53,14 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     labels: str = "labels.csv"  # file name inside each cohort folder
-    convention: Optional[Literal["native", "mcat", "tcga_cdr", "steph"]] = None  # None: detect
-    endpoint: Optional[Literal["os", "dss", "pfi", "dfi"]] = None  # TCGA-CDR only; None: DSS
-    time_unit: Optional[Literal["days", "months"]] = None
+    convention: Literal["native", "mcat", "tcga_cdr", "steph"] | None = None  # None: detect
+    endpoint: Literal["os", "dss", "pfi", "dfi"] | None = None  # TCGA-CDR only; None: DSS
+    time_unit: Literal["days", "months"] | None = None
     on_bad_slide: Literal["raise", "skip"] = "raise"
     check: Literal["shape", "full"] = "shape"
     n_folds: int = Field(5, ge=2)
     split_seed: int = 0
-    max_instances: Optional[int] = Field(None, ge=1)  # patch sampling for huge bags
+    max_instances: int | None = Field(None, ge=1)  # patch sampling for huge bags
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
 
 
@@ -77,13 +87,17 @@ class TrainConfig(_Strict):
     loss_alpha: float = Field(0.5, ge=0.0, le=1.0)
     seed: int = 0
     eval_every: int = Field(1, ge=0)  # test C-index every N epochs (0: last epoch only)
-    threads: Optional[int] = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)  # None: torch's count when the run starts
+    # Bit-identical reruns (steph.utils.reproducibility): pinned thread count, torch's
+    # deterministic algorithms and, on CUDA, deterministic cuBLAS / cuDNN. Part of a run's
+    # identity: a run made without it carries no bit-for-bit guarantee.
+    deterministic: bool = True
 
 
 class StephConfig(_Strict):
     top_k: int = Field(5, ge=1)  # K; larger than the number of sources means "all"
     beta: float = Field(0.05, ge=0)  # weight of L_mix
-    gamma: Optional[float] = Field(None, ge=0)  # weight of L_agg; None: 0.005 if > 500 patients
+    gamma: float | None = Field(None, ge=0)  # weight of L_agg; None: 0.005 if > 500 patients
     gamma_large: float = 0.005
     gamma_small: float = 0.05
     large_cohort: int = 500
