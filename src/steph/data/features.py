@@ -66,6 +66,37 @@ def strip_wsi_extension(slide_id: Any) -> str:
     return s
 
 
+def slide_id_problem(slide_id: Any) -> str | None:
+    """Why `slide_id` cannot name a file inside a features folder, or None when it can.
+
+    Slide ids come from data files and become file names: an absolute path, or ``..``
+    components that climb out of the folder, would read files elsewhere. (Symbolic links placed
+    in the features folder are a different matter: the user made them, and they are followed.)
+    """
+    s = str(slide_id)
+    if "\0" in s:
+        return "contains a NUL character"
+    unified = s.replace("\\", "/")
+    if unified.startswith("/") or (len(s) >= 2 and s[1] == ":" and s[0].isalpha()):
+        return "is an absolute path"
+    depth = 0
+    for part in unified.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs out of the features folder ('..')"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _check_slide_id(slide_id: str) -> None:
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        raise DataError(f"slide id {slide_id!r} {problem}; slide ids name files inside the "
+                        "features folder")
+
+
 def _search_dirs(features_dir: Path) -> list[tuple[Path, tuple[str, ...]]]:
     """Folders to look in, each with the suffixes that may live there (preference order)."""
     return [
@@ -125,6 +156,9 @@ def _candidate_stems(slide_id: str) -> list[str]:
 
 
 def _missing_message(features_dir: Path, slide_id: str) -> str:
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        return f"slide id {slide_id!r} {problem}; not looked up"
     stem = _candidate_stems(slide_id)[0]
     looked = [str(folder / f"{stem}{sfx}") for folder, sfxs in _search_dirs(features_dir)
               for sfx in sfxs]
@@ -136,7 +170,9 @@ def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path:
     """Path of the feature file of `slide_id` (``.h5`` preferred over ``.pt``).
 
     Looks in `features_dir`, then ``features_dir/h5_files`` and ``features_dir/pt_files``.
-    Raises :class:`DataError` naming every path tried when nothing is there."""
+    Raises :class:`DataError` naming every path tried when nothing is there, or when the id
+    would name a file outside `features_dir` (see :func:`slide_id_problem`)."""
+    _check_slide_id(slide_id)
     features_dir = Path(features_dir)
     for stem in _candidate_stems(slide_id):
         for folder, suffixes in _search_dirs(features_dir):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steph.data.features import strip_wsi_extension
+from steph.data.features import slide_id_problem, strip_wsi_extension
 from steph.errors import DataError
 
 logger = logging.getLogger("steph.data.labels")
@@ -271,6 +271,14 @@ def read_labels(path: str | os.PathLike, convention: str | None = None,
             items = [f"line {_line(i)}" for i in blank]
             raise DataError(f"{path}: column {col!r} has blank {name} ids: {_listing(items)}")
     sid = sid_raw.map(strip_wsi_extension)
+    # slide ids become file names: none may point outside the cohort's features folder
+    unsafe = [(i, p) for i, p in enumerate(map(slide_id_problem, sid)) if p is not None]
+    if unsafe:
+        items = [f"line {_line(i)} (patient {pid.iat[i]!r}): {sid_raw.iat[i]!r} {p}"
+                 for i, p in unsafe]
+        raise DataError(f"{path}: column {spec.slide!r} has slide ids that are not file names "
+                        f"inside the features folder (refused, nothing read): "
+                        f"{_listing(items)}")
 
     time, t_missing = _parse_numbers(table[spec.time], path, spec.time, pid)
     flag, f_missing = _parse_numbers(table[spec.flag], path, spec.flag, pid, booleans=True)
