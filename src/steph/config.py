@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from steph.errors import ConfigError
+from steph.utils.io import read_user_text
 
 # Settings that change speed or memory but never a result: not part of a run's identity.
 # (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
@@ -48,7 +49,8 @@ def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN / inf are never a meaningful setting (and would pass bounds such as lr > 0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -173,28 +175,39 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        text = read_user_text(path, "config file", error=ConfigError)
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            loaded = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError) as err:  # PyYAML: ValueError for a bad \U escape
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, value, source)
+    if overrides:
         source = f"{source} + overrides"
     return build_config(data, source)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str = "config") -> None:
     parts = key.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {key!r} must look like section.key (e.g. train.epochs)")
-    section = data.setdefault(parts[0], {})
+    if data.get(parts[0]) is None:  # absent, or an empty section: defaults
+        data[parts[0]] = {}
+    section = data[parts[0]]
     if not isinstance(section, dict):
-        raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+        raise ConfigError(f"cannot apply override {key!r}: section {parts[0]!r} of {source} is "
+                          f"not a mapping (got {section!r:.60})")
     section[parts[1]] = value
 
 
@@ -205,7 +218,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
     return key.strip(), value
 

@@ -14,19 +14,24 @@ is reported as such instead of being read.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
-from steph.errors import CorruptFileError, RunError
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, not by config readers
+    import torch
+
+from steph.errors import CorruptFileError, DataError, RunError, StephError
 
 # metadata key of the SHA-256 (hex) of a safetensors file's data section
 CHECKSUM_KEY = "steph.sha256"
@@ -114,6 +119,62 @@ def read_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column "
                        f"{e.colno})") from None
+
+
+# byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's)
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_user_text(path: str | os.PathLike, what: str = "file",
+                   error: type[StephError] = DataError) -> str:
+    """A user's text file: UTF-8, or UTF-8 / UTF-16 / UTF-32 with a byte-order mark (as
+    spreadsheet programs write them). Anything else raises `error` naming the file and the line
+    of the first byte that is not text in that encoding, or of a NUL character."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise error(f"cannot read {path}: {_reason(e)}") from None
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise error(f"{path}: line {line}: not {encoding.upper()} text (byte "
+                    f"0x{raw[e.start]:02x}); save the {what} as UTF-8") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise error(f"{path}: line {line}: NUL character; the {what} is not text (damaged, or "
+                    "a binary file)")
+    return text
+
+
+def read_user_table(path: str | os.PathLike, what: str = "table", sep: str = ",",
+                    **kwargs: Any) -> pd.DataFrame:
+    """A user's CSV / TSV table, every cell a string (blanks kept as ""), column names stripped.
+    Unreadable, empty or malformed tables are a one-line DataError naming the file."""
+    path = Path(path)
+    text = read_user_text(path, what)
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
+                         na_filter=False, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the {what} is empty") from None
+    except (pd.errors.ParserError, ValueError, csv.Error) as e:
+        detail = " ".join(str(e).split())
+        raise DataError(f"{path}: cannot parse the {what}: {detail}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    twice = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears more than once in the header "
+                        f"(columns: {list(df.columns)})")
+    return df
 
 
 def write_csv(path: str | os.PathLike, df: pd.DataFrame, **kwargs: Any) -> None:
