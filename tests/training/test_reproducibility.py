@@ -31,7 +31,7 @@ def _comparable(path: Path):
 
 
 def test_same_command_in_two_processes_gives_identical_files(tiny_data, tmp_path):
-    """`steph train --method steph` (the shared theta_0, three ABMIL models and STEPH) started
+    """`steph train --method steph` (the shared theta_0, two ABMIL models and STEPH) started
     twice at the same time, in two processes: every tensor, prediction and loss is identical."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"hidden_dim": 16, "attn_dim": 8},
@@ -42,7 +42,7 @@ def test_same_command_in_two_processes_gives_identical_files(tiny_data, tmp_path
     for name in ("a", "b"):
         cmd = [sys.executable, "-m", "steph", "train", "--data", str(tiny_data), "--out",
                str(tmp_path / name), "--cohort", "TGT", "--method", "steph", "--config",
-               str(cfg), "--quiet"]
+               str(cfg), "--sources", "RELA", "--quiet"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
@@ -52,7 +52,7 @@ def test_same_command_in_two_processes_gives_identical_files(tiny_data, tmp_path
     a, b = tmp_path / "a", tmp_path / "b"
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert sum(f.suffix == ".safetensors" for f in files) == 5  # theta_0 + 3 ABMIL + STEPH
+    assert sum(f.suffix == ".safetensors" for f in files) == 4  # theta_0 + 2 ABMIL + STEPH
     assert any(f.name == "predictions.csv" for f in files)
     for f in files:
         assert _comparable(a / f) == _comparable(b / f), f
