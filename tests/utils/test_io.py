@@ -181,3 +181,27 @@ def test_tensors_come_back_in_file_order(tmp_path):
     t["double"] = torch.zeros(2, dtype=torch.float64)
     save_tensors(tmp_path / "x.safetensors", t)
     assert list(load_tensors(tmp_path / "x.safetensors")) == list(load_file(tmp_path / "x.safetensors"))
+
+
+def test_metadata_from_the_header_and_packed_metadata(tmp_path):
+    """load_tensor_metadata reads the header only (and sees a truncated file from it); metadata
+    that another version of steph packed as one JSON string under 'steph' reads as separate
+    keys."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from steph.utils.io import load_tensor_metadata
+
+    path = tmp_path / "x.safetensors"
+    save_tensors(path, tensors(), {"epoch": "3"})
+    assert load_tensor_metadata(path)["epoch"] == "3"
+    path.write_bytes(path.read_bytes()[:-10])  # the header alone tells the data are cut short
+    with pytest.raises(CorruptFileError, match="truncated"):
+        load_tensor_metadata(path)
+    save_file(tensors(), path, metadata={"steph": json.dumps({"epoch": "4", "kind": "abmil"})})
+    assert load_tensor_metadata(path) == {"epoch": "4", "kind": "abmil"}
+    assert read_safetensors(path)[1] == {"epoch": "4", "kind": "abmil"}
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2]  ")
+    with pytest.raises(CorruptFileError, match="damaged safetensors header"):
+        load_tensor_metadata(path)

@@ -47,7 +47,7 @@ from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.utils import reproducibility
-from steph.utils.io import read_safetensors, save_tensors, write_text
+from steph.utils.io import load_tensor_metadata, read_safetensors, save_tensors, write_text
 
 log = logging.getLogger("steph.training")
 
@@ -226,7 +226,7 @@ def _start(cfg: TrainConfig, run_dir: Path, desc: str) -> dict[str, Any]:
     for path in (run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV):
         if path.exists():
             try:
-                recorded = int(read_safetensors(path, verify=False)[1].get("threads", 0))
+                recorded = int(load_tensor_metadata(path).get("threads", 0))
             except (RunError, ValueError):
                 continue  # damaged: reported when the checkpoint is loaded
             if recorded and threads is None:

@@ -223,9 +223,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         fh.write(data)
 
 
-def _parse_safetensors(raw: bytes, path: Path) -> tuple[dict[str, Any], int]:
-    """(header, start of the data section); :class:`CorruptFileError` for a damaged file."""
-    size = len(raw)
+def _parse_safetensors(raw: bytes, path: Path, size: int | None = None
+                       ) -> tuple[dict[str, Any], int]:
+    """(header, start of the data section) from the file's bytes (at least its header, with
+    `size` the file's size); :class:`CorruptFileError` for a damaged file."""
+    size = len(raw) if size is None else size
     if size < 8:
         raise CorruptFileError(f"{path}: truncated or not a safetensors file ({size} bytes)")
     n = int.from_bytes(raw[:8], "little")
@@ -281,7 +283,46 @@ def read_safetensors(path: str | os.PathLike, *, verify: bool = True
     # whose order differs between processes)
     order = sorted((k for k in header if k != "__metadata__"),
                    key=lambda k: (header[k]["data_offsets"][0], k))
-    return {k: loaded[k] for k in order}, {str(k): str(v) for k, v in meta.items()}
+    return {k: loaded[k] for k in order}, _unpacked(meta)
+
+
+# Another way of making metadata byte-stable, used by some versions of steph: every key packed
+# into one JSON string under this key. Such files are read as if the keys were separate.
+_PACKED_KEY = "steph"
+
+
+def _unpacked(meta: dict[str, Any]) -> dict[str, str]:
+    out = {str(k): str(v) for k, v in meta.items()}
+    if set(out) - {CHECKSUM_KEY} == {_PACKED_KEY}:
+        try:
+            inner = json.loads(out[_PACKED_KEY])
+        except ValueError:
+            return out
+        if isinstance(inner, dict):
+            out.pop(_PACKED_KEY)
+            out.update({str(k): str(v) for k, v in inner.items()})
+    return out
+
+
+def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header only (the tensors are neither read
+    nor checked). :class:`CorruptFileError` naming the file when the header is damaged."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+            raw = prefix + fh.read(min(n, _HEADER_MAX))
+    except FileNotFoundError:
+        raise RunError(f"{path}: file not found") from None
+    except OSError as e:
+        raise RunError(f"cannot read {path}: {_reason(e)}") from None
+    header, _ = _parse_safetensors(raw, path, size)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{path}: damaged safetensors header (metadata is not an object)")
+    return _unpacked(meta)
 
 
 def load_tensors(path: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
