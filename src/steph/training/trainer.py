@@ -140,7 +140,6 @@ class _Checkpoint:
     history: list[dict[str, Any]]
     param_groups: list[dict[str, Any]]
     tensors: dict[str, torch.Tensor]
-    threads: int | None
 
 
 def _read_checkpoint(path: Path) -> _Checkpoint:
@@ -151,7 +150,6 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         epoch, step = int(meta["epoch"]), int(meta["step"])
         history = json.loads(meta["history"])
         groups = json.loads(meta["param_groups"])
-        threads = int(meta["threads"]) if "threads" in meta else None
         if epoch < 0 or step < 0 or not isinstance(history, list) or len(history) != epoch:
             raise ValueError(f"epoch {epoch} with {len(history)} history rows")
         if not isinstance(groups, list) or "rng.torch" not in tensors:
@@ -159,7 +157,7 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptFileError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})"
                                ) from None
-    return _Checkpoint(path, epoch, step, history, groups, tensors, threads)
+    return _Checkpoint(path, epoch, step, history, groups, tensors)
 
 
 def _apply_checkpoint(ckpt: _Checkpoint, model: nn.Module, opt: torch.optim.Optimizer) -> None:
