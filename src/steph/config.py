@@ -124,7 +124,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=0)  # test C-index every N epochs (0: last epoch only)
     # Where every method's survival head starts (steph.training.head_start): reference | baseline
     # | null | fit.
-    head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
+    head_init: Literal["reference", "baseline", "null", "fit"] = "fit"
     threads: int | None = Field(None, ge=1)  # None: torch's count when the run starts
     # Bit-identical reruns (steph.utils.reproducibility): pinned thread count, torch's
     # deterministic algorithms and, on CUDA, deterministic cuBLAS / cuDNN. Part of a run's
@@ -177,7 +177,7 @@ class StephConfig(_Strict):
     # on the training patients against theta_0 + tau_t (forward passes only); the merge starts
     # with w = 1 and lambda = 0.5 for the sources that helped (at most K), w ~ 0 for the others,
     # and as "complete" (the target's own encoder) when none helped.
-    w_init: Literal["complete", "default", "screened"] = "complete"
+    w_init: Literal["complete", "default", "screened"] = "screened"
     # Output activation of H_agg (the reference release offers relu / softplus / sigmoid; the
     # paper uses relu). softplus never has zero gradient, so a small w can recover.
     w_activation: Literal["relu", "softplus"] = "relu"
@@ -196,7 +196,7 @@ class MergeConfig(_Strict):
     surgery_rank: int = Field(16, ge=1)
     # The AdaMerging family's coefficients learn at train.lr x coef_lr_scale: at the protocol's
     # 1e-4 they move about 1e-4 per step, i.e. not at all within a small cohort's budget.
-    coef_lr_scale: float = Field(1.0, gt=0)
+    coef_lr_scale: float = Field(10.0, gt=0)  # 1e-3: AdaMerging's own coefficient rate
 
 
 class TransferConfig(_Strict):

@@ -284,7 +284,8 @@ def test_trainer_runs_adamerging_one_merge_per_step(tmp_path):
     train = [{"features": _bag(i), "bin": torch.tensor(i % HP["n_bins"]),
               "time": float(100 * i + 5),
               "event": i % 2, "patient_id": f"p{i}"} for i in range(8)]
-    cfg = TrainConfig(epochs=2, bags_per_step=4, lr=1e-2, eval_every=0)
+    cfg = TrainConfig(epochs=2, bags_per_step=4, lr=1e-2, eval_every=0,
+                      head_init="reference")  # the head start merges once more (eval mode)
     result = fit(model, train, cfg, tmp_path, progress=False)
     assert calls["merge"] == 2 * 2  # 2 steps per epoch, 2 epochs, one merge each
     assert len(result.history[-1]["mean_coef"]) == 4
