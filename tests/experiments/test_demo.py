@@ -1,22 +1,52 @@
+import sys
+from pathlib import Path
+
 import pytest
 
-from steph.experiments.demo import DEMO_CONFIG, demo_methods, run_demo
+from steph.experiments.cv import run_cv
+from steph.experiments.demo import (
+    DEMO_CONFIG,
+    demo_methods,
+    family_of,
+    run_demo,
+    source_weights,
+    top_sources_text,
+)
 
 
 def test_demo_methods_cover_every_method_family():
     names = demo_methods()
-    for m in ["abmil", "steph", "model_avg", "task_arithmetic", "adamerging", "ties_am", "isoc_am", "surgery_am"]:
+    for m in ["abmil", "steph", "model_avg", "task_arithmetic", "adamerging", "ties_am", "isoc_am",
+              "surgery_am", "roupkt", "zero_shot", "linear_probe", "fusion_mean"]:
         assert m in names
-    assert DEMO_CONFIG["steph"]["gamma"] == 0.0
+    assert set(DEMO_CONFIG) <= {"data", "train"}  # performance settings only: defaults as users get
+
+
+def test_top_sources_are_read_from_the_steph_logs(tiny_data, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    run_cv(tiny_data, tmp_path, ["steph"], targets=["TGT"], folds="0-1",
+           cfg=tiny_experiment_config(epochs=1), progress=False)
+    w = source_weights(tmp_path, "TGT")
+    assert list(w.index) == ["fold0", "fold1"] and set(w.columns) == {"RELA", "UNRB"}
+    assert family_of(tiny_data) == {"TGT": "a", "RELA": "a", "UNRB": "b"}
+    text = top_sources_text(tmp_path, tiny_data, "TGT")
+    assert "RELA" in text and "(related)" in text and "(unrelated)" in text
+    first = text.splitlines()[1].split()[0]
+    assert w.mean().idxmax() == first  # sorted by mean weight
 
 
 @pytest.mark.slow
 def test_full_demo(tmp_path):
-    """The project's main job, end to end (minutes): every method, 5 folds."""
+    """The project's main job, end to end (minutes): every demo method, 5 folds."""
     lines = []
     summary = run_demo(tmp_path, progress=False, echo=lines.append)
     runs = summary[summary["method"] != "oracle"]
     assert set(runs["method"]) == set(demo_methods())
     assert (runs.groupby("method")["fold"].nunique() == 5).all()
     assert runs["c_index"].notna().all()
-    assert any("| steph |" in line for line in lines)
+    assert (runs.groupby("method")["c_index"].mean() > 0.5).all()
+    text = "\n".join(lines)
+    assert "| steph |" in text and "Paired comparison with `abmil`" in text
+    assert "Sources STEPH weighted most" in text
