@@ -282,7 +282,8 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
         raise
     _print_table(summary, names)
     _print_comparisons(out)
-    click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
+    click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}; figures and "
+               f"analyses: steph report --out {out} --data {data_root}")
 
 
 @cli.command()

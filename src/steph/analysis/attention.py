@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steph.analysis.cache import cache_key, cache_path, read_cached, write_cached
+from steph.analysis.cache import cache_key, read_cached, run_cache_path, write_cached
 from steph.analysis.runs import (
     RunRef,
+    load_steph,
     read_predictions,
     steph_arch,
     target_run,
@@ -108,9 +109,7 @@ def attention_table(runs_root: str | Path, data_root: str | Path, steph_run: Run
     key = cache_key("attention/1", weights_digest(target.path(runs_root)),
                     weights_digest(steph_run.path(runs_root)), pid, slide_id,
                     bags.files_key([pid]))
-    path = cache_path(runs_root, "attention", steph_run.cohort, steph_run.method,
-                      *([f"rep{steph_run.repeat}"] if steph_run.repeat else []),
-                      f"fold{steph_run.fold}", slide_id)
+    path = run_cache_path(runs_root, "attention", steph_run, slide_id)
     cached = read_cached(path, key)
     if cached is None:
         slides = list(cohort.patient(pid)["slides"])
@@ -124,7 +123,7 @@ def attention_table(runs_root: str | Path, data_root: str | Path, steph_run: Run
         rows = slice(start, start + len(coords[i]))
         bag = bags.bag(pid)
         target_net, _ = load_artefact(target.path(runs_root))
-        steph, _ = load_artefact(steph_run.path(runs_root))
+        steph = load_steph(runs_root, steph_run)
         with torch.no_grad():
             _, att_t = target_net.embed(bag, **bags.bag_inputs(pid, target_net.bag_inputs))
             att_s = merged_attention(steph, bag, bags.bag_inputs(pid, steph.bag_inputs))

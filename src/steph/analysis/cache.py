@@ -22,6 +22,14 @@ def cache_path(runs_root: str | Path, kind: str, *parts: str) -> Path:
     return Path(runs_root).joinpath(CACHE, kind, *folders, f"{name}.json")
 
 
+def run_cache_path(runs_root: str | Path, kind: str, run: Any, *more: str) -> Path:
+    """The cache file of an analysis of one run (a ``RunRef``):
+    ``<kind>/<cohort>/<method>/[rep<r>/]fold<k>[/<more>...].json``."""
+    parts = [run.cohort, run.method, *([f"rep{run.repeat}"] if run.repeat else []),
+             f"fold{run.fold}", *more]
+    return cache_path(runs_root, kind, *parts)
+
+
 def cache_key(*parts: Any) -> str:
     """A digest of ``parts`` (anything JSON can write; other objects by ``str``)."""
     text = json.dumps(parts, sort_keys=True, default=str)

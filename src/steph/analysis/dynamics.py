@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steph.analysis.cache import cache_key, cache_path, read_cached, write_cached
-from steph.analysis.runs import RunRef, read_log, read_manifest, weights_digest
+from steph.analysis.cache import cache_key, read_cached, run_cache_path, write_cached
+from steph.analysis.runs import RunRef, load_steph, read_log, read_manifest, weights_digest
 
 DYNAMICS_COLUMNS = ["cohort", "method", "repeat", "fold", "epoch", "source", "w", "lambda",
                     "selected"]
@@ -86,18 +86,14 @@ def test_selections(runs_root: str | Path, data_root: str | Path, run: RunRef,
     from tqdm.auto import tqdm
 
     from steph.analysis.bags import RunBags
-    from steph.inference import load_artefact
 
     bags = RunBags(runs_root, data_root, run)
     ids = bags.test_ids()
     key = cache_key("selection/1", weights_digest(run.path(runs_root)), ids, bags.files_key(ids))
-    path = cache_path(runs_root, "selection", run.cohort, run.method,
-                      *([f"rep{run.repeat}"] if run.repeat else []), f"fold{run.fold}")
+    path = run_cache_path(runs_root, "selection", run)
     cached = read_cached(path, key)
     if cached is None:
-        module, manifest = load_artefact(run.path(runs_root))
-        if manifest["kind"] != "steph":
-            raise ValueError(f"{run} is a {manifest['kind']} run, not STEPH")
+        module = load_steph(runs_root, run)
         records = []
         with torch.no_grad():
             for pid in tqdm(ids, desc=f"explain {run}", unit="patient",

@@ -23,8 +23,8 @@ Conventions where the paper is silent:
 The 676 merged models are evaluated in batches: one ``torch.func.vmap`` over as many grid points
 as fit a memory bound per bag (a loop over the points where a network cannot be vmapped), on
 ``device``, with a progress bar over the bags.
-Each (target, fold, source) is cached (``RUNS/.cache/analysis/landscape/<target>/[rep<r>/]
-fold<k>/<source>.json``, keyed by the three models' weights, the patients, their feature files,
+Each (target, fold, source) is cached (``RUNS/.cache/analysis/landscape/<target>/<network>/
+[rep<r>/]fold<k>/<source>.json``, keyed by the three models' weights, the patients, their feature files,
 the loss and the grid), so an interrupted analysis resumes with the pairs it has not done.
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steph.analysis.cache import cache_key, cache_path, read_cached, write_cached
+from steph.analysis.cache import cache_key, read_cached, run_cache_path, write_cached
 from steph.analysis.runs import RunRef, read_log, source_run, theta0_digest, weights_digest
 
 log = logging.getLogger("steph.analysis")
@@ -232,9 +232,7 @@ def loss_landscape(runs_root: str | Path, data_root: str | Path, target: RunRef,
     key = cache_key("landscape/1", theta0_digest(runs_root, arch),
                     weights_digest(target.path(runs_root)), weights_digest(src.path(runs_root)),
                     ids, bags.files_key(ids), bags.loss_alpha, coefficients.tolist())
-    path = cache_path(runs_root, "landscape", target.cohort,
-                      *([f"rep{target.repeat}"] if target.repeat else []), f"fold{target.fold}",
-                      source)
+    path = run_cache_path(runs_root, "landscape", target, source)
     cached = read_cached(path, key)
     if cached is None:
         network, manifest = load_artefact(target.path(runs_root))

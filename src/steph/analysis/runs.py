@@ -176,6 +176,17 @@ def finished_runs(inventory: pd.DataFrame, method: str | None = None,
             for c, m, r, f in sub[["cohort", "method", "repeat", "fold"]].itertuples(index=False)]
 
 
+def load_steph(runs_root: str | Path, run: RunRef):
+    """The STEPH module of a finished run (``ConfigError`` when the run is another kind)."""
+    from steph.errors import ConfigError
+    from steph.inference import load_artefact
+
+    module, manifest = load_artefact(run.path(runs_root))
+    if manifest["kind"] != "steph":
+        raise ConfigError(f"{run} is a {manifest['kind']} run, not a STEPH run")
+    return module
+
+
 def steph_arch(runs_root: str | Path, run: RunRef) -> str:
     """The network a STEPH run merged (its artefact's settings)."""
     from steph.merging.networks import network_settings

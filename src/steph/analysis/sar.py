@@ -5,7 +5,9 @@ For a STEPH run, every source s and every weight matrix of the merged encoder:
 
     SAR(tau_t, tau_mix(lambda)),   tau_mix(lambda) = lambda tau_t + (1 - lambda) tau_s,
 
-on a grid of lambda (0: the source's own task vector, 1: tau_t itself, SAR = 1) and at the
+on a grid of lambda (0: the source's own task vector; 1: tau_t itself, whose dominant subspace
+keeps all but at most (1 - alpha)^2 of its energy, so SAR >= sqrt(1 - (1 - alpha)^2) = 0.9987
+at alpha = 0.95, and exactly 1 when tau_t has no more directions than that) and at the
 lambda STEPH ended with for that source (the mean over the training bags of its last epoch).
 The task vectors are read from the STEPH artefact (it carries theta_0 and the stacked task
 vectors), so no other run and no feature is needed. Matrices with a single row or column are
@@ -23,8 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steph.analysis.cache import cache_key, cache_path, read_cached, write_cached
-from steph.analysis.runs import RunRef, weights_digest
+from steph.analysis.cache import cache_key, read_cached, run_cache_path, write_cached
+from steph.analysis.runs import RunRef, load_steph, weights_digest
 from steph.merging.analysis import subspace_alignment_ratio
 
 ALPHA = 0.95
@@ -63,15 +65,10 @@ def steph_sar(runs_root: str | Path, run: RunRef, alpha: float = ALPHA,
     final = last_epoch(steph_dynamics(runs_root, [run])).set_index("source")["lambda"]
     final = {s: float(v) for s, v in final.items() if np.isfinite(v)}
     key = cache_key("sar/1", weights_digest(run.path(runs_root)), alpha, list(lambdas), final)
-    path = cache_path(runs_root, "sar", run.cohort, run.method,
-                      *([f"rep{run.repeat}"] if run.repeat else []), f"fold{run.fold}")
+    path = run_cache_path(runs_root, "sar", run)
     cached = read_cached(path, key)
     if cached is None:
-        from steph.inference import load_artefact
-
-        module, manifest = load_artefact(run.path(runs_root))
-        if manifest["kind"] != "steph":
-            raise ValueError(f"{run} is a {manifest['kind']} run, not STEPH")
+        module = load_steph(runs_root, run)
         vectors = [module.layout.unflatten(module.tau[i]) for i in range(module.tau.shape[0])]
         tau_t = vectors[0]
         frames = []

@@ -148,11 +148,11 @@ def cindex_figure(summary: pd.DataFrame, methods: Sequence[str] | None = None):
     """Per-fold test C-index of each method, one panel per cohort with only the methods run
     on that cohort (methods as rows; a point per fold, a bar for mean +- sd; the oracle row,
     where there is one, is the ceiling). Returns a :class:`matplotlib.figure.Figure`."""
-    from steph.utils.plotting import MARKERS, new_figure, styled
+    from steph.utils.plotting import MARKERS, NothingToDraw, new_figure, styled
 
     data = summary.dropna(subset=["c_index"])
     if data.empty:
-        raise ValueError("no finished run with a test C-index to plot")
+        raise NothingToDraw("nothing to draw: no finished run with a test C-index")
     cohorts = list(dict.fromkeys(data["cohort"]))
     order = list(methods or dict.fromkeys(data["method"]))
     order += [m for m in dict.fromkeys(data["method"]) if m not in order]

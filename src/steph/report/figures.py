@@ -2,7 +2,8 @@
 :mod:`steph.experiments`) returning a :class:`matplotlib.figure.Figure` in steph's one style
 (:mod:`steph.utils.plotting`): axes labelled with units, legends naming cohorts and methods,
 series told apart by line style, marker or hatch (readable in greyscale), and a panel only where
-there is data. Every function raises ``ValueError`` when given nothing to draw.
+there is data. Every function raises ``NothingToDraw`` (a ``ValueError``) when given nothing
+to draw.
 
     fig = km_figure(risk_groups(runs, runs_of_abmil + runs_of_steph))
     save_figure(fig, "km")   # km.png, km.svg
@@ -22,6 +23,7 @@ from steph.utils.plotting import (
     COLOURS,
     LINESTYLES,
     MARKERS,
+    NothingToDraw,
     bar_style,
     new_figure,
     panel_grid,
@@ -49,7 +51,7 @@ SEQUENTIAL = "viridis"  # lightness rises monotonically: readable in greyscale
 
 def _need(frame, what: str) -> None:
     if frame is None or len(frame) == 0:
-        raise ValueError(f"nothing to draw: no {what}")
+        raise NothingToDraw(f"nothing to draw: no {what}")
 
 
 def _fmt_p(p: float) -> str:
@@ -281,7 +283,7 @@ def sar_figure(sar: pd.DataFrame) -> Figure:
                     ax.plot(point["lambda"], point["sar"], marker=st["marker"], markersize=9,
                             color=st["color"], markeredgecolor="black", linestyle="none")
             ax.set_ylim(-0.02, 1.05)
-            ax.set_xlim(0, 1)
+            ax.set_xlim(-0.03, 1.03)
             ax.set_xlabel("λ, weight of τ_t in τ_mix")
             ax.set_ylabel("SAR(τ_t, τ_mix)")
             ax.set_title(f"{cohort} fold {fold}: {layer}")

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+class NothingToDraw(ValueError):
+    """A figure was asked for with no data (a figure never draws an empty panel)."""
+
+
 # series styles, in order: cycle through them together (colour is redundant, never alone)
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2)))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
