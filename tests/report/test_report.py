@@ -273,7 +273,7 @@ def test_analyses_resume_from_their_cache(built_report, report_grid, tiny_data, 
     assert len(sel) == 2 * 6 and set(sel["selected"]) == {1}  # K = 5 >= m = 2: all selected
     slide = str(pd.read_csv(built_report.files[0])["slide_id"].iloc[0])
     assert len(attention_table(report_grid, tiny_data, RunRef("TGT", "steph", 0), slide))
-    cached = next((report_grid / ".cache/analysis/landscape/TGT/fold0").glob("RELA.json"))
+    cached = next((report_grid / ".cache/analysis/landscape/TGT/abmil/fold0").glob("RELA.json"))
     stored = json.loads(cached.read_text())
     cached.write_text(json.dumps({**stored, "key": "other inputs"}))
     with pytest.raises(AssertionError, match="recomputed"):
