@@ -68,3 +68,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tiny_data, tmp_path_factory) -> Path:
+    """A finished runs folder on ``tiny_data`` (read-only: copy it before changing anything):
+    ABMIL, STEPH and AdaMerging on TGT folds 0 and 1 (sources RELA, UNRB: their ABMIL fold 0)."""
+    from steph.experiments.cv import run_cv
+
+    runs = tmp_path_factory.mktemp("tiny-grid") / "runs"
+    cfg = tiny_experiment_config()
+    run_cv(tiny_data, runs, ["abmil", "steph", "adamerging"], targets=["TGT"], folds=[0, 1],
+           cfg=cfg, progress=False)
+    return runs

@@ -282,7 +282,8 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
         raise
     _print_table(summary, names)
     _print_comparisons(out)
-    click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
+    click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}; figures and "
+               f"analyses: steph report --out {out} --data {data_root}")
 
 
 @cli.command()
@@ -441,6 +442,132 @@ def bench_efficiency(methods: str | None, instances: int, dim: int, n_bins: int,
         write_csv(out, table.assign(instances=instances, dim=dim, n_sources=sources,
                                     device=device, threads=torch.get_num_threads()))
         click.echo(f"wrote {out}")
+
+
+# -- report and analyses -----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Runs directory.")
+@click.option("--data", "data_root", default=None, type=click.Path(file_okay=False),
+              help="Data root: adds the analyses that need features (selections on the test "
+                   "patients, loss landscapes, attention maps) and the oracle row.")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False),
+              help="The page to write (default RUNS/report.html); figures go beside it.")
+@click.option("--baseline", default="abmil", show_default=True,
+              help="Method every other method is compared with.")
+@click.option("--method", "steph_method", default="steph", show_default=True,
+              help="The STEPH method (or variant) whose analyses the report shows.")
+@click.option("--top-sources", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Loss landscapes per target: the sources with the largest final w.")
+@click.option("--slide", "slides", multiple=True,
+              help="Attention maps of this test slide (repeatable; default: two chosen slides).")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device of the loss landscape's evaluations, e.g. cuda:0.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def report(out: str, data_root: str | None, html_path: str | None, baseline: str,
+           steph_method: str, top_sources: int, slides: Sequence[str], device: str,
+           quiet: bool) -> None:
+    """One self-contained HTML report of a runs folder: results, survival curves, STEPH's
+    dynamics and selections, loss landscape, SAR, attention maps, efficiency, settings.
+
+    Long analyses are cached under RUNS/.cache/analysis: an interrupted report resumes, and a
+    report of runs that are not all finished lists the missing ones."""
+    from steph.report import ReportOptions, build_report
+    from steph.report.commands import check_device
+
+    check_device(device)
+    opts = ReportOptions(baseline=baseline, steph=steph_method, top_sources=top_sources,
+                         slides=list(slides) or None, device=device, progress=not quiet)
+    result = build_report(out, data_root, html_path, opts)
+    fig_dir = next(iter(result.figures.values()))["png"].parent if result.figures else None
+    click.echo(f"wrote {result.path} ({len(result.figures)} figures"
+               + (f", PNG and SVG in {fig_dir}" if fig_dir else "") + ")")
+    for section, notes in result.notes.items():
+        click.echo(f"  {section}: {len(notes)} note(s), see the page")
+
+
+@cli.group()
+def analyze() -> None:
+    """The paper's analyses of a runs folder, one at a time (tables as CSV, figures as PNG and
+    SVG in RUNS/analysis; cached like the report's)."""
+
+
+def _echo_written(written) -> None:
+    for line in written.lines:
+        click.echo(line)
+    for path in written.files:
+        click.echo(f"wrote {path}")
+
+
+@analyze.command("landscape")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Runs directory.")
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Data root (the test patients' features).")
+@click.option("--target", required=True, help="Target cohort (of a finished STEPH run).")
+@click.option("--fold", type=click.IntRange(min=0), default=None,
+              help="Fold (default: the lowest finished fold of the STEPH run).")
+@click.option("--sources", default=None, help="Comma-separated sources (default: --top).")
+@click.option("--top", type=click.IntRange(min=1), default=2, show_default=True,
+              help="The sources with the largest final merge weight w.")
+@click.option("--method", "steph_method", default="steph", show_default=True)
+@click.option("--step", type=click.FloatRange(min=0, min_open=True, max=1), default=0.04,
+              show_default=True, help="Grid step of C_s and C_t.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--dest", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default RUNS/analysis).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def analyze_landscape(out: str, data_root: str, target: str, fold: int | None, sources: str | None,
+                      top: int, steph_method: str, step: float, device: str, dest: str | None,
+                      quiet: bool) -> None:
+    """Test loss of theta_0 + C_s tau_s + C_t tau_t on a grid (appendix C.2.3), with the path
+    of STEPH's lambda."""
+    from steph.report.commands import analyze_landscape as run
+
+    _echo_written(run(out, data_root, target, fold, _split_list(sources), top, steph_method,
+                      step, device, not quiet, dest))
+
+
+@analyze.command("sar")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Runs directory.")
+@click.option("--target", required=True, help="Target cohort (of a finished STEPH run).")
+@click.option("--fold", type=click.IntRange(min=0), default=None,
+              help="Fold (default: the lowest finished fold of the STEPH run).")
+@click.option("--method", "steph_method", default="steph", show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Energy kept by the dominant subspace.")
+@click.option("--dest", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default RUNS/analysis).")
+def analyze_sar(out: str, target: str, fold: int | None, steph_method: str, alpha: float,
+                dest: str | None) -> None:
+    """Subspace alignment ratio of lambda tau_t + (1 - lambda) tau_s with tau_t (Figure 5)."""
+    from steph.report.commands import analyze_sar as run
+
+    _echo_written(run(out, target, fold, steph_method, alpha, dest))
+
+
+@analyze.command("attention")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Runs directory.")
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Data root (the slides' features and coordinates).")
+@click.option("--slide", "slides", multiple=True, required=True,
+              help="A test slide id (repeatable).")
+@click.option("--target", default=None, help="Target cohort (default: found from the slide).")
+@click.option("--fold", type=click.IntRange(min=0), default=None,
+              help="Fold (default: the fold whose test patients include the slide's patient).")
+@click.option("--method", "steph_method", default="steph", show_default=True)
+@click.option("--dest", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default RUNS/analysis).")
+def analyze_attention(out: str, data_root: str, slides: Sequence[str], target: str | None,
+                      fold: int | None, steph_method: str, dest: str | None) -> None:
+    """Attention maps of the target model and STEPH on test slides: PNG / SVG side by side and a
+    per-patch CSV (x, y, attention of each model) for slide viewers."""
+    from steph.report.commands import analyze_attention as run
+
+    _echo_written(run(out, data_root, slides, target, fold, steph_method, dest))
 
 
 # -- demo --------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -170,29 +170,45 @@ def across_cohorts(per_cohort: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def comparison_cells(comp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The comparisons as two tables of strings: per cohort (cohort, method, folds x repeats,
+    per-fold diff, pooled diff [95 % CI]) and across cohorts (method, cohorts, mean diff,
+    wins / ties / losses, Wilcoxon p)."""
+    per = [{"cohort": r.cohort, "method": r.method,
+            "folds x repeats": f"{r.n_folds} x {r.n_repeats}",
+            "per-fold diff": f"{r.mean_diff:+.4f} ± {r.sd_diff:.3f}",
+            "pooled diff [95 % CI]": f"{r.pooled_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"}
+           for r in comp[comp["cohort"] != ALL].itertuples(index=False)]
+    across = []
+    for r in comp[comp["cohort"] == ALL].itertuples(index=False):
+        n = int(r.wins + r.ties + r.losses)
+        p = "–" if not np.isfinite(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}"
+        across.append({"method": r.method, "cohorts": str(n), "mean diff": f"{r.mean_diff:+.4f}",
+                       "wins / ties / losses": f"{int(r.wins)} / {int(r.ties)} / {int(r.losses)}",
+                       "Wilcoxon p": p})
+    return (pd.DataFrame(per, columns=["cohort", "method", "folds x repeats", "per-fold diff",
+                                       "pooled diff [95 % CI]"]),
+            pd.DataFrame(across, columns=["method", "cohorts", "mean diff",
+                                          "wins / ties / losses", "Wilcoxon p"]))
+
+
+def _markdown(table: pd.DataFrame) -> list[str]:
+    return ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns),
+            *("| " + " | ".join(row) + " |" for row in table.itertuples(index=False))]
+
+
 def comparison_markdown(comp: pd.DataFrame) -> str:
     """The comparisons as Markdown: per cohort, then across cohorts."""
     if comp.empty:
         return "(no method to compare: the baseline has no finished run)\n"
     baseline = comp["baseline"].iloc[0]
-    lines = [f"Paired comparison with `{baseline}` on the same test folds: per-fold difference "
+    per, across = comparison_cells(comp)
+    intro = (f"Paired comparison with `{baseline}` on the same test folds: per-fold difference "
              "of the test C-index (mean ± sd) and a patient-bootstrap 95 % interval of the "
-             "difference of the pooled out-of-fold C-indices.", "",
-             "| cohort | method | folds x repeats | per-fold diff | pooled diff [95 % CI] |",
-             "|---|---|---|---|---|"]
-    for r in comp[comp["cohort"] != ALL].itertuples(index=False):
-        lines.append(f"| {r.cohort} | {r.method} | {r.n_folds} x {r.n_repeats} | "
-                     f"{r.mean_diff:+.4f} ± {r.sd_diff:.3f} | {r.pooled_diff:+.4f} "
-                     f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}] |")
-    across = comp[comp["cohort"] == ALL]
+             "difference of the pooled out-of-fold C-indices.")
+    lines = [intro, "", *_markdown(per)]
     if len(across):
-        lines += ["", "Across cohorts (mean of the per-cohort differences; wins / ties / losses "
-                  "by the per-cohort mean; Wilcoxon signed-rank p):", "",
-                  "| method | cohorts | mean diff | wins / ties / losses | Wilcoxon p |",
-                  "|---|---|---|---|---|"]
-        for r in across.itertuples(index=False):
-            n = int(r.wins + r.ties + r.losses)
-            p = "–" if not np.isfinite(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}"
-            lines.append(f"| {r.method} | {n} | {r.mean_diff:+.4f} | {int(r.wins)} / {int(r.ties)} / "
-                         f"{int(r.losses)} | {p} |")
+        across_intro = ("Across cohorts (mean of the per-cohort differences; wins / ties / "
+                        "losses by the per-cohort mean; Wilcoxon signed-rank p):")
+        lines += ["", across_intro, "", *_markdown(across)]
     return "\n".join(lines) + "\n"

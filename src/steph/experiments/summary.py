@@ -10,8 +10,8 @@ C-index of the true log-hazard on the same test patients: the ceiling any model 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,20 +90,18 @@ def oracle_rows(runs_root: str | Path, data_root: str | Path, summary: pd.DataFr
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def markdown_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
-                   value: str = "c_index") -> str:
-    """Methods as rows, cohorts as columns, ``mean ± std`` over folds, plus ``Avg.`` (mean of
-    the per-cohort means, only for methods evaluated on every cohort)."""
-    if summary.empty:
-        return "(no finished runs)\n"
+def mean_sd_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
+                  value: str = "c_index") -> pd.DataFrame:
+    """The cells of the results table as strings: methods as rows, cohorts as columns,
+    ``mean ± std (n=...)`` over folds ("–" where a method was not run), plus ``Avg.`` (mean of the
+    per-cohort means, only for methods evaluated on every cohort)."""
     cohorts = list(dict.fromkeys(summary["cohort"]))
     methods = list(methods or dict.fromkeys(summary["method"]))
     if ORACLE in set(summary["method"]) and ORACLE not in methods:
         methods.append(ORACLE)
     stats = summary.groupby(["method", "cohort"])[value].agg(["mean", "std", "count"])
     n_rep = summary.groupby(["method", "cohort"])["repeat"].nunique() if "repeat" in summary else None
-    lines = ["| method | " + " | ".join(cohorts) + " | Avg. |",
-             "|---|" + "---|" * (len(cohorts) + 1)]
+    rows = []
     for m in methods:
         cells, means = [], []
         for c in cohorts:
@@ -118,7 +116,20 @@ def markdown_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
             else:
                 cells.append("–")
         avg = f"{np.mean(means):.4f}" if len(means) == len(cohorts) else "–"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+        rows.append([*cells, avg])
+    return pd.DataFrame(rows, index=pd.Index(methods, name="method"), columns=[*cohorts, "Avg."])
+
+
+def markdown_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
+                   value: str = "c_index") -> str:
+    """:func:`mean_sd_table` as Markdown (like the paper's tables)."""
+    if summary.empty:
+        return "(no finished runs)\n"
+    table = mean_sd_table(summary, methods, value)
+    lines = ["| method | " + " | ".join(table.columns) + " |",
+             "|---|" + "---|" * len(table.columns)]
+    for m, row in table.iterrows():
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,34 +144,61 @@ def timing_table(timing: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cindex_figure(summary: pd.DataFrame, methods: Sequence[str] | None = None):
+    """Per-fold test C-index of each method, one panel per cohort with only the methods run
+    on that cohort (methods as rows; a point per fold, a bar for mean +- sd; the oracle row,
+    where there is one, is the ceiling). Returns a :class:`matplotlib.figure.Figure`."""
+    from steph.utils.plotting import MARKERS, NothingToDraw, new_figure, styled
+
+    data = summary.dropna(subset=["c_index"])
+    if data.empty:
+        raise NothingToDraw("nothing to draw: no finished run with a test C-index")
+    cohorts = list(dict.fromkeys(data["cohort"]))
+    order = list(methods or dict.fromkeys(data["method"]))
+    order += [m for m in dict.fromkeys(data["method"]) if m not in order]
+    per_cohort = {c: [m for m in order if ((data["cohort"] == c) & (data["method"] == m)).any()]
+                  for c in cohorts}
+    ncols = 1 if len(cohorts) <= 3 else 2
+    rows = [cohorts[i:i + ncols] for i in range(0, len(cohorts), ncols)]
+    heights = [max(len(per_cohort[c]) for c in row) + 1.2 for row in rows]
+    fig = new_figure(4.2 * ncols, 0.3 * sum(heights) + 0.5)
+    spread = data.groupby(["cohort", "method"])["c_index"].agg(["mean", "std"]).fillna(0.0)
+    lo = min(0.5, float(data["c_index"].min()), float((spread["mean"] - spread["std"]).min())) - 0.02
+    hi = max(0.5, float(data["c_index"].max()), float((spread["mean"] + spread["std"]).max())) + 0.02
+    with styled(fig):
+        grid = fig.add_gridspec(len(rows), ncols, height_ratios=heights)
+        for r, row in enumerate(rows):
+            for col, cohort in enumerate(row):
+                ax = fig.add_subplot(grid[r, col])
+                names = per_cohort[cohort]
+                sub = data[data["cohort"] == cohort]
+                for y, m in enumerate(names):
+                    vals = sub.loc[sub["method"] == m, "c_index"].to_numpy(float)
+                    jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1)
+                    ax.scatter(vals, y + jitter, s=14, marker=MARKERS[y % len(MARKERS)],
+                               facecolor="white" if m == ORACLE else "black",
+                               edgecolor="black", linewidth=0.8, zorder=3)
+                    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                    ax.errorbar(vals.mean(), y, xerr=sd, fmt="|", color="black", markersize=12,
+                                capsize=3, linewidth=1.0, zorder=2)
+                ax.set_yticks(range(len(names)), names)
+                ax.set_ylim(len(names) - 0.5, -0.5)
+                ax.set_xlim(lo, hi)  # the same scale in every panel
+                ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+                ax.set_title(f"{cohort} ({sub['fold'].nunique()} fold(s))")
+                ax.set_xlabel("test C-index (points: folds; bar: mean ± sd)")
+                ax.set_ylabel("method")
+    return fig
+
+
 def plot_summary(summary: pd.DataFrame, path: str | Path) -> Path:
-    """Per-fold test C-index of each method, one panel per cohort."""
-    import matplotlib
+    """Write :func:`cindex_figure` to ``path`` (its suffix is the format)."""
+    from steph.utils.plotting import figure_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cohorts = list(dict.fromkeys(summary["cohort"]))
-    methods = list(dict.fromkeys(summary["method"]))
-    fig, axes = plt.subplots(1, len(cohorts), figsize=(max(4.0, 1.0 + 0.7 * len(methods)) * len(cohorts), 3.6),
-                             squeeze=False, sharey=True)
-    for ax, cohort in zip(axes[0], cohorts):
-        sub = summary[summary["cohort"] == cohort]
-        data = [sub.loc[sub["method"] == m, "c_index"].dropna().to_numpy() for m in methods]
-        ax.boxplot(data, showmeans=True, widths=0.6)
-        for i, d in enumerate(data, start=1):
-            ax.scatter(np.full(len(d), i) + np.linspace(-0.12, 0.12, len(d)) if len(d) else [], d, s=10,
-                       alpha=0.7, color="k", zorder=3)
-        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=45, ha="right", fontsize=8)
-        ax.set_title(cohort)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("test C-index (per fold)")
-    fig.tight_layout()
     path = Path(path)
+    data = figure_bytes(cindex_figure(summary), path.suffix.lstrip(".") or "png", dpi=120)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+        tmp.write_bytes(data)
     return path
 
 
@@ -181,7 +219,7 @@ def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
                   folds: Sequence[int] | None = None, plot: bool = True,
                   repeats: int | None = None, baseline: str = "abmil") -> pd.DataFrame:
     """Write summary.csv, comparisons.csv, timing.csv, summary.md and summary.png."""
-    from steph.experiments.compare import comparison_markdown, compare_methods
+    from steph.experiments.compare import compare_methods, comparison_markdown
 
     root = Path(runs_root)
     summary = collect(root, targets, methods, folds, repeats)
@@ -199,6 +237,6 @@ def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
             markdown_table(summary, methods), "", f"## Compared with {baseline}", "",
             comparison_markdown(comparisons), "", "## Training time", "", timing_table(timing)]
     write_text(root / "summary.md", "\n".join(text))
-    if plot and not summary.empty:
+    if plot and summary["c_index"].notna().any():
         plot_summary(summary, root / "summary.png")
     return summary

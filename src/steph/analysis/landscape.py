@@ -1,0 +1,261 @@
+"""The loss landscape of task-vector mixup (STEPH appendix C.2.3, Figures 4, S3 and S5).
+
+For a target cohort t, a source s and a fold: the merged model
+
+    M(C_s, C_t) = theta_0 + C_s tau_s + C_t tau_t,   C_s, C_t in {0, 0.04, ..., 1}
+
+(26 x 26 = 676 models) is evaluated on the fold's test patients of t; the landscape is their
+mean survival loss (the training loss, ``train.loss_alpha`` of the run) as a function of
+(C_s, C_t), shown after a Gaussian smoothing with sigma = 1 grid step
+(``scipy.ndimage.gaussian_filter``, its default ``reflect`` border).
+
+Conventions where the paper is silent:
+
+* the task vectors cover **every** tensor of the network, the head included, as the formula
+  says of whole models: the corner (0, 1) is the target's own model, (1, 0) the source's model
+  applied to the target, (0, 0) theta_0. (STEPH itself merges the encoder only and trains a
+  fresh head.) The loss uses the target run's time bins;
+* tau_t is the target's model of that fold (it never saw the fold's test patients), tau_s the
+  source's fold-0 model, as STEPH's pool (method.md section 4);
+* STEPH's mixup of this pair moves along the segment C_s + C_t = 1 (C_t = lambda); the path
+  shown is the mean lambda of the source per training epoch (``log.jsonl``).
+
+The 676 merged models are evaluated in batches: one ``torch.func.vmap`` over as many grid points
+as fit a memory bound per bag (a loop over the points where a network cannot be vmapped), on
+``device``, with a progress bar over the bags.
+Each (target, fold, source) is cached (``RUNS/.cache/analysis/landscape/<target>/<network>/
+[rep<r>/]fold<k>/<source>.json``, keyed by the three models' weights, the patients, their feature files,
+the loss and the grid), so an interrupted analysis resumes with the pairs it has not done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from steph.analysis.cache import cache_key, read_cached, run_cache_path, write_cached
+from steph.analysis.runs import RunRef, read_log, source_run, theta0_digest, weights_digest
+
+log = logging.getLogger("steph.analysis")
+
+GRID_STEP = 0.04
+SIGMA = 1.0
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def coefficient_grid(step: float = GRID_STEP) -> np.ndarray:
+    """0, step, ..., 1 (26 values for the paper's 0.04); ``1 / step`` must be a whole number."""
+    n = round(1.0 / step)
+    if n < 1 or abs(n * step - 1.0) > 1e-9:
+        raise ValueError(f"grid step must divide 1 into whole steps, got {step}")
+    return np.round(np.linspace(0.0, 1.0, n + 1), 10)
+
+
+def evaluate_grid(loss_fn: LossFn, coefficients: Sequence[float], batch: int = 26,
+                  progress: bool = False, desc: str = "landscape") -> np.ndarray:
+    """``losses[i, j] = loss_fn(C_s = c[j], C_t = c[i])`` over the square grid of
+    ``coefficients``; ``loss_fn`` takes two (G,) tensors of C_s and C_t and returns the (G,)
+    losses of those G points (it is called with ``batch`` points at a time)."""
+    from tqdm.auto import tqdm
+
+    c = np.asarray(coefficients, dtype=np.float64)
+    ct, cs = np.meshgrid(c, c, indexing="ij")  # row i: C_t = c[i]; column j: C_s = c[j]
+    flat_s, flat_t = cs.reshape(-1), ct.reshape(-1)
+    out = np.empty(flat_s.shape[0])
+    starts = range(0, len(flat_s), max(1, int(batch)))
+    for a in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True,
+                  leave=False):
+        b = min(a + batch, len(flat_s))
+        values = loss_fn(torch.from_numpy(flat_s[a:b]), torch.from_numpy(flat_t[a:b]))
+        out[a:b] = np.asarray(values.detach().cpu(), dtype=np.float64).reshape(-1)
+    return out.reshape(cs.shape)
+
+
+def smooth(losses: np.ndarray, sigma: float = SIGMA) -> np.ndarray:
+    """The landscape after a Gaussian smoothing of ``sigma`` grid steps (appendix C.2.3)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(losses, dtype=np.float64), sigma=sigma)
+
+
+@dataclass
+class Bag:
+    """One test bag: features, the network's extra inputs, its time bin and event."""
+
+    x: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    bin: int
+    event: int
+
+
+def merged_loss_fn(network: torch.nn.Module, theta0: dict[str, torch.Tensor],
+                   tau_s: dict[str, torch.Tensor], tau_t: dict[str, torch.Tensor],
+                   bags: Sequence[Bag], loss_alpha: float, device: str | torch.device = "cpu",
+                   max_elements: int = 2 ** 26, progress: bool = False,
+                   desc: str = "landscape") -> LossFn:
+    """The mean survival loss over ``bags`` of ``network`` with the tensors
+    ``theta0 + C_s tau_s + C_t tau_t`` (floating tensors; others as in ``theta0``), for a batch of
+    (C_s, C_t) points (a progress bar over the bags with ``progress``). ``max_elements`` bounds
+    one vmapped call: its merged tensors (points x parameters) and its activations (points x
+    instances x the widest tensor), so large networks and bags run in smaller groups of
+    points."""
+    from torch.func import functional_call, vmap
+    from tqdm.auto import tqdm
+
+    from steph.survival.loss import nll_survival_loss
+
+    dev = torch.device(device)
+    network = network.to(dev).eval()
+    merged = [n for n, v in theta0.items() if v.is_floating_point()]
+    fixed = {n: v.to(dev) for n, v in theta0.items() if not v.is_floating_point()}
+    base = {n: theta0[n].to(dev, torch.float32) for n in merged}
+    ts = {n: tau_s[n].to(dev, torch.float32) for n in merged}
+    tt = {n: tau_t[n].to(dev, torch.float32) for n in merged}
+    width = max(max(v.shape) if v.dim() else 1 for v in base.values())
+    n_params = sum(v.numel() for v in base.values())
+    on_device = [Bag(b.x.to(dev), {k: v.to(dev) for k, v in b.inputs.items()}, b.bin, b.event)
+                 for b in bags]
+    state = {"vmap": True}
+
+    def one(params: dict[str, torch.Tensor], bag: Bag) -> torch.Tensor:
+        return functional_call(network, {**fixed, **params}, (bag.x,), dict(bag.inputs))
+
+    def logits(cs: torch.Tensor, ct: torch.Tensor, bag: Bag) -> torch.Tensor:
+        params = {n: base[n] + cs.view(-1, *[1] * base[n].dim()) * ts[n]
+                  + ct.view(-1, *[1] * base[n].dim()) * tt[n] for n in merged}
+        if state["vmap"]:
+            try:
+                return vmap(lambda p: one(p, bag))(params).reshape(len(cs), -1)
+            except Exception as err:  # noqa: BLE001 - data-dependent control flow and the like
+                log.info("landscape: %s cannot be vmapped (%s); evaluating point by point",
+                         type(network).__name__, type(err).__name__)
+                state["vmap"] = False
+        return torch.cat([one({n: v[g] for n, v in params.items()}, bag).reshape(1, -1)
+                          for g in range(len(cs))])
+
+    @torch.no_grad()
+    def loss_fn(cs: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+        cs, ct = cs.to(dev, torch.float32), ct.to(dev, torch.float32)
+        total = torch.zeros(len(cs), dtype=torch.float64, device=dev)
+        for bag in tqdm(on_device, desc=desc, unit="bag", disable=None if progress else True,
+                        leave=False):
+            group = max(1, max_elements // max(n_params, bag.x.shape[0] * width))
+            for a in range(0, len(cs), group):
+                out = logits(cs[a:a + group], ct[a:a + group], bag)
+                n = out.shape[0]
+                loss = nll_survival_loss(out, torch.full((n,), bag.bin, device=dev),
+                                         torch.full((n,), bag.event, device=dev),
+                                         alpha=loss_alpha, reduction="none")
+                total[a:a + n] += loss.double()
+        return total / max(1, len(on_device))
+
+    return loss_fn
+
+
+@dataclass
+class Landscape:
+    """The test loss of theta_0 + C_s tau_s + C_t tau_t for one target, fold and source."""
+
+    target: str
+    source: str
+    fold: int
+    repeat: int
+    coefficients: np.ndarray  # (n,) the grid of C_s and of C_t
+    losses: np.ndarray  # (n, n): row i is C_t = c[i], column j is C_s = c[j]; not smoothed
+    n_patients: int
+    path: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["epoch", "lambda"]))
+
+    def smoothed(self, sigma: float = SIGMA) -> np.ndarray:
+        return smooth(self.losses, sigma)
+
+    def minimum(self, smoothed: bool = True) -> tuple[float, float, float]:
+        """(C_s, C_t, loss) of the lowest point of the (smoothed) landscape."""
+        z = self.smoothed() if smoothed else self.losses
+        i, j = np.unravel_index(int(np.argmin(z)), z.shape)
+        return float(self.coefficients[j]), float(self.coefficients[i]), float(z[i, j])
+
+    def mixup_minimum(self, smoothed: bool = True) -> tuple[float, float]:
+        """(lambda, loss) of the lowest point on the mixup segment C_t = lambda,
+        C_s = 1 - lambda (the grid's anti-diagonal)."""
+        z = self.smoothed() if smoothed else self.losses
+        n = len(self.coefficients)
+        diag = np.array([z[i, n - 1 - i] for i in range(n)])
+        i = int(np.argmin(diag))
+        return float(self.coefficients[i]), float(diag[i])
+
+    def table(self) -> pd.DataFrame:
+        """Long form: C_s, C_t, loss, smoothed loss."""
+        ct, cs = np.meshgrid(self.coefficients, self.coefficients, indexing="ij")
+        return pd.DataFrame({"c_s": cs.reshape(-1), "c_t": ct.reshape(-1),
+                             "loss": self.losses.reshape(-1),
+                             "loss_smoothed": self.smoothed().reshape(-1)})
+
+
+def lambda_path(runs_root: str | Path, steph_run: RunRef, source: str) -> pd.DataFrame:
+    """Mean lambda (and w) of ``source`` per training epoch of a STEPH run."""
+    from steph.analysis.dynamics import sources_of
+
+    sources = sources_of(runs_root, steph_run)
+    if source not in sources:
+        return pd.DataFrame(columns=["epoch", "lambda", "w"])
+    i = sources.index(source)
+    rows = [{"epoch": int(r["epoch"]), "lambda": float(np.atleast_1d(r["mean_lambda"])[i]),
+             "w": float(np.atleast_1d(r["mean_w"])[i])}
+            for r in read_log(steph_run.path(runs_root)) if "mean_lambda" in r]
+    return pd.DataFrame(rows, columns=["epoch", "lambda", "w"])
+
+
+def loss_landscape(runs_root: str | Path, data_root: str | Path, target: RunRef, source: str,
+                   step: float = GRID_STEP, device: str = "cpu", progress: bool = False,
+                   steph_run: RunRef | None = None) -> Landscape:
+    """The landscape of ``target`` (a finished cancer-specific run: its cohort, fold and network)
+    and ``source`` (a cohort whose fold-0 run of the same network is finished), computed or read
+    from the cache; with ``steph_run``, the path its lambda took for this source."""
+    from steph.analysis.bags import RunBags
+    from steph.experiments.runs import theta0_path
+    from steph.inference import load_artefact
+    from steph.survival.bins import TimeBins
+    from steph.utils.io import load_tensors
+
+    runs_root = Path(runs_root)
+    arch = target.method
+    src = source_run(source, arch)
+    coefficients = coefficient_grid(step)
+    bags = RunBags(runs_root, data_root, target)
+    ids = bags.test_ids()
+    key = cache_key("landscape/1", theta0_digest(runs_root, arch),
+                    weights_digest(target.path(runs_root)), weights_digest(src.path(runs_root)),
+                    ids, bags.files_key(ids), bags.loss_alpha, coefficients.tolist())
+    path = run_cache_path(runs_root, "landscape", target, source)
+    cached = read_cached(path, key)
+    if cached is None:
+        network, manifest = load_artefact(target.path(runs_root))
+        source_net, _ = load_artefact(src.path(runs_root))
+        theta0 = {k: v.float() if v.is_floating_point() else v
+                  for k, v in load_tensors(theta0_path(runs_root, arch)).items()}
+        theta_t, theta_s = network.state_dict(), source_net.state_dict()
+        tau_t = {n: theta_t[n].float() - theta0[n] for n in theta0 if theta0[n].is_floating_point()}
+        tau_s = {n: theta_s[n].float() - theta0[n] for n in theta0 if theta0[n].is_floating_point()}
+        bins = TimeBins.from_dict(manifest["bins"])
+        test = []
+        for pid in ids:
+            time_, event = bags.label(pid)
+            test.append(Bag(bags.bag(pid), bags.bag_inputs(pid, network.bag_inputs),
+                            int(bins.to_bins(np.array([time_]))[0]), event))
+        fn = merged_loss_fn(network, theta0, tau_s, tau_t, test, bags.loss_alpha, device,
+                            progress=progress,
+                            desc=f"landscape {target.cohort} fold{target.fold} x {source}")
+        losses = evaluate_grid(fn, coefficients, batch=len(coefficients) ** 2)
+        cached = {"losses": losses.tolist(), "n_patients": len(ids)}
+        write_cached(path, key, cached)
+    out = Landscape(target.cohort, source, target.fold, target.repeat, coefficients,
+                    np.asarray(cached["losses"], dtype=np.float64), int(cached["n_patients"]))
+    if steph_run is not None:
+        out.path = lambda_path(runs_root, steph_run, source)
+    return out

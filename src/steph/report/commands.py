@@ -1,0 +1,138 @@
+"""``steph analyze landscape | sar | attention``: one analysis of a runs folder, its tables as
+CSV and its figure as PNG and SVG in ``RUNS/analysis/`` (or ``dest``); the computations are
+cached as for the report, so the report reuses them (and these commands reuse the report's)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from steph.analysis import runs as R
+from steph.errors import ConfigError
+from steph.utils.io import write_csv
+from steph.utils.plotting import save_figure
+
+ANALYSIS_DIR = "analysis"
+
+
+@dataclass
+class Written:
+    """What an analysis command wrote, and its table."""
+
+    table: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # a summary to print
+
+
+def _dest(runs_root: str | Path, dest: str | Path | None) -> Path:
+    return Path(dest) if dest is not None else Path(runs_root) / ANALYSIS_DIR
+
+
+def steph_run(runs_root: str | Path, target: str, method: str = "steph",
+              fold: int | None = None, repeat: int = 0) -> R.RunRef:
+    """The finished STEPH run of ``target`` (its lowest finished fold when ``fold`` is None)."""
+    inventory = R.run_inventory(runs_root)
+    runs = [r for r in R.finished_runs(inventory, method=method, cohort=target)
+            if r.repeat == repeat and (fold is None or r.fold == fold)]
+    if not runs:
+        have = R.finished_runs(inventory, method=method)
+        listing = ", ".join(map(str, have)) or "none"
+        raise ConfigError(f"no finished {method} run of cohort {target!r}"
+                          f"{'' if fold is None else f' fold {fold}'} in {runs_root} "
+                          f"(finished {method} runs: {listing})")
+    return min(runs, key=lambda r: r.fold)
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+
+
+def analyze_landscape(runs_root: str | Path, data_root: str | Path, target: str,
+                      fold: int | None = None, sources: Sequence[str] | None = None,
+                      top: int = 2, method: str = "steph", step: float = 0.04,
+                      device: str = "cpu", progress: bool = True,
+                      dest: str | Path | None = None) -> Written:
+    """Landscapes of ``target`` with ``sources`` (default: the ``top`` sources of the STEPH
+    run by final w) on the test patients of ``fold``; writes
+    ``landscape-<target>-fold<k>.{png,svg,csv}``."""
+    from steph.analysis.dynamics import sources_of, top_sources
+    from steph.analysis.landscape import loss_landscape
+    from steph.report.figures import landscape_figure
+
+    check_device(device)
+    run = steph_run(runs_root, target, method, fold)
+    known = sources_of(runs_root, run)
+    chosen = list(sources) if sources else top_sources(runs_root, run, top)
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        raise ConfigError(f"{unknown} are not sources of {run} (its sources: {', '.join(known)})")
+    target_run = R.target_run(run, R.steph_arch(runs_root, run))
+    lands = [loss_landscape(runs_root, data_root, target_run, s, step=step, device=device,
+                            progress=progress, steph_run=run) for s in chosen]
+    stem = _dest(runs_root, dest) / f"landscape-{target}-fold{run.fold}"
+    table = pd.concat([ls.table().assign(target=target, fold=run.fold, source=ls.source)
+                       for ls in lands], ignore_index=True)
+    out = Written(table[["target", "fold", "source", "c_s", "c_t", "loss", "loss_smoothed"]])
+    write_csv(stem.with_suffix(".csv"), out.table)
+    out.files = [*save_figure(landscape_figure(lands), stem).values(), stem.with_suffix(".csv")]
+    for ls in lands:
+        cs, ct, lo = ls.minimum()
+        lam, lo_mix = ls.mixup_minimum()
+        final = ls.path["lambda"].iloc[-1] if len(ls.path) else float("nan")
+        out.lines.append(f"{target} fold {run.fold} x {ls.source}: lowest smoothed test loss "
+                         f"{lo:.4f} at C_s={cs:.2f}, C_t={ct:.2f}; on the mixup segment "
+                         f"{lo_mix:.4f} at lambda={lam:.2f}; STEPH's final lambda {final:.3f}")
+    return out
+
+
+def analyze_sar(runs_root: str | Path, target: str, fold: int | None = None,
+                method: str = "steph", alpha: float = 0.95,
+                dest: str | Path | None = None) -> Written:
+    """SAR curves of every source of the STEPH run; writes ``sar-<target>-fold<k>.{png,svg,csv}``."""
+    from steph.analysis.sar import steph_sar
+    from steph.report.figures import sar_figure
+
+    run = steph_run(runs_root, target, method, fold)
+    table = steph_sar(runs_root, run, alpha=alpha)
+    stem = _dest(runs_root, dest) / f"sar-{target}-fold{run.fold}"
+    write_csv(stem.with_suffix(".csv"), table)
+    out = Written(table, [*save_figure(sar_figure(table), stem).values(), stem.with_suffix(".csv")])
+    at = table[table["kind"] == "steph"].rename(columns={"lambda": "lam"})
+    for r in at.itertuples(index=False):
+        out.lines.append(f"{target} fold {run.fold}, {r.source}, {r.layer}: SAR {r.sar:.3f} at "
+                         f"STEPH's lambda {r.lam:.3f}")
+    return out
+
+
+def analyze_attention(runs_root: str | Path, data_root: str | Path, slides: Sequence[str],
+                      target: str | None = None, fold: int | None = None,
+                      method: str = "steph", dest: str | Path | None = None) -> Written:
+    """Attention maps of ``slides`` (test slides of a target of a STEPH run; the fold whose test
+    patients include the slide's patient unless ``fold`` is given); writes
+    ``attention-<slide>.{png,svg,csv}`` per slide."""
+    from steph.analysis.attention import attention_table, locate_slide
+    from steph.report.figures import attention_figure
+
+    inventory = R.run_inventory(runs_root)
+    runs = [r for r in R.finished_runs(inventory, method=method)
+            if r.repeat == 0 and (target is None or r.cohort == target)
+            and (fold is None or r.fold == fold)]
+    if not runs:
+        raise ConfigError(f"no finished {method} run{'' if target is None else f' of {target!r}'}"
+                          f"{'' if fold is None else f' fold {fold}'} in {runs_root}")
+    tables, files, lines = [], [], []
+    for slide in slides:
+        run = locate_slide(runs_root, data_root, runs, slide)
+        table = attention_table(runs_root, data_root, run, slide)
+        stem = _dest(runs_root, dest) / f"attention-{slide}"
+        write_csv(stem.with_suffix(".csv"), table)
+        files += [*save_figure(attention_figure(table), stem).values(), stem.with_suffix(".csv")]
+        tables.append(table)
+        lines.append(f"{slide}: {len(table)} patches, test patient of {run}")
+    return Written(pd.concat(tables, ignore_index=True), files, lines)
