@@ -15,16 +15,15 @@ saved with every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from steph.errors import ConfigError
 
-
 # Settings that change speed or memory but never a result: not part of a run's identity.
-PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
+PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
 
 
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
@@ -43,15 +42,19 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     labels: str = "labels.csv"  # file name inside each cohort folder
-    convention: Optional[Literal["native", "mcat", "tcga_cdr", "steph"]] = None  # None: detect
-    endpoint: Optional[Literal["os", "dss", "pfi", "dfi"]] = None  # TCGA-CDR only; None: DSS
-    time_unit: Optional[Literal["days", "months"]] = None
+    convention: Literal["native", "mcat", "tcga_cdr", "steph"] | None = None  # None: detect
+    endpoint: Literal["os", "dss", "pfi", "dfi"] | None = None  # TCGA-CDR only; None: DSS
+    time_unit: Literal["days", "months"] | None = None
     on_bad_slide: Literal["raise", "skip"] = "raise"
     check: Literal["shape", "full"] = "shape"
     n_folds: int = Field(5, ge=2)
     split_seed: int = 0
-    max_instances: Optional[int] = Field(None, ge=1)  # patch sampling for huge bags
+    max_instances: int | None = Field(None, ge=1)  # patch sampling for huge bags
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
+    # Worker processes that read bags ahead of training (steph.data.loader): None = min(4,
+    # CPUs - 1); 0 = read in the main process. Results do not depend on it.
+    workers: int | None = Field(None, ge=0)
+    prefetch: int = Field(2, ge=1)  # bags each worker reads ahead
 
 
 class BinsConfig(_Strict):
@@ -80,7 +83,11 @@ class TrainConfig(_Strict):
     # Where every method's survival head starts (steph.training.head_start): reference | baseline
     # | null | fit.
     head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
-    threads: Optional[int] = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+    # auto (CUDA, else Apple mps, else CPU) | cpu | cuda | cuda:N | mps (steph.utils.device)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    # Autocast of the network's forward; loss, merge coefficients and metrics stay float32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class StephConfig(_Strict):
@@ -101,7 +108,7 @@ class StephConfig(_Strict):
     # Weight of L_agg: a number; "size_rule" (the paper's result on TCGA: gamma_large above
     # large_cohort patients, else gamma_small); or "search" (the paper's method: an inner
     # cross-validation on the training patients over gamma_grid, see steph.experiments.search).
-    gamma: Union[Literal["search", "size_rule"], Annotated[float, Field(ge=0)]] = "size_rule"
+    gamma: Literal["search", "size_rule"] | Annotated[float, Field(ge=0)] = "size_rule"
     gamma_grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.0, 0.0025, 0.005, 0.01, 0.05)
     gamma_large: float = 0.005
     gamma_small: float = 0.05

@@ -8,8 +8,9 @@ feature dimension.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,8 @@ from steph.models.output import as_output
 from steph.models.registry import artefact_kinds, build_artefact
 from steph.survival.bins import TimeBins
 from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.training.trainer import model_device
+from steph.utils.device import resolve_device
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "steph-artefact/1"
@@ -28,7 +31,7 @@ FORMAT = "steph-artefact/1"
 
 def _kinds_registered() -> None:
     """Every module registers its artefact kind where it is defined: import those packages."""
-    import steph.merging  # noqa: F401  (STEPH, the merged baselines)
+    import steph.merging  # STEPH, the merged baselines
     import steph.models  # noqa: F401  (the MIL networks)
 
 
@@ -65,8 +68,12 @@ def resolve_artefact(path: str | Path) -> Path:
     return path
 
 
-def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The module (eval mode) and its manifest."""
+def load_artefact(path: str | Path, device: torch.device | str = "cpu"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """The module (eval mode, on ``device``: a name as ``train.device`` takes, e.g. ``auto``
+    or ``cuda:1``) and its manifest. Artefacts hold CPU tensors and load on any device."""
+    if not isinstance(device, torch.device):
+        device = resolve_device(device, option="device")  # before anything is read
     path = resolve_artefact(path)
     manifest = read_json(path.with_suffix(".json"))
     if manifest.get("format") != FORMAT:
@@ -81,28 +88,34 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing or unexpected:
         raise RunError(f"{path}: tensors do not fit a {kind} model (missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]})")
+    module.to(device)
     module.eval()
     return module, manifest
 
 
 @torch.no_grad()
 def predict_bag(module: nn.Module, bag: torch.Tensor) -> tuple[float, np.ndarray]:
-    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag."""
-    logits = as_output(module(bag)).logits
-    return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].numpy()
+    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (moved
+    to the module's device as float32)."""
+    bag = bag.to(model_device(module)).float()
+    logits = as_output(module(bag)).logits.float()
+    return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].cpu().numpy()
 
 
 def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
-                     progress: bool = False) -> pd.DataFrame:
-    """Predict with a saved artefact for patients given as (patient_id, [feature files]).
+                     progress: bool = False, device: torch.device | str = "auto"
+                     ) -> pd.DataFrame:
+    """Predict with a saved artefact for patients given as (patient_id, [feature files]), on
+    ``device`` (default: CUDA, else mps, else CPU); bags are read in their stored dtype and
+    become float32 on the device.
 
     Returns one row per patient: patient_id, n_patches, risk, then the survival probability at
     the end of every time bin (``S@<days>`` columns)."""
     from tqdm.auto import tqdm
 
-    from steph.data.features import read_features
+    from steph.data.features import read_features_stored
 
-    module, manifest = load_artefact(path)
+    module, manifest = load_artefact(path, device=device)
     bins = TimeBins.from_dict(manifest["bins"])
     dim = int(manifest["feature_dim"])
     rows = []
@@ -110,7 +123,7 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     for pid, files in tqdm(patients, desc="predict", unit="patient", disable=None if progress else True):
         if not files:
             raise DataError(f"patient {pid!r}: no feature file given")
-        arrays = [read_features(Path(f)) for f in files]
+        arrays = [read_features_stored(Path(f)) for f in files]
         for f, a in zip(files, arrays):
             if a.shape[1] != dim:
                 raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")

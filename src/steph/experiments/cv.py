@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,9 @@ import pandas as pd
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
+from steph.data.loader import resolve_workers
 from steph.data.splits import Split, has_split_files, load_or_create_splits
 from steph.errors import ConfigError, DataError, RunError
-from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
@@ -42,10 +43,12 @@ from steph.experiments.runs import (
 from steph.experiments.search import run_search, with_overrides
 from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
+from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.models.output import TrainingRestart
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
+from steph.utils.device import check_precision, device_description, resolve_device
 from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
@@ -104,6 +107,11 @@ class Experiment:
         self.runs_root = Path(runs_root)
         self.cfg = cfg or ExperimentConfig()
         self.progress = progress
+        # where every run of this process computes: checked now (a one-line error for a device
+        # or precision this machine lacks), before any data is read
+        self.device = resolve_device(self.cfg.train.device)
+        check_precision(self.device, self.cfg.train.precision)
+        self.workers = resolve_workers(self.cfg.data.workers)
         self.cohort_names = discover_cohorts(self.data_root, self.cfg.data.labels)
         if not self.cohort_names:
             raise DataError(f"no cohort under {self.data_root} (expected <cohort>/{self.cfg.data.labels})")
@@ -166,9 +174,18 @@ class Experiment:
         """Training bags (patches sampled down to ``data.max_instances``) and test bags (never
         sampled: evaluation sees every patch)."""
         d = self.cfg.data
-        kw = dict(cache_mb=d.cache_mb, seed=self.cfg.train.seed)
+        kw = {"cache_mb": d.cache_mb, "seed": self.cfg.train.seed}
         return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances, **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
+
+    def _pipeline(self) -> dict[str, Any]:
+        """How the trainer reads bags (data.workers, data.prefetch)."""
+        return {"workers": self.workers, "prefetch": self.cfg.data.prefetch}
+
+    def _predict(self, module, data: BagDataset, cfg: ExperimentConfig | None = None):
+        """Predictions on ``data`` on this experiment's device, through the data pipeline."""
+        return predict(module, data, device=self.device,
+                       precision=(cfg or self.cfg).train.precision, workers=self.workers)
 
     def theta0(self, in_dim: int) -> Path:
         return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
@@ -273,7 +290,8 @@ class Experiment:
                 break
             try:
                 history = fit(built.module, train_ds, cfg.train, path, test=test_ds,
-                              progress=self.progress, desc=str(job)).history
+                              progress=self.progress, desc=str(job),
+                              **self._pipeline()).history
                 break
             except TrainingRestart as restart:
                 attempts.append(start_over(path, restart, len(attempts)))
@@ -316,7 +334,7 @@ class Experiment:
                 ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
                 built = target_method.build(ctx)
                 fit(built.module, train, self.cfg.train, run, progress=False,
-                    desc=f"{job} search target {j}")
+                    desc=f"{job} search target {j}", **self._pipeline())
                 save_tensors(run / weights, built.module.state_dict())
                 (run / CHECKPOINT).unlink(missing_ok=True)
             return run / weights
@@ -324,7 +342,7 @@ class Experiment:
         def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
             bins, train, val = inner_data(j, train_ids, val_ids)
             cfg = with_overrides(self.cfg, {spec.key: value})
-            pool = lambda: ModelPool.from_files(  # noqa: E731
+            pool = lambda: ModelPool.from_files(
                 self.runs_root / "theta0.safetensors", (job.cohort, target),
                 [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
                 hparams=meta["hparams"])
@@ -334,11 +352,11 @@ class Experiment:
                 ds.set_bag_inputs(dict(built.bag_inputs))
             try:
                 fit(built.module, train, cfg.train, run, progress=False,
-                    desc=f"{job} search {spec.key}={value} inner {j}")
+                    desc=f"{job} search {spec.key}={value} inner {j}", **self._pipeline())
             except TrainingRestart as restart:  # e.g. collapsed: scored as it stands
                 log.info("%s search %s=%s inner %d: %s", job, spec.key, value, j, restart.reason)
             module = built.export() if built.export is not None else built.module
-            return _cindex(predict(module, val)[0])
+            return _cindex(self._predict(module, val, cfg)[0])
 
         return run_search(spec, job.path(self.runs_root) / "search", patients,
                           self.cfg.data.split_seed, train_target, train_candidate,
@@ -350,8 +368,9 @@ class Experiment:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
         command and the data, never on timing: reruns give the same bytes)."""
         module = built.export() if built.export is not None else built.module
-        test_pred, test_curves = predict(module, test_ds)
-        train_pred, _ = predict(module, train_ds.full_bags() if train_ds.max_instances else train_ds)
+        test_pred, test_curves = self._predict(module, test_ds)
+        train_pred, _ = self._predict(module, train_ds.full_bags() if train_ds.max_instances
+                                      else train_ds)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
@@ -371,7 +390,8 @@ class Experiment:
         write_csv(path / PREDICTIONS, preds)
         # epochs that ran before a resume count too: their times are in the history
         train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
-        write_run_record(path, train_seconds=train_seconds, history=history)
+        write_run_record(path, train_seconds=train_seconds, history=history,
+                         device=device_description(self.device))
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
@@ -400,10 +420,9 @@ class Experiment:
                     results[job] = self.run(job)
                 finally:
                     lock.release()
-            if waiting:
-                if len(waiting) == len(pending):
-                    log.info("waiting for %d run(s) claimed by other processes", len(waiting))
-                    time.sleep(poll_seconds)
+            if waiting and len(waiting) == len(pending):
+                log.info("waiting for %d run(s) claimed by other processes", len(waiting))
+                time.sleep(poll_seconds)
             pending = waiting
         return [results[j] for j in jobs]
 

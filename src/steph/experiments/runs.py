@@ -157,8 +157,11 @@ def start_over(path: Path, restart: Any, n_before: int) -> dict[str, Any]:
 
 # -- provenance -------------------------------------------------------------------------------
 
-def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]]) -> None:
-    """``run.json``: timing, host and software of a finished run (not part of its result)."""
+def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]],
+                     device: str | None = None) -> None:
+    """``run.json``: timing, host, device and software of a finished run (not part of its
+    result). ``device``: where this process predicted; ``epoch_devices``: where each epoch
+    trained (a resumed run may have moved)."""
     import platform
 
     import steph
@@ -173,6 +176,8 @@ def write_run_record(path: Path, train_seconds: float, history: list[dict[str, A
         "steph": getattr(steph, "__version__", "unknown"),
         "threads": torch.get_num_threads(),
         "epoch_seconds": [r.get("seconds") for r in history],
+        "device": device,
+        "epoch_devices": [r.get("device") for r in history],
     }
     write_json(path / RUN_RECORD, record)
 
