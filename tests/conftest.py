@@ -13,7 +13,7 @@ TINY_COHORTS = ("TGT", "RELA", "UNRB")
 
 
 def tiny_synth_config(feature_dim: int = 16) -> synthetic.SynthConfig:
-    kw = dict(patches_mean=20.0, patches_max=60, slides_per_patient=1.3)
+    kw = {"patches_mean": 20.0, "patches_max": 60, "slides_per_patient": 1.3}
     return synthetic.SynthConfig(
         feature_dim=feature_dim,
         n_phenotypes=6,

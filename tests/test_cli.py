@@ -131,7 +131,7 @@ def test_bf16_on_a_gpu_without_it_is_one_line(capsys, tiny_data, tmp_path, monke
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("steph") or str((__import__("pathlib").Path(sys.executable).parent / "steph"))
+    exe = shutil.which("steph") or str(__import__("pathlib").Path(sys.executable).parent / "steph")
     res = subprocess.run([exe, "cv", "--data", "/nonexistent", "--out", "/tmp/x"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr

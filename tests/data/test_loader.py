@@ -81,9 +81,8 @@ def test_a_corrupt_file_in_a_worker_is_steph_s_one_line_error(bags):
     x = w.features[sid].copy()
     x[1, 2] = np.nan
     write_features_h5(w.root / "features" / f"{sid}.h5", x.astype(np.float16))
-    with L.BagLoader(ds, workers=1) as loader:
-        with pytest.raises(DataError) as err:
-            list(loader)
+    with L.BagLoader(ds, workers=1) as loader, pytest.raises(DataError) as err:
+        list(loader)
     msg = str(err.value)
     assert type(err.value) is DataError and "\n" not in msg and "Traceback" not in msg
     assert f"cohort 'COH', patient '{pid}'" in msg and f"{sid}.h5" in msg and "NaN" in msg

@@ -11,7 +11,7 @@ from steph.experiments.cv import run_cv
 from steph.experiments.runs import run_dir
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_experiment_config  # noqa: E402
+from conftest import tiny_experiment_config
 
 
 def _cfg(workers, device="cpu"):

@@ -12,17 +12,17 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from torch.func import functional_call
 
 from steph.config import ExperimentConfig, TrainConfig, build_config
-from steph.methods import MethodContext, get_method
 from steph.inference import load_artefact, save_artefact
 from steph.merging import baselines as B
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import iso_c_pair, iso_cts_pair, ties_pair
+from steph.methods import MethodContext, get_method
 from steph.models.abmil import ABMIL, ENCODER_PREFIXES
 from steph.survival.bins import TimeBins
 from steph.survival.loss import nll_survival_loss

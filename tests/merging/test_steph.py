@@ -9,7 +9,7 @@ from steph.merging.pool import ModelPool
 from steph.merging.steph import STEPH
 from steph.models import ABMIL
 
-HP = dict(in_dim=12, n_bins=4, hidden_dim=8, attn_dim=6)
+HP = {"in_dim": 12, "n_bins": 4, "hidden_dim": 8, "attn_dim": 6}
 
 
 def make_pool(m=4, scale=0.1, seed=0, hp=HP):
@@ -175,7 +175,7 @@ def test_ablations_change_what_they_claim():
 
 
 def test_efficiency_figures_at_paper_scale():
-    hp = dict(in_dim=1536, n_bins=32)
+    hp = {"in_dim": 1536, "n_bins": 32}
     pool = make_pool(m=12, scale=0.01, hp=hp)
     model = STEPH(pool.stack(), hp)
     assert model.trainable_parameter_count() == 1_340_984  # Table S4: 1.34 M

@@ -30,7 +30,7 @@ from steph.utils.io import load_tensor_metadata
 
 from .test_trainer import make_bags, small_model
 
-CFG = dict(epochs=3, bags_per_step=4, warmup_epochs=1, lr=1e-2, device="cpu", eval_every=1)
+CFG = {"epochs": 3, "bags_per_step": 4, "warmup_epochs": 1, "lr": 1e-2, "device": "cpu", "eval_every": 1}
 
 
 def _datasets(root):
