@@ -105,7 +105,7 @@ def test_rng_state_of_a_cuda_run_and_its_resume_elsewhere(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: torch.arange(4, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", s.tolist())))
-    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(("seed", s)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(("seed", s)))
     gpu = torch.device("cuda", 0)
     state = D.rng_state(gpu)
     assert set(state) == {"rng.torch", "rng.cuda"}
@@ -118,6 +118,7 @@ def test_rng_state_of_a_cuda_run_and_its_resume_elsewhere(monkeypatch):
     torch.rand(5)
     D.set_rng_state(cpu_state, torch.device("cpu"), fallback_seed=7)
     assert torch.equal(torch.rand(3), expected)  # the CPU generator restored
+    calls.clear()  # torch.manual_seed seeds every CUDA device too
     D.set_rng_state(state, gpu, fallback_seed=7)  # GPU -> GPU: its state
     D.set_rng_state(cpu_state, gpu, fallback_seed=7)  # CPU checkpoint resumed on a GPU
     assert calls == [("set", [0, 1, 2, 3]), ("seed", 7)]

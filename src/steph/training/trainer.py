@@ -334,6 +334,8 @@ def fit(
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N: its stream, allocator and pinned memory
     model.to(device)
     opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(

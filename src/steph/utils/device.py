@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -163,16 +162,14 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device,
     kind of device has no state for this one: its generator is then seeded with
     ``fallback_seed`` (a resume across device kinds is deterministic, not bit-identical)."""
     torch.set_rng_state(state["rng.torch"].cpu())
-    restore: dict[str, tuple[str, Callable[[torch.Tensor], None], Callable[[int], None]]] = {
-        "cuda": ("rng.cuda", lambda s: torch.cuda.set_rng_state(s, device),
-                 lambda seed: torch.cuda.manual_seed(seed)),
-        "mps": ("rng.mps", torch.mps.set_rng_state if hasattr(torch, "mps") else None,
-                lambda seed: torch.mps.manual_seed(seed)),
-    }
-    if device.type not in restore:
+    if device.type == "cuda":
+        key, restore, seed = ("rng.cuda", lambda s: torch.cuda.set_rng_state(s, device),
+                              torch.cuda.manual_seed_all)
+    elif device.type == "mps":
+        key, restore, seed = "rng.mps", torch.mps.set_rng_state, torch.mps.manual_seed
+    else:
         return
-    key, set_state, seed = restore[device.type]
     if key in state:
-        set_state(state[key].cpu())
+        restore(state[key].cpu())
     else:
         seed(int(fallback_seed))
