@@ -10,6 +10,7 @@
     python benchmarks/bench_pipeline.py [--bags 200] [--patches 10000] [--dim 1536]
         [--rounds 3] [--cache cold|warm] [--sections read,epoch] [--tmpdir DIR] [--keep]
         [--json OUT] [--device auto] [--workers N] [--prefetch 2] [--memory-bags 16]
+        [--threads N]
 
     quick run:  python benchmarks/bench_pipeline.py --bags 20 --patches 2000 --rounds 2
 
@@ -387,7 +388,13 @@ def main(argv: list[str] | None = None) -> int:
                    "worker")
     p.add_argument("--memory-bags", type=int, default=16, help="epoch section: distinct bags "
                    "held in memory for the compute-only epoch")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

@@ -18,6 +18,14 @@ baselines whose merged weights are constant within a step use them to merge once
 ``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too;
 ``on_epoch_end(row)`` after each epoch's checkpoint and log are written: it may raise
 :class:`steph.models.output.TrainingRestart` to ask for a fresh start with other settings.
+
+Device and precision (``train.device``, ``train.precision``): the module is moved to the device
+once (the device contract of docs/architecture.md); bags come through
+:class:`steph.data.loader.BagLoader` (worker processes, float16 until the device); the forward
+pass runs under autocast for bf16 / fp16, the loss in float32, with a gradient scaler for fp16.
+Per-bag losses, risks and module statistics stay on the device and are copied to the host once
+per epoch, for the log row (which names the device). Checkpoints hold CPU tensors, the RNG
+state of the device and the scaler's state, so a run resumes on another device.
 """
 
 from __future__ import annotations
