@@ -112,8 +112,6 @@ class Experiment:
         self.device = resolve_device(self.cfg.train.device)
         check_precision(self.device, self.cfg.train.precision)
         self.workers = resolve_workers(self.cfg.data.workers)
-        log.info("computing on %s (%s), %d data worker(s)", device_description(self.device),
-                 self.cfg.train.precision, self.workers)
         self.cohort_names = discover_cohorts(self.data_root, self.cfg.data.labels)
         if not self.cohort_names:
             raise DataError(f"no cohort under {self.data_root} (expected <cohort>/{self.cfg.data.labels})")
@@ -122,6 +120,8 @@ class Experiment:
             self._check_cohorts(self._sources, "source")
         self._cohorts: dict[str, Cohort] = {}
         self._splits: dict[tuple[str, int], list[Split]] = {}
+        log.info("computing on %s (%s), %d data worker(s)", device_description(self.device),
+                 self.cfg.train.precision, self.workers)
 
     def _check_cohorts(self, names: Iterable[str], what: str) -> None:
         unknown = [n for n in names if n not in self.cohort_names]
