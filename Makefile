@@ -1,4 +1,5 @@
-# One-command set-up: `make demo` and `make test` create .venv and install everything first.
+# One-command set-up: `make demo` and `make test` create .venv and install everything first
+# (steph with its test extras and the optional Ray extra, so that the Ray tests run too).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch from this machine's wheel cache; override e.g. TORCH="torch==2.5.1" on a GPU box.
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 install: $(VENV)/.installed

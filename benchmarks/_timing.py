@@ -1,15 +1,15 @@
-"""Interleaved timing: candidates are run in rotation for several rounds so that machine noise
-hits all of them alike; ratios are taken between medians of the same run."""
+"""Helpers shared by the benchmark scripts. Interleaved timing (candidates run in rotation for
+several rounds so that machine noise hits all of them alike; ratios between medians of the same
+run) lives in :mod:`steph.utils.timing` and is re-exported here."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
+
+from steph.utils.timing import interleaved  # noqa: F401  (the scripts import it from here)
 
 
 def add_device_argument(ap: argparse.ArgumentParser) -> None:
@@ -73,30 +73,6 @@ def machine_info(**extra: Any) -> dict[str, Any]:
             "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None, **extra}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2,
-                inner: int = 1, before: Callable[[str], object] | None = None
-                ) -> dict[str, float]:
-    """Median seconds per call of each function. ``before(name)``, when given, runs untimed
-    before every timed call of candidate ``name`` (e.g. to drop its files from the page cache).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        # rotate the order every round so no candidate always runs first (cache, clocks)
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            if before is not None:
-                before(name)
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def train_step(model, x, bins, events, amp_dtype=None):
     """One optimiser step on one bag (survival loss plus the model's auxiliary loss, if any),
     on the device of ``x`` (model, bins and events are moved there), optionally under
@@ -157,5 +133,5 @@ def make_steph(m: int, dim: int, top_k: int, chunk_size: int | None = None):
                      target_name="T")
     model = STEPH(pool.stack(), hp, StephConfig(top_k=top_k))
     if chunk_size is not None:
-        model.abmil.chunk_size = chunk_size
+        model.chunk_size = model.network.chunk_size = chunk_size
     return model

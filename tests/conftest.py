@@ -5,11 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from steph.config import build_config
 from steph.data import synthetic
 
 TINY_COHORTS = ("TGT", "RELA", "UNRB")
+
+# Small but structurally complete settings of every MIL network (every code path of the
+# full-size networks runs), by model name.
+TINY_NETWORKS = {
+    "abmil": {"hidden_dim": 16, "attn_dim": 8},
+    "transmil": {"dim": 16, "heads": 2, "n_landmarks": 8, "residual_kernel": 5},
+    "ilra": {"hidden_dim": 16, "heads": 2},
+    "r2t_mil": {"dim": 16, "heads": 2, "region_num": 2, "epeg_kernel": 3, "attn_dim": 8},
+    "patch_gcn": {"hidden_dim": 8},
+}
 
 
 def tiny_synth_config(feature_dim: int = 16) -> synthetic.SynthConfig:
@@ -50,3 +61,13 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_cfg():
     return tiny_experiment_config()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids thread wake-up costs, which on a busy machine made
+    millisecond forwards take seconds; the thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -228,19 +228,58 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
               help="Repeat the cross-validation with this many split seeds (data.split_seed + r).")
 @click.option("--baseline", default="abmil", show_default=True,
               help="Method every other method is compared with (paired, same test folds).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: the runs one after another in this process; ray: the grid as a Ray "
+                   "task graph (pip install 'steph[ray]').")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="ray: join a running Ray cluster (default: start a local Ray instance).")
+@click.option("--cpus-per-run", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per run, also its thread count (ray default: 1; local default: torch's).")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="ray: GPUs per run; a fraction shares a GPU, e.g. 0.25 (default 0).")
+@click.option("--memory-per-run", default=None, metavar="SIZE",
+              help="ray: memory Ray reserves per run, e.g. 8G (default: none).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="ray: retries of a run whose worker or node died (default 2); a run that "
+                   "fails on its input is not retried.")
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
-       sources: str | None, repeats: int, baseline: str, sets: Sequence[str], config: str | None,
-       epochs: int | None, seed: int | None, quiet: bool) -> None:
-    """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png."""
+       sources: str | None, repeats: int, baseline: str, executor: str, address: str | None,
+       cpus_per_run: float | None, gpus_per_run: float | None, memory_per_run: str | None,
+       retries: int | None, sets: Sequence[str], config: str | None, epochs: int | None,
+       seed: int | None, quiet: bool) -> None:
+    """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png.
+
+    A run that fails fails only the runs that need it; the command then writes the summary of
+    the finished runs, lists the failed ones and exits with status 1.
+    """
     from steph.experiments.cv import run_cv
+    from steph.experiments.executors import GridError, LocalExecutor, RayExecutor
     from steph.methods import resolve_methods
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     names = resolve_methods(methods)
-    summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds, cfg=cfg,
-                     sources=_split_list(sources), progress=not quiet, repeats=repeats,
-                     baseline=baseline)
+    if executor == "ray":
+        runner = RayExecutor(address=address, cpus_per_run=cpus_per_run or 1.0,
+                             gpus_per_run=gpus_per_run or 0.0, memory_per_run=memory_per_run,
+                             retries=2 if retries is None else retries)
+    else:
+        ray_only = {"--address": address, "--gpus-per-run": gpus_per_run,
+                    "--memory-per-run": memory_per_run, "--retries": retries}
+        given = [k for k, v in ray_only.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --executor ray")
+        runner = LocalExecutor(cpus_per_run=cpus_per_run)
+    try:
+        summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds,
+                         cfg=cfg, sources=_split_list(sources), progress=not quiet,
+                         repeats=repeats, baseline=baseline, executor=runner)
+    except GridError as err:
+        if err.summary is not None:  # what finished, before the list of failed runs
+            _print_table(err.summary, names)
+            _print_comparisons(out)
+        raise
     _print_table(summary, names)
     _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}")
@@ -325,11 +364,13 @@ def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], featu
 
     patients = _patients_from_inputs([*slides, *more_slides], features, labels)
     table = predict_patients(model, patients, device=device)
+    n_enc = table.attrs.get("encoders_per_bag", 1)
     if out:
         write_csv(out, table)
         click.echo(f"wrote {len(table)} prediction(s) to {out}")
     else:
         click.echo(table[["patient_id", "n_patches", "risk"]].to_string(index=False))
+    click.echo(f"ran {n_enc} MIL encoder{'s' if n_enc != 1 else ''} per bag")
 
 
 @cli.command()
@@ -342,19 +383,74 @@ def explain(model: str, slides: Sequence[str], device: str) -> None:
     import torch
 
     from steph.data.features import read_features_stored
-    from steph.inference import load_artefact
+    from steph.inference import bag_inputs_from_files, load_artefact
+    from steph.training.trainer import model_device
 
     module, manifest = load_artefact(model, device=device)
     if manifest["kind"] != "steph":
         raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
     bag = torch.from_numpy(np.concatenate([read_features_stored(Path(s)) for s in slides]))
-    ex = module.explain(bag.to(module.theta0_flat.device).float())
+    where = model_device(module)
+    ex = module.explain(bag.to(where).float(),
+                        **{k: v.to(where) for k, v in bag_inputs_from_files(module, slides).items()})
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):
         click.echo(f"{name:12s} {float(ex.w[i]):8.4f} {float(ex.lam[i]):8.4f} "
                    f"{ex.coefficients[name]:8.4f}")
     click.echo(f"{'target':12s} {'':8s} {'':8s} {ex.coefficients[module.target_name]:8.4f}")
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+@cli.group()
+def bench() -> None:
+    """Measurements of the methods themselves (Table S4)."""
+
+
+@bench.command("efficiency")
+@click.option("--methods", default=None,
+              help="Comma-separated methods (default: every method with a cost model).")
+@click.option("--instances", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Patches of the measured bag.")
+@click.option("--dim", type=click.IntRange(min=1), default=1536, show_default=True,
+              help="Feature dimension.")
+@click.option("--bins", "n_bins", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sources", type=click.IntRange(min=1), default=12, show_default=True,
+              help="m, the source models of a transfer method.")
+@click.option("--arch", default="abmil", show_default=True,
+              help="Backbone of the transfer methods (model.arch).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed rounds (candidates interleaved); the median is reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write a CSV here.")
+def bench_efficiency(methods: str | None, instances: int, dim: int, n_bins: int, sources: int,
+                     arch: str, device: str, repeats: int, warmup: int, threads: int | None,
+                     out: str | None) -> None:
+    """Learnable parameters, inference GFLOPs and latency of every method on one bag."""
+    import torch
+
+    from steph.experiments.efficiency import efficiency_markdown, measure_efficiency
+    from steph.methods import CostSpec
+    from steph.models import model_class
+    from steph.utils.io import write_csv
+
+    model_class(arch)  # an unknown network: one clear error
+    if threads:
+        torch.set_num_threads(threads)
+    spec = CostSpec(in_dim=dim, n_bins=n_bins, n_sources=sources, n_instances=instances,
+                    arch=arch)
+    table = measure_efficiency(_split_list(methods), spec, device=device, repeats=repeats,
+                               warmup=warmup)
+    click.echo(f"bag {instances} x {dim}, {n_bins} bins, m = {sources} sources over {arch}, "
+               f"{device}, {torch.get_num_threads()} thread(s), median of {repeats}")
+    click.echo(efficiency_markdown(table))
+    if out:
+        write_csv(out, table.assign(instances=instances, dim=dim, n_sources=sources,
+                                    device=device, threads=torch.get_num_threads()))
+        click.echo(f"wrote {out}")
 
 
 # -- demo --------------------------------------------------------------------------------------------

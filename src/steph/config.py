@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from steph.errors import ConfigError
 
@@ -49,7 +57,11 @@ class DataConfig(_Strict):
     check: Literal["shape", "full"] = "shape"
     n_folds: int = Field(5, ge=2)
     split_seed: int = 0
-    max_instances: int | None = Field(None, ge=1)  # patch sampling for huge bags
+    max_instances: int | None = Field(None, ge=1)  # patch sampling of training bags
+    # Evaluation of a network that cannot compute a huge bag in pieces (TransMIL): bags above
+    # this many patches are evaluated on a sample, recorded in metrics.json (None: whole bags,
+    # always exact). Networks that compute in pieces (ABMIL, ILRA, R2T-MIL, Patch-GCN) ignore it.
+    eval_max_instances: int | None = Field(None, ge=1)
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
     # Worker processes that read bags ahead of training (steph.data.loader): None = min(4,
     # CPUs - 1); 0 = read in the main process. Results do not depend on it.
@@ -64,11 +76,32 @@ class BinsConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["abmil"] = "abmil"
-    hidden_dim: int = Field(512, ge=1)
-    attn_dim: int = Field(384, ge=1)
-    dropout: float = Field(0.25, ge=0.0, lt=1.0)
-    init_seed: int = 0  # seed of the shared initialisation theta_0
+    # The backbone of a runs folder (a registered network: abmil, transmil, ilra, r2t_mil,
+    # patch_gcn): what the transfer methods (STEPH, the merging baselines) merge, i.e. which
+    # cancer-specific runs they need. Configs written before it existed call it ``name``.
+    arch: str = Field("abmil", validation_alias=AliasChoices("arch", "name"))
+    hidden_dim: int = Field(512, ge=1)  # ABMIL's
+    attn_dim: int = Field(384, ge=1)  # ABMIL's
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)  # ABMIL's
+    init_seed: int = 0  # seed of the shared initialisation theta_0 (one per architecture)
+    # Keyword arguments of the other networks by name, e.g. {transmil: {dim: 256}}; unset
+    # ones keep the configuration of method.md section 6 (Table S4's parameter counts).
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("options", mode="after")
+    @classmethod
+    def _no_abmil_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if "abmil" in v:
+            raise ValueError("ABMIL's settings are model.hidden_dim, attn_dim and dropout")
+        return v
+
+    def network_kwargs(self, arch: str | None = None) -> dict[str, Any]:
+        """Keyword arguments (besides in_dim and n_bins) of network ``arch`` (default: arch)."""
+        arch = arch or self.arch
+        if arch == "abmil":
+            return {"hidden_dim": self.hidden_dim, "attn_dim": self.attn_dim,
+                    "dropout": self.dropout}
+        return dict(self.options.get(arch, {}))
 
 
 class TrainConfig(_Strict):
@@ -121,6 +154,9 @@ class StephConfig(_Strict):
     # Collapse guard: when every selected merge weight was zero for a whole epoch, warn and
     # restart the run with the next smaller gamma of gamma_grid (off: warn only).
     guard: bool = True
+    # "reference": every setting not given explicitly takes the reference release's value
+    # (REFERENCE_PROFILE below), so the paper can be run as published next to steph's defaults.
+    profile: Literal["steph", "reference"] = "steph"
     mixing: Literal["hyper", "none", "free"] = "hyper"  # none: lambda = 1; free: learned vector
     aggregation: Literal["hyper", "free"] = "hyper"  # free: w as a learned vector
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
@@ -128,16 +164,17 @@ class StephConfig(_Strict):
     # Start of the merge weights: "complete" sets H_agg's output bias (or the free w) to 1/K so
     # that sum_{i in S} w_i ~ 1 and theta(X) starts near theta_0 + tau_t (the target's model);
     # "default" keeps PyTorch's initialisation (w ~ 0.03: theta(X) starts near theta_0).
-    w_init: Literal["complete", "default"] = "complete"
+    # "screened": each source is scored by a cross-validated probe of theta_0 + tau_t + tau_i
+    # on the training patients against theta_0 + tau_t (forward passes only); the merge starts
+    # with w = 1 and lambda = 0.5 for the sources that helped (at most K), w ~ 0 for the others,
+    # and as "complete" (the target's own encoder) when none helped.
+    w_init: Literal["complete", "default", "screened"] = "complete"
     # Output activation of H_agg (the reference release offers relu / softplus / sigmoid; the
     # paper uses relu). softplus never has zero gradient, so a small w can recover.
     w_activation: Literal["relu", "softplus"] = "relu"
     # Epochs at the start during which w and lambda are held fixed (no gradient) so that the
     # fresh head first adapts to the initial merged encoder.
     head_warmup_epochs: int = Field(0, ge=0)
-    # Bias of the fresh head: "baseline" = logit of the training split's discrete baseline hazard
-    # (weights stay random); "random" = PyTorch's default range for the bias too.
-    head_bias: Literal["baseline", "random"] = "baseline"
 
 
 class MergeConfig(_Strict):
@@ -148,10 +185,32 @@ class MergeConfig(_Strict):
     ties_density: float = Field(0.2, gt=0.0, le=1.0)
     iso_cts_fraction: float = Field(0.8, gt=0.0, le=1.0)
     surgery_rank: int = Field(16, ge=1)
-    head_bias: Literal["baseline", "random"] = "baseline"  # fresh heads, as steph.head_bias
     # The AdaMerging family's coefficients learn at train.lr x coef_lr_scale: at the protocol's
     # 1e-4 they move about 1e-4 per step, i.e. not at all within a small cohort's budget.
     coef_lr_scale: float = Field(1.0, gt=0)
+
+
+class TransferConfig(_Strict):
+    """Representation transfer (method.md section 6): ROUPKT and the simpler transfer rows."""
+
+    top_k: int = Field(5, ge=1)  # experts kept per bag (larger than E: all)
+    z_loss: float = Field(0.01, ge=0)  # weight of (logsumexp router logits)^2
+    balance_loss: float = Field(0.01, ge=0)  # weight of the top-1 router probability
+    # How linear_probe picks its source on the training patients: "inner_cv" = the inner
+    # cross-validated C-index of a linear read-out of each source's embedding; "zero_shot" =
+    # the training C-index of each source model as it is.
+    probe_selection: Literal["inner_cv", "zero_shot"] = "inner_cv"
+
+
+# What ``steph.profile: reference`` sets (unless given explicitly): the reference release's
+# training of every method, without the departures documented in docs/method-notes.md.
+REFERENCE_PROFILE: dict[tuple[str, str], Any] = {
+    ("train", "head_init"): "reference",  # ABMIL keeps theta_0's head; fresh heads fully random
+    ("steph", "w_init"): "default",  # PyTorch's initialisation of H_agg
+    ("steph", "gamma"): "size_rule",  # 0.005 above 500 patients, else 0.05
+    ("steph", "guard"): False,  # nothing protects w from collapsing
+    ("merge", "coef_lr_scale"): 1.0,  # AdaMerging coefficients at the shared learning rate
+}
 
 
 class ExperimentConfig(_Strict):
@@ -161,11 +220,21 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     steph: StephConfig = StephConfig()
     merge: MergeConfig = MergeConfig()
+    transfer: TransferConfig = TransferConfig()
 
     @field_validator("*", mode="before")
     @classmethod
     def _none_is_default(cls, v: Any) -> Any:
         return {} if v is None else v  # an empty YAML section means "defaults"
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> ExperimentConfig:
+        if self.steph.profile == "reference":
+            for (section, key), value in REFERENCE_PROFILE.items():
+                part = getattr(self, section)
+                if key not in part.model_fields_set:
+                    object.__setattr__(part, key, value)  # stays "not explicitly set"
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -32,7 +32,15 @@ FORMAT = "steph-artefact/1"
 def _kinds_registered() -> None:
     """Every module registers its artefact kind where it is defined: import those packages."""
     import steph.merging  # STEPH, the merged baselines
-    import steph.models  # noqa: F401  (the MIL networks)
+    import steph.models  # the MIL networks
+    import steph.transfer  # noqa: F401  (ROUPKT, the expert read-outs)
+
+
+def encoders_per_bag(module: nn.Module) -> int:
+    """MIL encoders ``module`` runs on one bag at inference: its ``encoders_per_bag`` (a method
+    or a number) when it declares one, else 1 (a MIL network, STEPH after its merge)."""
+    n = getattr(module, "encoders_per_bag", 1)
+    return int(n() if callable(n) else n)
 
 
 def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
@@ -94,23 +102,47 @@ def load_artefact(path: str | Path, device: torch.device | str = "cpu"
 
 
 @torch.no_grad()
-def predict_bag(module: nn.Module, bag: torch.Tensor) -> tuple[float, np.ndarray]:
-    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (moved
-    to the module's device as float32)."""
-    bag = bag.to(model_device(module)).float()
-    logits = as_output(module(bag)).logits.float()
+def predict_bag(module: nn.Module, bag: torch.Tensor, **bag_inputs: torch.Tensor
+                ) -> tuple[float, np.ndarray]:
+    """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (plus
+    the extra per-bag inputs the module declares, see :func:`bag_inputs_from_files`), moved to
+    the module's device (the bag as float32)."""
+    where = model_device(module)
+    bag_inputs = {k: v.to(where) for k, v in bag_inputs.items()}
+    logits = as_output(module(bag.to(where).float(), **bag_inputs)).logits.float()
     return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].cpu().numpy()
 
 
+def bag_inputs_from_files(module: nn.Module, files: Sequence[str | Path],
+                          graph_cache: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The extra per-bag inputs ``module`` declares (its ``bag_inputs``) for a bag made of the
+    feature files ``files`` (in that order): ``edge_index``, the k-NN graph of each file's patch
+    coordinates (a disjoint union over the files; Patch-GCN and merges of it)."""
+    from steph.data.graphs import bag_graph
+
+    out: dict[str, torch.Tensor] = {}
+    for name in getattr(module, "bag_inputs", ()) or ():
+        if name != "edge_index":
+            raise RunError(f"the model needs the per-bag input {name!r}, which steph predict "
+                           "cannot build from feature files")
+        out[name] = bag_graph([Path(f) for f in files], cache_dir=graph_cache)
+    return out
+
+
 def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
-                     progress: bool = False, device: torch.device | str = "auto"
-                     ) -> pd.DataFrame:
+                     progress: bool = False, graph_cache: str | Path | None = None,
+                     device: torch.device | str = "auto") -> pd.DataFrame:
     """Predict with a saved artefact for patients given as (patient_id, [feature files]), on
     ``device`` (default: CUDA, else mps, else CPU); bags are read in their stored dtype and
     become float32 on the device.
 
+    A model that needs patch graphs (Patch-GCN, or STEPH / a merge over it) gets each patient's
+    k-NN graph built from the files' ``coords`` (cached in ``graph_cache`` when given); a file
+    without coordinates is an error naming it.
+
     Returns one row per patient: patient_id, n_patches, risk, then the survival probability at
-    the end of every time bin (``S@<days>`` columns)."""
+    the end of every time bin (``S@<days>`` columns); ``attrs["encoders_per_bag"]`` is how many
+    MIL encoders the model ran per bag."""
     from tqdm.auto import tqdm
 
     from steph.data.features import read_features_stored
@@ -128,7 +160,9 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
             if a.shape[1] != dim:
                 raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")
         bag = torch.from_numpy(np.concatenate(arrays, axis=0))
-        risk, curve = predict_bag(module, bag)
+        risk, curve = predict_bag(module, bag, **bag_inputs_from_files(module, files, graph_cache))
         rows.append([pid, bag.shape[0], risk, *curve.tolist()])
     cols = ["patient_id", "n_patches", "risk"] + [f"S@{int(t)}" for t in bins.end_times]
-    return pd.DataFrame(rows, columns=cols)
+    table = pd.DataFrame(rows, columns=cols)
+    table.attrs["encoders_per_bag"] = encoders_per_bag(module)
+    return table

@@ -162,3 +162,27 @@ def test_bag_input_providers_add_item_keys(make_cohort):
     assert [int(ds[i]["n"]) for i in range(3)] == [len(p) for p in ids]
     with pytest.raises(ValueError, match="reserved"):
         ds.set_bag_inputs({"features": lambda pid: None})
+
+
+def test_per_instance_providers_get_the_kept_rows(make_cohort):
+    """A provider indexed by the bag's rows (``per_instance``) is told which rows a sampled bag
+    kept (None: the whole bag); a plain provider only gets the patient id."""
+    _, c = _cohort(make_cohort)
+
+    class Rows:
+        per_instance = True
+
+        def __call__(self, pid, indices):
+            return indices
+
+    ds = BagDataset(c, ["B", "C"], TimeBins.uniform(), max_instances=8, seed=5)
+    ds.set_bag_inputs({"rows": Rows(), "pid": lambda pid: pid})
+    item = ds[0]
+    np.testing.assert_array_equal(item["rows"], subsample_indices(30, 8, 5, "B"))
+    assert item["pid"] == "B" and len(item["rows"]) == item["features"].shape[0]
+    assert ds[1]["rows"] is None  # 7 patches: whole
+    assert ds.full_bags()[0]["rows"] is None
+    assert ds.n_sampled() == 1 and ds.full_bags().n_sampled() == 0
+    assert ds.kept_indices("C") is None
+    again = ds.resampled(20)
+    assert again.max_instances == 20 and len(again[0]["rows"]) == 20

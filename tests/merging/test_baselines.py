@@ -139,7 +139,7 @@ def test_adamerging_init_merge_is_theta0_plus_03_sum_of_task_vectors():
         torch.testing.assert_close(merged[k], expected, rtol=1e-5, atol=1e-6)
     # a fresh head: not copied from theta_0 or any model of the pool
     for m in [pool.theta0, *models]:
-        assert not torch.allclose(model.abmil.head.weight, m["head.weight"])
+        assert not torch.allclose(model.network.head.weight, m["head.weight"])
 
 
 def _reference_grads(pool: ModelPool, head: dict[str, torch.Tensor], coef0: torch.Tensor,
@@ -168,7 +168,7 @@ def test_per_step_merge_gradients_equal_naive_autograd():
     model = _adamerging(pool).train()
     with torch.no_grad():
         model.coef.copy_(torch.tensor([0.4, -0.1, 0.25, 0.6]))  # not all equal
-    head = {k: v.detach().clone() for k, v in model.abmil.state_dict().items()
+    head = {k: v.detach().clone() for k, v in model.network.state_dict().items()
             if k.startswith("head.")}
     coef0 = model.coef.detach().clone()
     bags = [_bag(i, n=5 + i) for i in range(4)]
@@ -185,8 +185,8 @@ def test_per_step_merge_gradients_equal_naive_autograd():
     gc, gw, gb = _reference_grads(pool, head, coef0, bags, bins, events, seed=7)
     assert gc.abs().max() > 1e-6  # a real gradient, not two zeros
     torch.testing.assert_close(model.coef.grad, gc, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.abmil.head.weight.grad, gw, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.abmil.head.bias.grad, gb, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.network.head.weight.grad, gw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.network.head.bias.grad, gb, rtol=1e-4, atol=1e-6)
 
     # the module's own per-bag path (training mode, no open step) agrees as well
     naive = _adamerging(pool).train()
@@ -202,10 +202,10 @@ def test_only_coefficients_and_head_are_trained_and_frozen_tensors_never_change(
     pool = _pool()
     model = _adamerging(pool)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"coef", "abmil.head.weight", "abmil.head.bias"}
+    assert trainable == {"coef", "network.head.weight", "network.head.bias"}
     frozen = {k: v.clone() for k, v in model.state_dict().items()
-              if not k.startswith("abmil.head.") and k != "coef"}
-    coef0, head0 = model.coef.detach().clone(), model.abmil.head.weight.detach().clone()
+              if not k.startswith("network.head.") and k != "coef"}
+    coef0, head0 = model.coef.detach().clone(), model.network.head.weight.detach().clone()
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -218,13 +218,13 @@ def test_only_coefficients_and_head_are_trained_and_frozen_tensors_never_change(
             loss.backward()
         model.end_step()
         got = {n for n, p in model.named_parameters() if p.grad is not None}
-        assert got == {"coef", "abmil.head.weight", "abmil.head.bias"}
+        assert got == {"coef", "network.head.weight", "network.head.bias"}
         opt.step()
     for k, v in model.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), f"{k} changed"
     assert not torch.equal(model.coef.detach(), coef0)
-    assert not torch.equal(model.abmil.head.weight.detach(), head0)
+    assert not torch.equal(model.network.head.weight.detach(), head0)
 
 
 def test_stats_return_the_coefficients():
@@ -239,7 +239,7 @@ def test_export_gives_the_same_logits_as_the_module_in_eval_mode():
     model = _adamerging(pool)
     with torch.no_grad():
         model.coef.copy_(torch.tensor([0.9, 0.1, -0.2, 0.5]))
-        model.abmil.head.weight.add_(0.3)
+        model.network.head.weight.add_(0.3)
     model.eval()
     exported = model.export()
     assert type(exported) is ABMIL and not exported.training
@@ -296,7 +296,7 @@ def test_trainer_runs_adamerging_one_merge_per_step(tmp_path):
 
     model.merged_flat = counting
     frozen = {k: v.clone() for k, v in model.state_dict().items()
-              if not k.startswith("abmil.head.") and k != "coef"}
+              if not k.startswith("network.head.") and k != "coef"}
     train = [{"features": _bag(i), "bin": torch.tensor(i % HP["n_bins"]),
               "time": float(100 * i + 5),
               "event": i % 2, "patient_id": f"p{i}"} for i in range(8)]
@@ -354,7 +354,7 @@ def test_surgery_starts_at_adamerging_and_trains_w_up():
     assert torch.count_nonzero(surg.surgery.up.weight) == 0
     assert torch.count_nonzero(surg.surgery.down.weight) > 0
     assert surg.surgery.down.bias is None and surg.surgery.up.bias is None
-    torch.testing.assert_close(surg.abmil.head.weight, plain.abmil.head.weight)
+    torch.testing.assert_close(surg.network.head.weight, plain.network.head.weight)
     for mode in ("eval", "train"):
         getattr(plain, mode)()
         getattr(surg, mode)()
@@ -373,7 +373,7 @@ def test_surgery_starts_at_adamerging_and_trains_w_up():
     assert surg.surgery.up.weight.grad.abs().sum() > 0
     assert surg.coef.grad is not None and surg.coef.grad.abs().sum() > 0
     trainable = {n for n, p in surg.named_parameters() if p.requires_grad}
-    assert trainable == {"coef", "abmil.head.weight", "abmil.head.bias", "surgery.down.weight",
+    assert trainable == {"coef", "network.head.weight", "network.head.bias", "surgery.down.weight",
                          "surgery.up.weight"}
 
 
@@ -391,19 +391,19 @@ def test_surgery_export_round_trips_through_load_artefact(tmp_path):
     model = _trained_surgery(pool)
     built_kind = "abmil_surgery"
     exported = model.export()
-    assert isinstance(exported, B.SurgeryABMIL)
+    assert isinstance(exported, B.SurgeryMIL)
     bins = TimeBins.uniform(HP["n_bins"], 1000.0)
     path = save_artefact(tmp_path / "model.safetensors", exported, built_kind,
                          model.export_settings(), bins, HP["in_dim"])
     loaded, manifest = load_artefact(path)
-    assert manifest["kind"] == built_kind and isinstance(loaded, B.SurgeryABMIL)
+    assert manifest["kind"] == built_kind and isinstance(loaded, B.SurgeryMIL)
     with torch.no_grad():
         for i in range(3):
             x = _bag(i)
             ref = model(x).logits
             torch.testing.assert_close(exported(x), ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-6)
-            plain_head = loaded.abmil(x)  # without surgery the output differs: surgery is saved
+            plain_head = loaded.network(x)  # without surgery the output differs: surgery is saved
             assert not torch.allclose(plain_head, ref)
 
 

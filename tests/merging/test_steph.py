@@ -67,8 +67,8 @@ def test_forward_uses_the_merged_encoder_and_its_own_head():
     x = torch.randn(15, HP["in_dim"])
     ex = model.explain(x)
     ref = ABMIL(**HP).eval()
-    sd = {**pool.theta0, **ex.merged, "head.weight": model.abmil.head.weight,
-          "head.bias": model.abmil.head.bias}
+    sd = {**pool.theta0, **ex.merged, "head.weight": model.network.head.weight,
+          "head.bias": model.network.head.bias}
     ref.load_state_dict(sd)
     torch.testing.assert_close(model(x).logits, ref(x))
 
@@ -76,7 +76,7 @@ def test_forward_uses_the_merged_encoder_and_its_own_head():
 def test_head_is_fresh_not_copied():
     model, pool = make_steph()
     for src in [pool.theta0, pool.target, *pool.sources.values()]:
-        assert not torch.equal(model.abmil.head.weight, src["head.weight"])
+        assert not torch.equal(model.network.head.weight, src["head.weight"])
 
 
 def test_lambda_is_one_when_r_is_zero():
@@ -111,7 +111,7 @@ def test_gradients_reach_exactly_the_trainable_parts():
     out = model(torch.randn(11, HP["in_dim"]))
     (out.logits.sum() + out.aux_loss).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected_prefixes = ("embed.", "h_agg.", "h_mix.", "abmil.head.")
+    expected_prefixes = ("embed.", "h_agg.", "h_mix.", "network.head.")
     assert trainable and all(n.startswith(expected_prefixes) for n in trainable)
     for n, p in model.named_parameters():
         if n.startswith(expected_prefixes):
@@ -126,7 +126,7 @@ def test_frozen_parts_do_not_change_during_training(tmp_path):
     from steph.training.trainer import fit
 
     model, _ = make_steph()
-    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("embed", "h_", "abmil.head"))}
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("embed", "h_", "network.head"))}
     g = torch.Generator().manual_seed(0)
     bags = [{"features": torch.randn(8, HP["in_dim"], generator=g), "bin": torch.tensor(i % 4),
              "time": float(i + 1), "event": i % 2, "patient_id": str(i)} for i in range(8)]
@@ -233,9 +233,9 @@ def test_head_bias_is_set_and_weights_stay_fresh():
     bias = torch.linspace(-3, -1, HP["n_bins"])
     a = STEPH(pool.stack(), HP, StephConfig(embed_dim=10), head_bias=bias)
     b = STEPH(pool.stack(), HP, StephConfig(embed_dim=10))
-    assert torch.equal(a.abmil.head.bias.detach(), bias)
-    assert torch.equal(a.abmil.head.weight, b.abmil.head.weight)
-    assert not torch.equal(b.abmil.head.bias.detach(), bias)
+    assert torch.equal(a.network.head.bias.detach(), bias)
+    assert torch.equal(a.network.head.weight, b.network.head.weight)
+    assert not torch.equal(b.network.head.bias.detach(), bias)
 
 
 def test_softplus_keeps_gradient_for_negative_outputs():
@@ -255,7 +255,7 @@ def test_head_warmup_holds_w_and_lambda():
     out = model(torch.randn(6, HP["in_dim"]))
     (out.logits.sum() + out.aux_loss).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.h_agg.parameters())
-    assert model.abmil.head.weight.grad.abs().sum() > 0
+    assert model.network.head.weight.grad.abs().sum() > 0
     model.zero_grad()
     model.on_epoch_start(1)
     out = model(torch.randn(6, HP["in_dim"]))
@@ -267,12 +267,12 @@ def test_bag_embedding_in_chunks_equals_one_pass():
     """Prediction on a huge bag sums ReLU(W_e x) chunk by chunk: the same mean (up to float
     rounding), hence the same merge weights, and never the whole (N, d) activation."""
     model, _ = make_steph(m=4, active=True)
-    model.abmil.chunk_size = 16
+    model.chunk_size = model.network.chunk_size = 16
     x = torch.randn(75, HP["in_dim"])  # 4 full chunks and a partial one
     model.eval()
     one_pass = model.bag_embedding(x, chunk_size=0)
     with torch.no_grad():
-        chunked = model.bag_embedding(x)  # eval + no grad: chunks of abmil.chunk_size
+        chunked = model.bag_embedding(x)  # eval + no grad: chunks of model.chunk_size
         assert torch.allclose(chunked, one_pass, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.bag_embedding(x, chunk_size=7), one_pass)
         seen = []
@@ -280,12 +280,12 @@ def test_bag_embedding_in_chunks_equals_one_pass():
         logits_chunked = model(x).logits
         hook.remove()
         assert max(seen) == 16 and sum(seen) == 75
-        model.abmil.chunk_size = 0
+        model.chunk_size = model.network.chunk_size = 0
         torch.testing.assert_close(logits_chunked, model(x).logits)
     model.train()  # training is never chunked
     seen.clear()
     hook = model.embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
-    model.abmil.chunk_size = 16
+    model.chunk_size = model.network.chunk_size = 16
     model(x)
     hook.remove()
     assert seen == [75]

@@ -186,9 +186,9 @@ def test_chunking_reaches_models_that_call_abmil_with_merged_parameters(monkeypa
     model = STEPH(pool.stack(), hp, StephConfig(embed_dim=10)).eval()
     x = torch.randn(60, 12)
     with torch.no_grad():
-        model.abmil.chunk_size = 0
+        model.network.chunk_size = 0
         one = model(x).logits
-        model.abmil.chunk_size = 7
+        model.network.chunk_size = 7
         calls = []
         real = ABMIL._embed_chunked
         monkeypatch.setattr(ABMIL, "_embed_chunked",
@@ -196,3 +196,13 @@ def test_chunking_reaches_models_that_call_abmil_with_merged_parameters(monkeypa
         chunked = model(x).logits
     assert calls == [7]
     torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-6)
+def test_count_flops_splits_layers_from_functional_products():
+    from steph.models.flops import count_flops
+
+    n, d, h, a = 10_000, 1536, 512, 384
+    with torch.device("meta"):  # counted without computing
+        model = ABMIL(d, 32)
+    flops = count_flops(model, torch.empty(n, d, device="meta"))
+    layers = 2 * n * (d * h + 2 * h * a + a) + 2 * h * 32
+    assert flops.layers == layers and flops.total == layers + 2 * n * h  # + attention pooling
+    assert model.training  # the mode is restored

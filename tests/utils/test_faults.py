@@ -19,7 +19,7 @@ def _run(tmp_path, spec, once=None):
     if once:
         env["STEPH_FAULT_ONCE"] = str(once)
     return subprocess.run([sys.executable, "-c", CODE.format(d=str(tmp_path))], env=env,
-                          timeout=60).returncode
+                          check=False, timeout=60).returncode
 
 
 def test_kill_at_the_nth_write_once(tmp_path):
@@ -42,3 +42,21 @@ def test_bad_spec():
             _parse(bad)
     assert _parse("train:step@4") == ("train:step", 4)
     assert _parse("write:a.csv") == ("write:a.csv", 1)
+
+
+def test_adopt_takes_another_process_settings_and_counts_afresh(monkeypatch):
+    """A Ray worker takes the driver's settings for each task it runs (steph.experiments)."""
+    import os
+
+    from steph.utils import faults
+
+    monkeypatch.setenv("STEPH_FAULT", "write:x.txt")  # restored after the test
+    monkeypatch.setenv("STEPH_FAULT_ONCE", "/tmp/marker")
+    monkeypatch.setattr(faults, "_counts", {"train:epoch": 3})
+    faults.adopt({"STEPH_FAULT": "train:epoch@2"})
+    assert faults.settings() == {"STEPH_FAULT": "train:epoch@2"}
+    assert "STEPH_FAULT_ONCE" not in os.environ and faults._counts == {}
+    faults.fault_point("train:epoch")  # the first of two: no kill
+    assert faults._counts == {"train:epoch": 1}
+    faults.adopt({})
+    assert faults.settings() == {} and "STEPH_FAULT" not in os.environ

@@ -7,7 +7,11 @@ Items (the contract of ``docs/architecture.md``)::
 
 Methods whose modules take extra per-bag inputs (a graph over the patches, cached embeddings)
 attach providers with :meth:`BagDataset.set_bag_inputs`; each item then also holds
-``name: provider(patient_id)``.
+``name: provider(patient_id)``. A provider whose input is indexed by the bag's rows (a graph
+over the patches) says so with a true ``per_instance`` attribute: it is then called
+``provider(patient_id, indices)``, ``indices`` being the rows a sampled bag kept (sorted) or
+None for the whole bag, so that the input always lines up with the features (see
+:class:`steph.data.graphs.PatchGraphs`).
 
 Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags, in
 their stored dtype (float16 for real features), bounded by that many megabytes (for small
@@ -29,8 +33,10 @@ It bounds the memory and time of a training step on huge bags (the largest TCGA 
 
 It is a **training-only** device: a dataset used for evaluation or prediction must be built
 with ``max_instances=None`` (or taken from :meth:`BagDataset.full_bags`), so that every patch
-of every bag counts. Exact prediction on bags of any size is the model's job
-(:class:`steph.models.abmil.ABMIL` pools huge bags in chunks in eval mode).
+of every bag counts. Exact prediction on bags of any size is the model's job (ABMIL, ILRA,
+Patch-GCN and R2T-MIL compute huge bags in pieces in eval mode, see steph.models.base); a
+network that cannot (TransMIL) may be evaluated on sampled bags, which the experiment records
+(:meth:`BagDataset.resampled`, ``data.eval_max_instances``).
 """
 
 from __future__ import annotations
@@ -109,11 +115,29 @@ class BagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patient_ids)
 
+    def kept_indices(self, patient_id: str, n: int | None = None) -> np.ndarray | None:
+        """Sorted rows of the patient's bag (of ``n`` rows; default: the cohort's count) that
+        the sampler keeps, or None when the bag is used whole."""
+        if self.max_instances is None:
+            return None
+        if n is None:
+            n = int(self.cohort.patient(patient_id)["n_patches"])
+        if n <= self.max_instances:
+            return None
+        return subsample_indices(n, self.max_instances, self.seed, patient_id)
+
+    def n_sampled(self) -> int:
+        """How many of the dataset's bags are sampled (larger than ``max_instances``)."""
+        if self.max_instances is None:
+            return 0
+        sizes = [int(self.cohort.patient(p)["n_patches"]) for p in self.patient_ids]
+        return sum(n > self.max_instances for n in sizes)
+
     def _load(self, patient_id: str) -> torch.Tensor:
         # Cohort.load_bag raises a DataError naming the patient and the file for NaN/inf
         bag = self.cohort.load_bag(patient_id, stored=True)
-        if self.max_instances is not None and bag.shape[0] > self.max_instances:
-            idx = subsample_indices(bag.shape[0], self.max_instances, self.seed, patient_id)
+        idx = self.kept_indices(patient_id, bag.shape[0])
+        if idx is not None:
             bag = bag[torch.from_numpy(idx)].contiguous()
         return bag
 
@@ -173,21 +197,28 @@ class BagDataset(Dataset):
             "patient_id": pid,
         }
         for name, provider in self.bag_input_providers.items():
-            item[name] = provider(pid)
+            if getattr(provider, "per_instance", False):
+                item[name] = provider(pid, self.kept_indices(pid))
+            else:
+                item[name] = provider(pid)
         return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.item(i)
 
+    def resampled(self, max_instances: int | None) -> BagDataset:
+        """The same patients, labels and per-bag inputs with another patch sampling limit
+        (None: whole bags); the cache size is kept, the cache itself is not shared."""
+        out = BagDataset(self.cohort, self.patient_ids, self.bins,
+                         cache_mb=self.cache_bytes_max / 2**20, max_instances=max_instances,
+                         seed=self.seed)
+        out.set_bag_inputs(self.bag_input_providers)
+        return out
+
     def full_bags(self) -> BagDataset:
-        """The same patients, labels and per-bag inputs without patch sampling
-        (``max_instances=None``), for evaluation and prediction; the cache size is kept, the
-        cache itself is not shared."""
-        full = BagDataset(self.cohort, self.patient_ids, self.bins,
-                          cache_mb=self.cache_bytes_max / 2**20, max_instances=None,
-                          seed=self.seed)
-        full.set_bag_inputs(self.bag_input_providers)
-        return full
+        """The same dataset without patch sampling (``max_instances=None``), for evaluation
+        and prediction."""
+        return self.resampled(None)
 
     def cache_info(self) -> dict[str, int]:
         return {"hits": self.cache_hits, "misses": self.cache_misses,

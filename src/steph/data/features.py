@@ -435,15 +435,24 @@ def read_features_stored(path: str | os.PathLike, *, slide_id: str | None = None
     return np.ascontiguousarray(arr)
 
 
-def read_coords(path: str | os.PathLike, *, slide_id: str | None = None) -> np.ndarray | None:
+def read_coords(path: str | os.PathLike, *, slide_id: str | None = None,
+                required: bool = False) -> np.ndarray | None:
     """Patch coordinates ``(N, 2)`` (int64 when integral, else float64), or None if the file
-    has none (``.pt`` files never have any). The row count must match the features."""
+    has none (``.pt`` files never have any); with ``required=True`` a missing ``coords`` is a
+    :class:`DataError` naming the slide and file. The row count must match the features."""
     path = Path(path)
+    missing = ("has no patch coordinates ('coords' dataset), which graph-based networks "
+               "(Patch-GCN) need")
     if path.suffix == ".pt":
+        if required:
+            raise _err(path, slide_id, "a .pt feature file carries no patch coordinates, which "
+                       "graph-based networks (Patch-GCN) need; use the slide's .h5 file")
         return None
     with _open_h5(path, slide_id) as f:
         ds = _h5_dataset(f, "coords", path, slide_id, required=False)
         if ds is None:
+            if required:
+                raise _err(path, slide_id, missing)
             return None
         n_feat = None
         fds = _h5_dataset(f, "features", path, slide_id, required=False)

@@ -1,12 +1,21 @@
 """The cohort x fold x method grid: plan the runs a request needs, train what is missing in
 dependency order (cancer-specific models first), skip what is finished, summarise.
 
-Transfer methods for target t and fold k need the target's ABMIL of fold k and every source's
-ABMIL of fold 0 (method.md section 4); ``run_cv`` trains them when they are missing.
+Transfer methods for target t and fold k need the target's cancer-specific model of fold k and
+every source's of fold 0 (method.md section 4), all of the runs folder's network ``model.arch``
+(ABMIL by default; :meth:`Experiment.prerequisites`); ``run_cv`` trains them when they are
+missing. Each network has its own shared initialisation in the runs folder.
 
-Several processes may share one runs directory (a cluster job array, e.g. one target per job):
-each run is claimed with a lock file, and a process that finds a prerequisite claimed by another
-waits for it.
+Evaluation sees every patch wherever the network can compute a bag of any size exactly (ABMIL,
+ILRA, Patch-GCN, R2T-MIL compute huge bags in pieces). A network that cannot (TransMIL) is
+evaluated on whole bags unless ``data.eval_max_instances`` is set; then bags above it are
+evaluated on a sample of their patches, which the log and ``metrics.json`` record
+(``eval_policy``, ``eval_sampled_bags``).
+
+Who runs the runs is an executor (``steph.experiments.executors``): in this process one after
+another (``local``, the default) or as a Ray task graph on a cluster (``ray``). Either way the
+run directories are the record, each run is held by a lease (``runs.RunLock``) while it trains,
+and a run that fails fails only the runs that need it.
 """
 
 from __future__ import annotations
@@ -20,24 +29,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
 from steph.data.loader import resolve_workers
 from steph.data.splits import Split, has_split_files, load_or_create_splits
-from steph.errors import ConfigError, DataError, RunError
+from steph.errors import ConfigError, DataError, RunError, StephError
 from steph.experiments.runs import (
     METRICS,
     PREDICTIONS,
-    RunLock,
+    WEIGHTS,
     check_or_write_config,
     ensure_theta0,
+    graph_cache,
     is_finished,
     load_theta0,
     read_attempts,
     run_dir,
     start_over,
+    theta0_path,
     write_run_record,
 )
 from steph.experiments.search import run_search, with_overrides
@@ -45,6 +57,7 @@ from steph.inference import save_artefact
 from steph.merging.pool import ModelPool
 from steph.methods import Method, MethodContext, config_for, get_method, resolve_methods
 from steph.models.output import TrainingRestart
+from steph.models.registry import model_class
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
@@ -112,6 +125,11 @@ class Experiment:
         self.device = resolve_device(self.cfg.train.device)
         check_precision(self.device, self.cfg.train.precision)
         self.workers = resolve_workers(self.cfg.data.workers)
+        arch = self.cfg.model.arch
+        model_class(arch)  # an unknown network: ConfigError naming the known ones
+        base = get_method(arch)
+        if base.needs_pool or base.network(self.cfg) != arch:
+            raise ConfigError(f"model.arch {arch!r} has no cancer-specific method of its name")
         self.cohort_names = discover_cohorts(self.data_root, self.cfg.data.labels)
         if not self.cohort_names:
             raise DataError(f"no cohort under {self.data_root} (expected <cohort>/{self.cfg.data.labels})")
@@ -177,7 +195,8 @@ class Experiment:
         sampled: evaluation sees every patch)."""
         d = self.cfg.data
         kw = {"cache_mb": d.cache_mb, "seed": self.cfg.train.seed}
-        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances, **kw),
+        return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances,
+                           **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
 
     def _pipeline(self) -> dict[str, Any]:
@@ -189,18 +208,32 @@ class Experiment:
         return predict(module, data, device=self.device,
                        precision=(cfg or self.cfg).train.precision, workers=self.workers)
 
-    def theta0(self, in_dim: int) -> Path:
-        return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins)
+    def theta0(self, in_dim: int, arch: str = "abmil") -> Path:
+        return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins, arch)
+
+    def eval_dataset(self, data: BagDataset, module: Any, cfg: ExperimentConfig | None = None
+                     ) -> BagDataset:
+        """``data`` as evaluation must see it: whole bags, except for a module that cannot
+        compute a bag in pieces (``eval_in_pieces`` false or absent, e.g. TransMIL) when
+        ``data.eval_max_instances`` is set: then bags above it are sampled."""
+        limit = self._eval_limit(module, cfg or self.cfg)
+        return data if data.max_instances == limit else data.resampled(limit)
+
+    @staticmethod
+    def _eval_limit(module: Any, cfg: ExperimentConfig) -> int | None:
+        return None if getattr(module, "eval_in_pieces", False) else cfg.data.eval_max_instances
 
     # -- planning ----------------------------------------------------------------------------
     def prerequisites(self, job: Job) -> list[Job]:
         """Runs that must be finished before ``job`` starts: for a transfer method, the target's
-        own model of the same fold and repeat, then every source's fold-0 model (method.md
-        section 4; sources never see a target patient, so every repeat shares repeat 0's)."""
+        own cancer-specific model of the same fold and repeat, then every source's fold-0 model
+        (method.md section 4; sources never see a target patient, so every repeat shares repeat
+        0's), all of the network ``model.arch`` (the method of that name)."""
         if not get_method(job.method).needs_pool:
             return []
-        return [Job(job.cohort, "abmil", job.fold, job.repeat),
-                *(Job(s, "abmil", 0) for s in self.sources_for(job.cohort))]
+        base = self.cfg.model.arch
+        return [Job(job.cohort, base, job.fold, job.repeat),
+                *(Job(s, base, 0) for s in self.sources_for(job.cohort))]
 
     def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int],
              repeats: int = 1) -> list[Job]:
@@ -214,22 +247,48 @@ class Experiment:
                     for k in folds:
                         job = Job(t, name, k, r)
                         jobs += [*self.prerequisites(job), job]
-        ordered = [j for j in jobs if j.method == "abmil"] + [j for j in jobs if j.method != "abmil"]
+        first = [j for j in jobs if not get_method(j.method).needs_pool]  # cancer-specific
+        ordered = first + [j for j in jobs if get_method(j.method).needs_pool]
         return list(dict.fromkeys(ordered))
+
+    def prepare(self, jobs: Sequence[Job]) -> dict[Job, str]:
+        """Create what runs share before any of them starts: the splits of every cohort and
+        repeat in ``jobs`` and the theta_0 of each network they train (from the first cohort that
+        loads). Returns the jobs whose cohort could not be prepared, with the one-line error
+        (their runs cannot start)."""
+        failed: dict[Job, str] = {}
+        errors: dict[tuple[str, int, str], str] = {}
+        for job in jobs:
+            arch = get_method(job.method).network(self.cfg)  # the network's own theta_0
+            key = (job.cohort, job.repeat, arch)
+            if key not in errors:
+                try:
+                    self.splits(job.cohort, job.repeat)
+                    self.theta0(self.cohort(job.cohort).feature_dim, arch)
+                    errors[key] = ""
+                except StephError as err:
+                    errors[key] = one_line(err)
+            if errors[key]:
+                failed[job] = errors[key]
+        return failed
 
     # -- one run -----------------------------------------------------------------------------
     def pool_for(self, job: Job) -> ModelPool:
-        theta0_path = self.runs_root / "theta0.safetensors"
-        _, meta = load_theta0(self.runs_root)
+        arch = self.cfg.model.arch
+        _, meta = load_theta0(self.runs_root, arch)
         target, *sources = self.prerequisites(job)
         missing = [str(j.path(self.runs_root)) for j in (target, *sources)
                    if not is_finished(j.path(self.runs_root))]
         if missing:
             raise RunError(f"prerequisite runs not finished: {', '.join(missing)}")
-        weights = "model.safetensors"
+        return self._pool(job, target.path(self.runs_root) / WEIGHTS, sources, meta)
+
+    def _pool(self, job: Job, target: Path, sources: Sequence[Job], meta: dict) -> ModelPool:
+        arch = self.cfg.model.arch
         return ModelPool.from_files(
-            theta0_path, (job.cohort, target.path(self.runs_root) / weights),
-            [(s.cohort, s.path(self.runs_root) / weights) for s in sources], hparams=meta["hparams"])
+            theta0_path(self.runs_root, arch), (job.cohort, target),
+            [(s.cohort, s.path(self.runs_root) / WEIGHTS) for s in sources],
+            hparams=meta["hparams"], arch=arch)
 
     def settings(self, job: Job) -> dict[str, Any]:
         """What decides a run's result: its identity and the config sections its method uses."""
@@ -260,15 +319,17 @@ class Experiment:
         done = self.finished_metrics(job)
         if done is not None:
             return done
+        started_at = time.time()
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold, job.repeat)
         bins = self.bins_for(cohort, split)
-        theta0_path = self.theta0(cohort.feature_dim)
-        theta0, meta = load_theta0(self.runs_root)
+        arch = method.network(self.cfg)
+        path0 = self.theta0(cohort.feature_dim, arch)
+        theta0, meta = load_theta0(self.runs_root, arch)
         if meta["hparams"]["in_dim"] != cohort.feature_dim:
             raise RunError(f"cohort {cohort.name!r} has {cohort.feature_dim}-d features but the "
-                           f"experiment's theta_0 ({theta0_path}) takes {meta['hparams']['in_dim']}-d")
+                           f"experiment's theta_0 ({path0}) takes {meta['hparams']['in_dim']}-d")
         check_or_write_config(path, self.settings(job))
         train_ds, test_ds = self.datasets(cohort, split, bins)
         t0 = time.perf_counter()
@@ -282,18 +343,20 @@ class Experiment:
         for attempt in attempts:
             cfg = with_overrides(cfg, attempt["overrides"])
         history: list[dict[str, Any]] = []
+        resumed_from = 0
         while True:
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train_ds, test_ds, path,
                                 pool_loader=(lambda: self.pool_for(job)) if method.needs_pool else None)
-            built = method.build(ctx)
+            built = _build(method, ctx)
             for ds in (train_ds, test_ds):
                 ds.set_bag_inputs(dict(built.bag_inputs))
+            test_eval = self.eval_dataset(test_ds, built.module, cfg)
             if not method.trains:
                 break
             try:
-                history = fit(built.module, train_ds, cfg.train, path, test=test_ds,
-                              progress=self.progress, desc=str(job),
-                              **self._pipeline()).history
+                result = fit(built.module, train_ds, cfg.train, path, test=test_eval,
+                             progress=self.progress, desc=str(job), **self._pipeline())
+                history, resumed_from = result.history, result.resumed_from
                 break
             except TrainingRestart as restart:
                 attempts.append(start_over(path, restart, len(attempts)))
@@ -303,8 +366,9 @@ class Experiment:
         if attempts:
             info["restarts"] = attempts
         seconds = time.perf_counter() - t0
-        return self._finish(path, job, method, built, bins, cohort, train_ds, test_ds, history,
-                            seconds, info)
+        return self._finish(path, job, built, bins, cohort, train_ds, test_eval, history,
+                            seconds, info, cfg, started_at=started_at,
+                            resumed_after_epoch=resumed_from)
 
     def _context(self, job: Job, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
                  theta0: dict, meta: dict, train_ds: BagDataset, test_ds: BagDataset | None,
@@ -313,7 +377,9 @@ class Experiment:
             cfg=cfg, target=job.cohort, fold=job.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train_ds),
             train_bins=train_ds.bin_indices, train_events=train_ds.events, run_dir=path,
-            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader)
+            train_data=train_ds, test_data=test_ds, pool_loader=pool_loader,
+            arch=meta.get("model", "abmil"), cohort=cohort,
+            graph_dir=graph_cache(self.runs_root, cohort.name))
 
     def _search(self, job: Job, method: Method, spec, cohort: Cohort, split: Split,
                 theta0: dict, meta: dict):
@@ -322,7 +388,7 @@ class Experiment:
         target_method = get_method(target_job.method)
         patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
                     .reset_index()[["patient_id", "time", "event"]])
-        weights = "model.safetensors"
+        weights = WEIGHTS
 
         def inner_data(j: int, train_ids, val_ids):
             inner = Split(j, tuple(train_ids), tuple(val_ids))
@@ -334,7 +400,8 @@ class Experiment:
             if not (run / weights).exists():
                 bins, train, _ = inner_data(j, train_ids, ())
                 ctx = self._context(job, self.cfg, cohort, bins, theta0, meta, train, None, run)
-                built = target_method.build(ctx)
+                built = _build(target_method, ctx)
+                train.set_bag_inputs(dict(built.bag_inputs))
                 fit(built.module, train, self.cfg.train, run, progress=False,
                     desc=f"{job} search target {j}", **self._pipeline())
                 save_tensors(run / weights, built.module.state_dict())
@@ -344,14 +411,12 @@ class Experiment:
         def train_candidate(j: int, value, train_ids, val_ids, target: Path, run: Path) -> float:
             bins, train, val = inner_data(j, train_ids, val_ids)
             cfg = with_overrides(self.cfg, {spec.key: value})
-            pool = lambda: ModelPool.from_files(
-                self.runs_root / "theta0.safetensors", (job.cohort, target),
-                [(s.cohort, s.path(self.runs_root) / weights) for s in sources],
-                hparams=meta["hparams"])
+            pool = lambda: self._pool(job, target, sources, meta)
             ctx = self._context(job, cfg, cohort, bins, theta0, meta, train, val, run, pool)
-            built = method.build(ctx)
+            built = _build(method, ctx)
             for ds in (train, val):
                 ds.set_bag_inputs(dict(built.bag_inputs))
+            val = self.eval_dataset(val, built.module, cfg)
             try:
                 fit(built.module, train, cfg.train, run, progress=False,
                     desc=f"{job} search {spec.key}={value} inner {j}", **self._pipeline())
@@ -364,15 +429,19 @@ class Experiment:
                           self.cfg.data.split_seed, train_target, train_candidate,
                           outer_target=target_job.path(self.runs_root) / weights)
 
-    def _finish(self, path: Path, job: Job, method: Method, built, bins: TimeBins, cohort: Cohort,
+    def _finish(self, path: Path, job: Job, built, bins: TimeBins, cohort: Cohort,
                 train_ds: BagDataset, test_ds: BagDataset, history: list[dict[str, Any]],
-                seconds: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
+                seconds: float, info: dict[str, Any] | None = None,
+                cfg: ExperimentConfig | None = None, started_at: float | None = None,
+                resumed_after_epoch: int = 0) -> dict[str, Any]:
         """Predictions, artefact, run.json and, last, metrics.json (which depends only on the
-        command and the data, never on timing: reruns give the same bytes)."""
+        command and the data, never on timing: reruns give the same bytes). ``test_ds`` is the
+        test set as evaluation sees it (:meth:`eval_dataset`)."""
+        cfg = cfg or self.cfg
         module = built.export() if built.export is not None else built.module
-        test_pred, test_curves = self._predict(module, test_ds)
-        train_pred, _ = self._predict(module, train_ds.full_bags() if train_ds.max_instances
-                                      else train_ds)
+        train_eval = self.eval_dataset(train_ds, built.module, cfg)
+        test_pred, test_curves = self._predict(module, test_ds, cfg)
+        train_pred, _ = self._predict(module, train_eval, cfg)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
@@ -382,6 +451,7 @@ class Experiment:
             "test_events": int(test_pred["event"].sum()),
             "epochs": len(history),
         }
+        metrics.update(self._eval_facts(job, built.module, cfg, test_ds, train_eval))
         metrics.update(_extra_metrics(train_pred, test_pred, test_curves, bins))
         if built.info is not None:
             metrics.update(built.info(history))
@@ -393,40 +463,57 @@ class Experiment:
         # epochs that ran before a resume count too: their times are in the history
         train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
         write_run_record(path, train_seconds=train_seconds, history=history,
+                         started_at=started_at, resumed_after_epoch=resumed_after_epoch,
                          device=device_description(self.device))
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])
         return metrics
 
-    def run_all(self, jobs: Sequence[Job], poll_seconds: float = 5.0) -> list[dict[str, Any]]:
-        """Run jobs in order; a job claimed by another process is revisited until finished."""
-        pending = list(jobs)
-        results: dict[Job, dict[str, Any]] = {}
-        while pending:
-            waiting = []
-            for job in pending:
-                path = job.path(self.runs_root)
-                done = self.finished_metrics(job)
-                if done is not None:
-                    results[job] = done
-                    continue
-                if not all(is_finished(p.path(self.runs_root)) for p in self.prerequisites(job)):
-                    waiting.append(job)
-                    continue
-                lock = RunLock(path.parent / f".{path.name}.lock")
-                if not lock.acquire():
-                    waiting.append(job)
-                    continue
-                try:
-                    results[job] = self.run(job)
-                finally:
-                    lock.release()
-            if waiting and len(waiting) == len(pending):
-                log.info("waiting for %d run(s) claimed by other processes", len(waiting))
-                time.sleep(poll_seconds)
-            pending = waiting
-        return [results[j] for j in jobs]
+    def _eval_facts(self, job: Job, module: Any, cfg: ExperimentConfig, test_ds: BagDataset,
+                    train_eval: BagDataset) -> dict[str, Any]:
+        """How the bags were evaluated (``eval_policy``) and how many were sampled."""
+        limit = self._eval_limit(module, cfg)
+        if getattr(module, "eval_in_pieces", False):
+            policy = "exact"  # every patch, huge bags computed in pieces
+        elif limit is None:
+            policy = "exact, whole bags"
+        else:
+            policy = f"patches sampled above {limit} per bag"
+        n_test, n_train = test_ds.n_sampled(), train_eval.n_sampled()
+        if n_test or n_train:
+            log.warning("%s: %d test and %d training bag(s) above data.eval_max_instances=%d "
+                        "evaluated on a sample of their patches (%s cannot compute a bag in "
+                        "pieces)", job, n_test, n_train, limit, type(module).__name__)
+        return {"eval_policy": policy, "eval_sampled_bags": n_test,
+                "train_eval_sampled_bags": n_train}
+
+    def run_all(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Run ``jobs`` (prerequisites first) in this process; return their metrics in order.
+        Raises :class:`~steph.experiments.executors.GridError` listing the runs that failed."""
+        from steph.experiments.executors import GridError, LocalExecutor
+
+        outcome = LocalExecutor().run(self, jobs)
+        if outcome.failed:
+            raise GridError(outcome.failed, len(jobs))
+        return [outcome.metrics[j] for j in jobs]
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error as one line (its lines joined, at most ``limit`` characters): the message of
+    a steph error, else ``Type: message``."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    if not isinstance(err, StephError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _build(method: Method, ctx: MethodContext):
+    """``method.build(ctx)`` from a seeded RNG: a fresh module's random parts (e.g. STEPH's
+    hypernetworks) depend on the run's settings only, not on which runs this process trained
+    before (a local grid, a Ray worker, a retry)."""
+    torch.manual_seed(ctx.cfg.train.seed)
+    return method.build(ctx)
 
 
 def _cindex(pred: pd.DataFrame) -> float:
@@ -463,16 +550,25 @@ def _extra_metrics(train: pd.DataFrame, test: pd.DataFrame, curves: np.ndarray,
 def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] = "abmil",
            targets: Sequence[str] | None = None, folds: str | Sequence[int] | None = None,
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
-           progress: bool = True, repeats: int = 1, baseline: str = "abmil") -> pd.DataFrame:
+           progress: bool = True, repeats: int = 1, baseline: str = "abmil",
+           executor: Any = "local") -> pd.DataFrame:
     """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
+
+    ``executor``: ``"local"`` (this process, one run after another), ``"ray"`` (a Ray task graph
+    on a local Ray instance, or on the cluster ``ray.init`` is already connected to) or an
+    executor object such as ``RayExecutor(address="auto", gpus_per_run=0.25)`` (see
+    :mod:`steph.experiments.executors`). When runs fail, the summary of the finished ones is
+    written first, then :class:`~steph.experiments.executors.GridError` lists the failed runs.
 
     Example::
 
         from steph.experiments import run_cv
         summary = run_cv("DATA", "RUNS", methods="abmil,steph", targets=["BLCA"], folds="0-4")
     """
+    from steph.experiments.executors import GridError, make_executor
     from steph.experiments.summary import write_summary
 
+    runner = make_executor(executor)
     exp = Experiment(data_root, out, cfg, sources=sources, progress=progress)
     method_names = resolve_methods(methods)
     target_names = list(targets) if targets else list(exp.cohort_names)
@@ -481,6 +577,11 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     jobs = exp.plan(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(jobs),
              sum(is_finished(j.path(exp.runs_root)) for j in jobs))
-    exp.run_all(jobs)
-    return write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                         methods=method_names, folds=fold_ids, repeats=repeats, baseline=baseline)
+    outcome = runner.run(exp, jobs)
+    summary = write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
+                            methods=method_names, folds=fold_ids, repeats=repeats,
+                            baseline=baseline)
+    if outcome.failed:
+        raise GridError(outcome.failed, len(jobs), summary=summary,
+                        where=exp.runs_root / "summary.csv")
+    return summary

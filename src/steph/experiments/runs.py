@@ -7,18 +7,22 @@ where and with what software: everything that may differ between two runs of the
 and, written last, ``metrics.json`` (only what the command and the data decide, so reruns give
 the same bytes): a run is finished when its metrics file exists.
 
-``RUNS/theta0.safetensors`` is the shared initialisation of every cancer-specific model of the
-experiment directory, created once. ``RUNS/splits/<cohort>/`` holds the folds when the cohort
-brings none.
+``RUNS/theta0.safetensors`` (+ ``theta0.json``) is the shared initialisation of every
+cancer-specific ABMIL of the experiment directory, created once; each other network has its own,
+``RUNS/theta0-<arch>.safetensors`` (+ ``.json``), created once too (ABMIL keeps the old names).
+``RUNS/splits/<cohort>/`` holds the folds when the cohort brings none; ``RUNS/graphs/<cohort>/``
+the patch graphs of graph networks (Patch-GCN).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,11 @@ import yaml
 
 from steph.config import ModelConfig, without_performance_keys
 from steph.errors import RunError
-from steph.models import ABMIL
+from steph.models import create_model
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json, write_text
 
-THETA0 = "theta0.safetensors"
+THETA0 = "theta0.safetensors"  # ABMIL's; theta0-<arch>.safetensors for the other networks
+GRAPHS = "graphs"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 PREDICTIONS = "predictions.csv"
@@ -52,41 +57,53 @@ def is_finished(path: str | Path) -> bool:
 
 # -- theta_0 ------------------------------------------------------------------------------------
 
-def theta0_identity(model_cfg: ModelConfig, in_dim: int, n_bins: int) -> dict[str, Any]:
-    return {
-        "hparams": {"in_dim": in_dim, "n_bins": n_bins, "hidden_dim": model_cfg.hidden_dim,
-                    "attn_dim": model_cfg.attn_dim, "dropout": model_cfg.dropout},
-        "init_seed": model_cfg.init_seed,
-        "model": model_cfg.name,
-    }
+def theta0_path(root: str | Path, arch: str = "abmil") -> Path:
+    """``RUNS/theta0.safetensors`` for ABMIL, ``RUNS/theta0-<arch>.safetensors`` otherwise."""
+    return Path(root) / (THETA0 if arch == "abmil" else f"theta0-{arch}.safetensors")
 
 
-def ensure_theta0(root: str | Path, model_cfg: ModelConfig, in_dim: int, n_bins: int) -> Path:
-    """Create ``theta0.safetensors`` once; afterwards check it matches the requested model."""
-    root = Path(root)
-    path = root / THETA0
+def graph_cache(root: str | Path, cohort: str) -> Path:
+    """Where the patch graphs of a cohort are cached: ``RUNS/graphs/<cohort>``."""
+    return Path(root) / GRAPHS / cohort
+
+
+def theta0_identity(model_cfg: ModelConfig, in_dim: int, n_bins: int,
+                    arch: str = "abmil") -> dict[str, Any]:
+    with torch.device("meta"):  # hparams only: nothing allocated
+        net = create_model(arch, in_dim=in_dim, n_bins=n_bins, **model_cfg.network_kwargs(arch))
+    return {"hparams": net.hparams(), "init_seed": model_cfg.init_seed, "model": arch}
+
+
+def ensure_theta0(root: str | Path, model_cfg: ModelConfig, in_dim: int, n_bins: int,
+                  arch: str = "abmil") -> Path:
+    """Create network ``arch``'s theta_0 once; afterwards check it matches the requested
+    network (same architecture, hyper-parameters and seed)."""
+    path = theta0_path(root, arch)
     meta_path = path.with_suffix(".json")
-    ident = theta0_identity(model_cfg, in_dim, n_bins)
+    ident = theta0_identity(model_cfg, in_dim, n_bins, arch)
     if path.exists() and meta_path.exists():
         found = read_json(meta_path)
-        if found.get("hparams") != ident["hparams"] or found.get("init_seed") != ident["init_seed"]:
+        if (found.get("hparams") != ident["hparams"] or found.get("init_seed") != ident["init_seed"]
+                or found.get("model", "abmil") != arch):
             raise RunError(
-                f"{path} was created for {found.get('hparams')} (seed {found.get('init_seed')}) but "
-                f"this run needs {ident['hparams']} (seed {ident['init_seed']}): every model of an "
-                "experiment directory must start from the same theta_0; use another --out"
+                f"{path} was created for {found.get('model', 'abmil')} {found.get('hparams')} "
+                f"(seed {found.get('init_seed')}) but this run needs {arch} {ident['hparams']} "
+                f"(seed {ident['init_seed']}): every {arch} model of an experiment directory must "
+                "start from the same theta_0; use another --out"
             )
         return path
     torch.manual_seed(model_cfg.init_seed)
-    model = ABMIL(**ident["hparams"])
+    model = create_model(arch, **ident["hparams"])
     save_tensors(path, model.state_dict())
     write_json(meta_path, ident)
     return path
 
 
-def load_theta0(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = Path(root) / THETA0
+def load_theta0(root: str | Path, arch: str = "abmil"
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = theta0_path(root, arch)
     if not path.exists():
-        raise RunError(f"no shared initialisation at {path}")
+        raise RunError(f"no shared initialisation of {arch} at {path}")
     return load_tensors(path), read_json(path.with_suffix(".json"))
 
 
@@ -97,7 +114,7 @@ def check_or_write_config(path: Path, settings: dict[str, Any]) -> None:
     cfg_path = path / CONFIG
     if cfg_path.exists():
         # performance-only keys (data.cache_mb, train.threads) never make two runs differ
-        found = without_performance_keys(yaml.safe_load(cfg_path.read_text()) or {})
+        found = without_performance_keys(_upgrade(yaml.safe_load(cfg_path.read_text()) or {}))
         settings = without_performance_keys(settings)
         if _canon(found) != _canon(settings):
             diff = sorted(_diff_keys(found, settings))
@@ -108,6 +125,22 @@ def check_or_write_config(path: Path, settings: dict[str, Any]) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(settings, sort_keys=False))
+
+
+def _upgrade(found: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings in today's names: ``model.name`` is now ``model.arch``, and
+    runs recorded before ``model.options`` / ``data.eval_max_instances`` existed ran with their
+    defaults (none)."""
+    model, data = found.get("model"), found.get("data")
+    if isinstance(model, dict):
+        model = dict(model)
+        if "name" in model and "arch" not in model:
+            model["arch"] = model.pop("name")
+        model.setdefault("options", {})
+        found = {**found, "model": model}
+    if isinstance(data, dict) and "eval_max_instances" not in data:
+        found = {**found, "data": {**data, "eval_max_instances": None}}
+    return found
 
 
 def _canon(d: Any) -> str:
@@ -157,18 +190,33 @@ def start_over(path: Path, restart: Any, n_before: int) -> dict[str, Any]:
 
 # -- provenance -------------------------------------------------------------------------------
 
+def timestamp(seconds: float | None = None) -> str:
+    """Local time with microseconds and UTC offset (``datetime.fromisoformat`` reads it back)."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(time.time() if seconds is None else seconds).astimezone() \
+        .isoformat(timespec="microseconds")
+
+
 def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]],
+                     started_at: float | None = None, resumed_after_epoch: int = 0,
                      device: str | None = None) -> None:
     """``run.json``: timing, host, device and software of a finished run (not part of its
     result). ``device``: where this process predicted; ``epoch_devices``: where each epoch
-    trained (a resumed run may have moved)."""
+    trained (a resumed run may have moved).
+
+    ``started_at`` / ``finished_at``: when the attempt that finished the run began and ended
+    (on a cluster, compare them only between runs of one host); ``resumed_after_epoch``: the
+    epochs an earlier, interrupted attempt had completed (0: trained from scratch)."""
     import platform
 
     import steph
 
     record = {
         "train_seconds": round(float(train_seconds), 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_at": timestamp(started_at) if started_at is not None else None,
+        "finished_at": timestamp(),
+        "resumed_after_epoch": int(resumed_after_epoch),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "python": platform.python_version(),
@@ -191,43 +239,167 @@ def read_run_record(path: str | Path) -> dict[str, Any]:
         return {}
 
 
-# -- a lock so that several processes (a cluster job array) can share one runs directory --------
+# -- a lease on a run: one process at a time, taken over when its holder died ------------------
 
-@dataclass
+LOCK_HEARTBEAT = 10.0  # seconds between two renewals of a held lease
+LOCK_STALE_AFTER = 60.0  # a lease seen unchanged this long belongs to a process that died
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lease file of the run directory ``path`` (beside it, so the run stays clean)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
 class RunLock:
-    path: Path
-    stale_after: float = 6 * 3600.0  # a lock untouched this long is from a dead process
+    """A lease on a run directory shared by processes on any number of hosts.
 
+    The holder writes ``{"owner", "host", "pid", "beat"}`` into the lease file and a background
+    thread rewrites it every ``heartbeat`` seconds with the next ``beat``. Another process that
+    finds the file watches its *content* (never a clock: hosts' clocks and a shared file
+    system's timestamps need not agree): a lease that changes within ``stale_after`` seconds is
+    alive and stays with its holder; one that does not change belongs to a process that died and
+    is taken over. Two shortcuts: a lease whose ``owner`` is this lock's own ``owner`` token (the
+    retry of the same task, after the attempt that held it died) is taken over at once, and so is
+    a lease held by a process of this host that no longer exists.
+
+    ``acquire()`` returns False when a live process holds the lease; ``holder`` then says which.
+    """
+
+    def __init__(self, path: str | Path, owner: str | None = None,
+                 heartbeat: float = LOCK_HEARTBEAT, stale_after: float = LOCK_STALE_AFTER):
+        if not 0 < heartbeat < stale_after:
+            raise ValueError(f"need 0 < heartbeat ({heartbeat}) < stale_after ({stale_after})")
+        self.path = Path(path)
+        self.owner = owner or uuid.uuid4().hex
+        self.heartbeat = heartbeat
+        self.stale_after = stale_after
+        self.holder: dict[str, Any] | None = None
+        self.took_over: dict[str, Any] | None = None  # the dead holder whose lease we took
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the file ------------------------------------------------------------------------------
+    def _content(self) -> str:
+        self._beat += 1
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "beat": self._beat}) + "\n"
+
+    def _tmp(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.{self.owner}.{os.getpid()}.tmp")
+
+    def _read(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _create(self) -> bool:
+        """Create the lease file with its whole content, only if there is none (link(2) is
+        atomic, on NFS too, and a reader never sees a half-written lease)."""
+        tmp = self._tmp()
+        tmp.write_text(self._content())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _overwrite(self) -> None:
+        tmp = self._tmp()
+        tmp.write_text(self._content())
+        os.replace(tmp, self.path)
+
+    def _break(self, seen: str) -> None:
+        """Remove a dead lease, unless it changed since it was judged (then leave it)."""
+        grave = self.path.with_name(f"{self.path.name}.{self.owner}.stale")
+        try:
+            os.rename(self.path, grave)
+        except FileNotFoundError:
+            return  # someone else removed it first
+        if grave.read_text() != seen:  # a new holder wrote it meanwhile: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(grave, self.path)
+        grave.unlink(missing_ok=True)
+
+    # -- judging a lease -----------------------------------------------------------------------
+    def _changes_within(self, seen: str, seconds: float) -> bool:
+        """Watch the lease for ``seconds``: True as soon as it changes or disappears."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(min(max(self.heartbeat / 4, 0.01), 1.0, max(end - time.monotonic(), 0)))
+            if self._read() != seen:
+                return True
+        return False
+
+    @staticmethod
+    def _parse(text: str) -> dict[str, Any]:
+        try:
+            info = json.loads(text)
+            return info if isinstance(info, dict) else {}
+        except ValueError:  # a lock of an older steph ("host pid time") or a torn file
+            parts = text.split()
+            return {"host": parts[0], "pid": parts[1]} if len(parts) == 3 else {}
+
+    @staticmethod
+    def _dead_here(info: dict[str, Any]) -> bool:
+        if info.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return False
+        return False
+
+    # -- public --------------------------------------------------------------------------------
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if self._is_stale():
-                self.path.unlink(missing_ok=True)
-                return self.acquire()
-            return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{socket.gethostname()} {os.getpid()} {time.time()}\n")
+        while True:
+            if self._create():
+                break
+            seen = self._read()
+            if seen is None:
+                continue  # released meanwhile
+            info = self._parse(seen)
+            if info.get("owner") == self.owner:  # our own earlier attempt, which died
+                self.took_over = info
+                self._overwrite()
+                break
+            if not self._dead_here(info) and self._changes_within(seen, self.stale_after):
+                if self._read() is None:
+                    continue
+                self.holder = self._parse(self._read() or seen)
+                return False
+            self.took_over = info
+            self._break(seen)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew, name=f"lease {self.path.name}",
+                                        daemon=True)
+        self._thread.start()
         return True
 
-    def _is_stale(self) -> bool:
-        try:
-            host, pid, _ = self.path.read_text().split()
-        except (OSError, ValueError):
-            return True
-        if host == socket.gethostname():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return True  # that process is gone
-            except PermissionError:
-                return False
-            return False
-        try:
-            return time.time() - self.path.stat().st_mtime > self.stale_after
-        except FileNotFoundError:
-            return True
+    def _renew(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            current = self._read()
+            if current is None or self._parse(current).get("owner") != self.owner:
+                return  # taken over (we were judged dead): stop renewing someone else's lease
+            with contextlib.suppress(OSError):
+                self._overwrite()
+
+    def describe_holder(self) -> str:
+        h = self.holder or {}
+        return f"process {h.get('pid', '?')} on host {h.get('host', '?')}"
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        current = self._read()
+        if current is not None and self._parse(current).get("owner") == self.owner:
+            self.path.unlink(missing_ok=True)

@@ -47,8 +47,8 @@ Choices (method.md is silent on these; each is deliberate)
   how the sources are treated. TIES uses the module defaults of
   :func:`steph.merging.preprocess.ties_merge` (global ranking, disjoint *sum*) with density
   ``merge.ties_density``; Iso-CTS uses ``merge.iso_cts_fraction``.
-* **Representation Surgery** (Yang et al., ICML 2024) on the merged model's 512-d bag embedding
-  ``z`` (the attention-pooled vector that enters the head): ``z' = z - W_up ReLU(W_down z)``,
+* **Representation Surgery** (Yang et al., ICML 2024) on the merged model's bag embedding
+  ``z`` (ABMIL: the 512-d attention-pooled vector that enters the head): ``z' = z - W_up ReLU(W_down z)``,
   W_down: Linear(hidden -> rank), W_up: Linear(rank -> hidden), rank ``merge.surgery_rank``.
   As in the Surgery paper's code: **no biases**, ``W_up = 0`` at the start (so training starts
   exactly at plain AdaMerging with the same head), ``W_down`` drawn like a PyTorch Linear
@@ -70,10 +70,16 @@ Choices (method.md is silent on these; each is deliberate)
   merge is linear in ``c``), which the module still uses in training mode when no step is open
   (e.g. outside the trainer). In eval mode the merged encoder is computed without autograd and
   cached while the coefficients and buffers do not change.
-* **Export**: AdaMerging and its TIES / Iso-C / Iso-CTS variants become a plain ABMIL (merged
-  encoder + trained head, artefact kind ``"abmil"``); Surgery AM becomes a
-  :class:`SurgeryABMIL` (artefact kind ``"abmil_surgery"``): the merged ABMIL plus the surgery
-  module. Neither needs theta_0, a task vector or a source checkpoint at inference.
+* **Any network.** The pool's network (``arch``, ABMIL by default; ``model.arch``) is merged:
+  its class's ``ENCODER_PREFIXES`` say which tensors the coefficients merge, its ``head`` is
+  the fresh head, the merged forward passes the bag's extra inputs (Patch-GCN's graph) to the
+  network's ``embed``, and Surgery acts on whatever that ``embed`` returns (the vector that
+  enters the head).
+* **Export**: AdaMerging and its TIES / Iso-C / Iso-CTS variants become a plain network of the
+  pool's architecture (merged encoder + trained head, artefact kind = the network's name, e.g.
+  ``"abmil"``); Surgery AM becomes a :class:`SurgeryMIL` (artefact kind ``"mil_surgery"``;
+  ``"abmil_surgery"`` for ABMIL, as before): the merged network plus the surgery module.
+  Neither needs theta_0, a task vector or a source checkpoint at inference.
 * **Run configuration**: the trained methods record the ``train`` and ``merge`` sections; the two
   untrained ones record ``merge`` but not ``train`` (training settings cannot change them;
   those of their input models are recorded in the input runs).
@@ -89,23 +95,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from steph.errors import ConfigError
+from steph.merging.networks import (
+    load_frozen_encoder,
+    merged_embedding,
+    network_settings,
+    renamed_prefix,
+)
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL, ABMILEmbedder, init_fresh_head
+from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput
-from steph.models.registry import register_artefact
+from steph.models.registry import create_model, register_artefact
 from steph.utils.device import autocast_off
 
 __all__ = [
     "AdaMerging",
     "RepresentationSurgery",
-    "SurgeryABMIL",
+    "SurgeryMIL",
     "adamerging_stack",
-    "merged_abmil",
+    "merged_network",
     "model_average",
     "static_merge",
     "task_arithmetic",
@@ -139,8 +150,10 @@ def task_arithmetic(pool: ModelPool, coef: float = 0.3) -> TensorDict:
     return static_merge(pool, coef)
 
 
-def merged_abmil(state: Mapping[str, torch.Tensor], hparams: dict[str, Any]) -> ABMIL:
-    model = ABMIL(**hparams)
+def merged_network(state: Mapping[str, torch.Tensor], hparams: dict[str, Any],
+                   arch: str = "abmil") -> MILNetwork:
+    """A network ``arch`` holding the merged tensors ``state``."""
+    model = create_model(arch, **hparams)
     model.load_state_dict(dict(state))
     return model
 
@@ -168,25 +181,52 @@ class RepresentationSurgery(nn.Module):
         return z - self.up(F.relu(self.down(z)))
 
 
-class SurgeryABMIL(nn.Module):
-    """A (merged) ABMIL whose bag embedding passes Representation Surgery before the head."""
+class SurgeryMIL(nn.Module):
+    """A (merged) MIL network whose bag embedding passes Representation Surgery before the
+    head."""
 
-    def __init__(self, abmil: dict[str, Any], rank: int):
+    def __init__(self, hparams: dict[str, Any], rank: int, arch: str = "abmil"):
         super().__init__()
-        self.abmil = ABMIL(**abmil)
-        self.surgery = RepresentationSurgery(self.abmil.hidden_dim, rank)
+        self.arch = arch
+        self.network: MILNetwork = create_model(arch, **hparams)
+        self.bag_inputs = tuple(self.network.bag_inputs)
+        self.eval_in_pieces = self.network.eval_in_pieces
+        self.surgery = RepresentationSurgery(self.network.head.in_features, rank)
+        # artefacts written before any network could be merged hold "abmil.<name>" tensors
+        self._register_load_state_dict_pre_hook(renamed_prefix("abmil.", "network."))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, _ = self.abmil.embed(x)
-        return self.abmil.head(self.surgery(z))
+    def forward(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
+        z, _ = self.network.embed(x, **bag_inputs)
+        return self.network.head(self.surgery(z))
+
+    @property
+    def kind(self) -> str:
+        return surgery_kind(self.arch)
 
     def settings(self) -> dict[str, Any]:
-        return {"abmil": self.abmil.hparams(), "rank": self.surgery.rank}
+        return surgery_settings(self.arch, self.network.hparams(), self.surgery.rank)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> SurgeryMIL:
+        arch, hparams = network_settings(settings)
+        return cls(hparams, int(settings["rank"]), arch)
 
 
-@register_artefact("abmil_surgery")
-def _build_surgery_artefact(settings: dict[str, Any]) -> nn.Module:
-    return SurgeryABMIL(settings["abmil"], int(settings["rank"]))
+def surgery_kind(arch: str) -> str:
+    """Artefact kind of a :class:`SurgeryMIL`: ``abmil_surgery`` for ABMIL (as before any
+    other network could be merged), else ``mil_surgery``."""
+    return "abmil_surgery" if arch == "abmil" else "mil_surgery"
+
+
+def surgery_settings(arch: str, hparams: dict[str, Any], rank: int) -> dict[str, Any]:
+    """What :meth:`SurgeryMIL.from_settings` takes (ABMIL's in the older form)."""
+    if arch == "abmil":
+        return {"abmil": hparams, "rank": rank}
+    return {"arch": arch, "network": hparams, "rank": rank}
+
+
+register_artefact("abmil_surgery")(SurgeryMIL.from_settings)
+register_artefact("mil_surgery")(SurgeryMIL.from_settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,7 +250,8 @@ def adamerging_stack(pool: ModelPool, preprocessing: str = "none",
 
 
 class AdaMerging(nn.Module):
-    """Task-wise AdaMerging on the MIL encoder with a fresh head (and optional surgery).
+    """Task-wise AdaMerging on the MIL encoder of network ``arch`` with a fresh head (and
+    optional surgery).
 
     ``theta = theta_0 + sum_j c_j T_j`` with rows ``T = [tau_t, tau_1, ..., tau_m]`` (possibly
     preprocessed, see :func:`adamerging_stack`), ``c`` learnable, all ``init_coef`` at start.
@@ -218,9 +259,10 @@ class AdaMerging(nn.Module):
     ``theta0_flat`` and ``tau``. See the module docstring for the one-merge-per-step scheme.
     """
 
-    def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any],
+    def __init__(self, stack: TaskVectorStack, hparams: dict[str, Any],
                  init_coef: float = 0.3, head_seed: int = 0, surgery_rank: int | None = None,
-                 head_bias: torch.Tensor | None = None, coef_lr_scale: float = 1.0):
+                 head_bias: torch.Tensor | None = None, coef_lr_scale: float = 1.0,
+                 arch: str = "abmil"):
         super().__init__()
         # read by the trainer's parameter groups: the coefficients' own learning-rate factor
         self.lr_scales = {"coef": float(coef_lr_scale)} if coef_lr_scale != 1.0 else {}
@@ -232,22 +274,21 @@ class AdaMerging(nn.Module):
         self.register_buffer("tau", stack.vectors.detach().float().clone())  # (T, P)
         self.coef = nn.Parameter(torch.full((len(self.labels),), float(init_coef)))
 
-        self.abmil = ABMIL(**abmil_hparams)
-        encoder = set(self.layout.names)
-        missing = encoder - {n for n, _ in self.abmil.named_parameters()}
-        if missing:
-            raise ConfigError(f"task vectors hold tensors ABMIL does not have: {sorted(missing)}")
-        with torch.no_grad():  # the module is complete on its own: the encoder holds theta_0
-            for name, tensor in self.layout.unflatten(self.theta0_flat).items():
-                self.abmil.get_parameter(name).copy_(tensor)
-        for name, p in self.abmil.named_parameters():
-            p.requires_grad_(name not in encoder)
+        self.arch = arch
+        self.network: MILNetwork = create_model(arch, **hparams)
+        self.bag_inputs = tuple(self.network.bag_inputs)  # e.g. Patch-GCN's ("edge_index",)
+        self.eval_in_pieces = self.network.eval_in_pieces  # (see steph.models.base)
+        try:  # the module is complete on its own: the encoder holds theta_0
+            load_frozen_encoder(self.network, self.layout, self.theta0_flat)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         g = torch.Generator().manual_seed(int(head_seed))  # fresh head, not copied
-        init_fresh_head(self.abmil.head, g, head_bias)  # surgery draws from g after the head
-        self.surgery = (RepresentationSurgery(self.abmil.hidden_dim, int(surgery_rank), generator=g)
+        init_fresh_head(self.network.head, g, head_bias)  # surgery draws from g after the head
+        self.surgery = (RepresentationSurgery(self.network.head.in_features, int(surgery_rank),
+                                              generator=g)
                         if surgery_rank is not None else None)
-        # Not registered (it would duplicate ``abmil`` in the state dict).
-        object.__setattr__(self, "_embedder", ABMILEmbedder(self.abmil))
+        # Not registered (it would duplicate ``network`` in the state dict).
+        object.__setattr__(self, "_embedder", EmbedCall(self.network))
         self._step_params: TensorDict | None = None
         self._step_coef_version: int | None = None
         self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
@@ -316,24 +357,23 @@ class AdaMerging(nn.Module):
         return self.layout.unflatten(self.merged_flat())  # per-bag merge through autograd
 
     # -- forward ----------------------------------------------------------------------------------
-    def embedding(self, x: torch.Tensor,
-                  params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Bag embedding (1, hidden) of the merged encoder, after surgery when there is one."""
+    def embedding(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None,
+                  **bag_inputs: torch.Tensor) -> torch.Tensor:
+        """Bag embedding (1, d) of the merged encoder, after surgery when there is one."""
         params = self._params() if params is None else params
-        z = functional_call(self._embedder, {f"abmil.{k}": v for k, v in params.items()}, (x,),
-                            strict=False)
+        z = merged_embedding(self._embedder, dict(params), x, bag_inputs)
         return self.surgery(z) if self.surgery is not None else z
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        logits = self.abmil.head(self.embedding(x))
+    def forward(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> ModelOutput:
+        logits = self.network.head(self.embedding(x, **bag_inputs))
         return ModelOutput(logits=logits, stats={"coef": self.coef.detach()})
 
     @property
     def survival_head(self) -> nn.Linear:
-        return self.abmil.head
+        return self.network.head
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(x)
+    def head_input(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
+        return self.embedding(x, **bag_inputs)
 
     # -- export -----------------------------------------------------------------------------------
     def coefficients(self) -> dict[str, float]:
@@ -341,24 +381,29 @@ class AdaMerging(nn.Module):
 
     @torch.no_grad()
     def export(self) -> nn.Module:
-        """A plain ABMIL (merged encoder + trained head), or a :class:`SurgeryABMIL`; eval mode."""
-        abmil = ABMIL(**self.abmil.hparams())
-        state = {k: v.detach().clone() for k, v in self.abmil.state_dict().items()}
+        """A plain network (merged encoder + trained head), or a :class:`SurgeryMIL`; eval
+        mode."""
+        state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         state.update(self.merged_encoder())
-        abmil.load_state_dict(state)
+        net = merged_network(state, self.network.hparams(), self.arch)
         if self.surgery is None:
-            return abmil.eval()
-        out = SurgeryABMIL(self.abmil.hparams(), self.surgery.rank)
-        out.abmil.load_state_dict(abmil.state_dict())
+            return net.eval()
+        out = SurgeryMIL(self.network.hparams(), self.surgery.rank, self.arch)
+        out.network.load_state_dict(net.state_dict())
         out.surgery.load_state_dict(self.surgery.state_dict())
         return out.eval()
+
+    @property
+    def export_kind(self) -> str:
+        """Artefact kind of :meth:`export`'s module."""
+        return self.arch if self.surgery is None else surgery_kind(self.arch)
 
     def export_settings(self) -> dict[str, Any]:
         """Settings of the exported artefact (what its builder takes)."""
         if self.surgery is None:
-            return self.abmil.hparams()
-        return {"abmil": self.abmil.hparams(), "rank": self.surgery.rank,
-                "coefficients": self.coefficients()}  # the last key is informative only
+            return self.network.hparams()
+        settings = surgery_settings(self.arch, self.network.hparams(), self.surgery.rank)
+        return {**settings, "coefficients": self.coefficients()}  # the last key: informative
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,19 +1,20 @@
 """The model pool of one transfer problem (FusionBench's "model pool", kept apart from methods).
 
 For target cohort t and fold k (method.md section 4): theta_0, the target's own fold-k model (it
-never saw fold k's test patients) and the fold-0 model of every source cohort (t excluded).
+never saw fold k's test patients) and the fold-0 model of every source cohort (t excluded), all
+of one registered network ``arch``, whose class declares which tensors form "the MIL encoder"
+(``ENCODER_PREFIXES``, see steph.models.base).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 
 from steph.errors import RunError
 from steph.merging.task_vectors import TaskVectorStack, TensorDict, task_vector
-from steph.models.abmil import ENCODER_PREFIXES
+from steph.models.registry import model_class
 from steph.utils.io import load_tensors
 
 
@@ -23,7 +24,8 @@ class ModelPool:
     target: TensorDict
     sources: dict[str, TensorDict]  # cohort -> state dict, in a fixed order
     target_name: str
-    hparams: dict = field(default_factory=dict)  # ABMIL hyper-parameters of every model
+    hparams: dict = field(default_factory=dict)  # network hyper-parameters of every model
+    arch: str = "abmil"  # the registered network every model of the pool is
 
     def __post_init__(self) -> None:
         if self.target_name in self.sources:
@@ -38,7 +40,10 @@ class ModelPool:
 
     @property
     def encoder_names(self) -> list[str]:
-        return [n for n in self.theta0 if n.startswith(ENCODER_PREFIXES)]
+        """The MIL-encoder tensors of ``arch`` (its class's ``ENCODER_PREFIXES``), in theta_0's
+        order (the network's registration order)."""
+        prefixes = model_class(self.arch).ENCODER_PREFIXES
+        return [n for n in self.theta0 if n.startswith(prefixes)]
 
     def task_vectors(self, names: Sequence[str] | None = None) -> tuple[TensorDict, list[TensorDict]]:
         """(tau_t, [tau_s for each source]) over ``names`` (the MIL encoder by default)."""
@@ -56,7 +61,8 @@ class ModelPool:
 
     @classmethod
     def from_files(cls, theta0: str | Path, target: tuple[str, str | Path],
-                   sources: Sequence[tuple[str, str | Path]], hparams: dict | None = None) -> "ModelPool":
+                   sources: Sequence[tuple[str, str | Path]], hparams: dict | None = None,
+                   arch: str = "abmil") -> ModelPool:
         def load(path: str | Path) -> TensorDict:
             path = Path(path)
             if not path.exists():
@@ -65,4 +71,4 @@ class ModelPool:
 
         return cls(theta0=load(theta0), target=load(target[1]),
                    sources={name: load(p) for name, p in sources}, target_name=target[0],
-                   hparams=dict(hparams or {}))
+                   hparams=dict(hparams or {}), arch=arch)

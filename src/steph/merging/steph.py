@@ -7,7 +7,7 @@ For a bag X, with target task vector tau_t and source task vectors tau_1..tau_m 
     lambda   = 1 / (1 + ReLU(H_mix(z)))  (m,) in (0, 1]     mixup coefficients (1 = pure target)
     S        = indices of the K largest w
     theta(X) = theta_0 + sum_{i in S} w_i (lambda_i tau_t + (1 - lambda_i) tau_i)
-    logits   = head(ABMIL_encoder(X; theta(X)))            fresh head, trained
+    logits   = head(encoder(X; theta(X)))                  fresh head, trained
     loss     = L_surv + gamma L_agg + beta L_mix
     L_agg    = (logsumexp_i w_i)^2 + (1/K) sum_{i in S} w_i
     L_mix    = mean_{i in S} lambda_i^2
@@ -19,6 +19,13 @@ the head are trained.
 
 Ablations (Table S5 / S3): ``mixing="none"`` (lambda = 1), ``mixing="free"`` (lambda a learned
 vector), ``aggregation="free"`` (w a learned vector), any ``top_k`` (K >= m: no sparsity).
+
+Any registered MIL network can be merged (``arch``; ABMIL by default): the task vectors cover
+the tensors its class declares as the encoder (``ENCODER_PREFIXES``), the merged forward runs
+the network's ``embed`` through ``torch.func.functional_call`` with the merged tensors and the
+bag's extra inputs (Patch-GCN's ``edge_index``), and the fresh head is the network's ``head``.
+The hypernetworks always read the bag embedding of the raw features (above), whatever the
+network.
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from steph.config import StephConfig
+from steph.merging.networks import (
+    load_frozen_encoder,
+    merged_embedding,
+    network_settings,
+    renamed_prefix,
+)
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.abmil import ABMIL, ABMILEmbedder, init_fresh_head
+from steph.models.base import DEFAULT_CHUNK_SIZE, EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput, TrainingRestart
-from steph.models.registry import register_artefact
+from steph.models.registry import create_model, register_artefact
 from steph.utils.device import autocast_off
 
 log = logging.getLogger("steph.merging")
@@ -64,9 +76,11 @@ class MergeExplanation:
 
 
 class STEPH(nn.Module):
-    def __init__(self, stack: TaskVectorStack, abmil_hparams: dict[str, Any], cfg: StephConfig | None = None,
-                 head_seed: int = 0, n_patients: int = 0, head_bias: torch.Tensor | None = None):
+    def __init__(self, stack: TaskVectorStack, hparams: dict[str, Any], cfg: StephConfig | None = None,
+                 head_seed: int = 0, n_patients: int = 0, head_bias: torch.Tensor | None = None,
+                 arch: str = "abmil"):
         """``stack``: rows ``[tau_t, tau_1, ..., tau_m]`` of the MIL encoder, labels = cohorts.
+        ``hparams``: the merged network's (``arch``, a registered MIL network).
         ``n_patients``: size of the target cohort, which picks gamma when it is not set.
         ``head_bias``: initial bias of the fresh head (e.g. baseline hazard logits); its weights
         are always freshly drawn."""
@@ -85,20 +99,22 @@ class STEPH(nn.Module):
         self.register_buffer("theta0_flat", stack.base.clone())
         self.register_buffer("tau", stack.vectors.clone())  # (m+1, P), row 0 = tau_t
 
-        # The ABMIL whose encoder tensors are replaced by theta(X) at every forward; only its head
-        # is trained. Its encoder parameters hold theta_0 (frozen) so the module is complete.
-        self.abmil = ABMIL(**abmil_hparams)
-        with torch.no_grad():
-            for name, tensor in self.layout.unflatten(self.theta0_flat).items():
-                self.abmil.get_parameter(name).copy_(tensor)
-        for name, p in self.abmil.named_parameters():
-            p.requires_grad_(name not in self.layout.names)
-        init_fresh_head(self.abmil.head, torch.Generator().manual_seed(head_seed), head_bias)
-        # Not registered (it would duplicate ``abmil`` in the state dict).
-        object.__setattr__(self, "_embedder", ABMILEmbedder(self.abmil))
+        # The network whose encoder tensors are replaced by theta(X) at every forward; only its
+        # head is trained. Its encoder parameters hold theta_0 (frozen) so the module is complete.
+        self.arch = arch
+        self.network: MILNetwork = create_model(arch, **hparams)
+        self.bag_inputs = tuple(self.network.bag_inputs)  # e.g. Patch-GCN's ("edge_index",)
+        self.eval_in_pieces = self.network.eval_in_pieces  # (see steph.models.base)
+        load_frozen_encoder(self.network, self.layout, self.theta0_flat)
+        init_fresh_head(self.network.head, torch.Generator().manual_seed(head_seed), head_bias)
+        # Not registered (it would duplicate ``network`` in the state dict).
+        object.__setattr__(self, "_embedder", EmbedCall(self.network))
+        # artefacts written before any network could be merged hold "abmil.<name>" tensors
+        self._register_load_state_dict_pre_hook(renamed_prefix("abmil.", "network."))
 
-        in_dim, d = self.abmil.in_dim, cfg.embed_dim
+        in_dim, d = self.network.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
+        self.chunk_size = DEFAULT_CHUNK_SIZE  # bag_embedding in eval / no grad (0 = one pass)
         w0 = 1.0 / self.top_k  # "complete" start: the K selected weights sum to ~1
         if cfg.aggregation == "hyper":
             self.h_agg = hypernet(d, m, cfg.dropout)
@@ -112,21 +128,45 @@ class STEPH(nn.Module):
         elif cfg.mixing == "free":
             self.rho_free = nn.Parameter(torch.full((m,), _FREE_RHO_INIT))
 
+    @torch.no_grad()
+    def start_merge_at(self, w: torch.Tensor, lam: torch.Tensor) -> None:
+        """Start the merge at the same ``w`` and ``lambda`` (both (m,)) for every bag: the output
+        layers' weights become 0 and their biases give w and lambda (they learn input
+        dependence from there; lambda's start is kept off ReLU's kink, at most 1/1.05)."""
+        if w.shape != (self.m,) or lam.shape != (self.m,):
+            raise ValueError(f"start_merge_at needs ({self.m},) weights, got {tuple(w.shape)}, "
+                             f"{tuple(lam.shape)}")
+        r = (1.0 / lam.clamp(1e-3, 1.0) - 1.0).clamp_min(0.05)
+        if self.cfg.aggregation == "hyper":
+            self.h_agg[-1].weight.zero_()
+            self.h_agg[-1].bias.copy_(w)
+        else:
+            self.w_free.copy_(w)
+        if self.cfg.mixing == "hyper":
+            self.h_mix[-1].weight.zero_()
+            self.h_mix[-1].bias.copy_(r)
+        elif self.cfg.mixing == "free":
+            self.rho_free.copy_(torch.log(r))
+
     # -- the pieces of the formula ------------------------------------------------------------
     def bag_embedding(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """z = mean_n ReLU(W_e x_n + b_e), (d,). In eval mode without autograd (prediction) a
-        bag of more than ``chunk_size`` instances (default: the ABMIL's ``chunk_size``) is
-        summed chunk by chunk, so the (N, d) activations never exist at once; the result is
-        the one-pass mean up to float rounding."""
-        x = ABMIL._as_instances(x)
+        bag of more than ``chunk_size`` instances (default: ``self.chunk_size``, a performance
+        setting, not saved) is summed chunk by chunk, so the (N, d) activations never exist at
+        once; the result is the one-pass mean up to float rounding."""
+        x = MILNetwork._as_instances(x)
         if chunk_size is None:
             chunked = not self.training and not torch.is_grad_enabled()
-            chunk_size = self.abmil.chunk_size if chunked else 0
+            chunk_size = self.chunk_size if chunked else 0
         if not 0 < chunk_size < x.shape[0]:
             return self.embed(x).mean(dim=0)
-        total = self.embed(x[:chunk_size]).float().sum(dim=0)
+        def part(start: int) -> torch.Tensor:  # summed in float32 at least (bf16 under autocast)
+            h = self.embed(x[start:start + chunk_size])
+            return h.to(torch.promote_types(h.dtype, torch.float32)).sum(dim=0)
+
+        total = part(0)
         for start in range(chunk_size, x.shape[0], chunk_size):
-            total += self.embed(x[start:start + chunk_size]).float().sum(dim=0)
+            total += part(start)
         return total / x.shape[0]
 
     def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +177,8 @@ class STEPH(nn.Module):
         if self.cfg.aggregation == "hyper" or self.cfg.mixing == "hyper":
             z = self.bag_embedding(x)
         anchor = z if z is not None else next(self.parameters())
-        with autocast_off(anchor):
-            z = z.float() if z is not None else None
+        with autocast_off(anchor):  # in the parameters' dtype (float32), bf16 z cast up
+            z = z.to(self.embed[0].weight.dtype) if z is not None else None
             act = F.softplus if self.cfg.w_activation == "softplus" else F.relu
             w = act(self.h_agg(z)) if self.cfg.aggregation == "hyper" else act(self.w_free)
             if self.cfg.mixing == "hyper":
@@ -163,7 +203,7 @@ class STEPH(nn.Module):
     def merged_flat(self, coef: torch.Tensor) -> torch.Tensor:
         """theta_0 + coef @ tau, float32 (autocast would round the merged weights)."""
         with autocast_off(coef):
-            return torch.addmv(self.theta0_flat, self.tau.t(), coef.float())
+            return torch.addmv(self.theta0_flat, self.tau.t(), coef.to(self.tau.dtype))
 
     def aux_losses(self, w: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = mask.sum()
@@ -183,37 +223,37 @@ class STEPH(nn.Module):
         return float(g)
 
     # -- forward --------------------------------------------------------------------------------
-    def _run(self, x: torch.Tensor):
+    def _run(self, x: torch.Tensor, bag_inputs: dict[str, torch.Tensor]):
         w, lam = self.weights(x)
         if self.training and getattr(self, "hold_weights", False):
             w, lam = w.detach(), lam.detach()
         mask = self.select(w)
         coef = self.coefficients(w, lam, mask)
         params = self.layout.unflatten(self.merged_flat(coef))
-        z = self._merged_embedding(x, params)
-        return self.abmil.head(z), w, lam, mask, coef, params
+        z = self._merged_embedding(x, params, bag_inputs)
+        return self.network.head(z), w, lam, mask, coef, params
 
-    def _merged_embedding(self, x: torch.Tensor, params: TensorDict) -> torch.Tensor:
-        """ABMIL's bag embedding (1, hidden) with the merged encoder tensors ``params``."""
-        return functional_call(self._embedder, {f"abmil.{k}": v for k, v in params.items()},
-                               (x,), strict=False)
+    def _merged_embedding(self, x: torch.Tensor, params: TensorDict,
+                          bag_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The network's bag embedding (1, d) with the merged encoder tensors ``params``."""
+        return merged_embedding(self._embedder, params, x, bag_inputs)
 
     @property
     def survival_head(self) -> nn.Linear:
-        return self.abmil.head
+        return self.network.head
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+    def head_input(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
         """The merged model's bag embedding for ``x`` (what enters the fresh head)."""
         w, lam = self.weights(x)
         coef = self.coefficients(w, lam, self.select(w))
-        return self._merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)))
+        return self._merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)), bag_inputs)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer (epoch is 0-based): hold w and lambda during the head warm-up."""
         self.hold_weights = epoch < self.cfg.head_warmup_epochs
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        logits, w, lam, mask, _, _ = self._run(x)
+    def forward(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> ModelOutput:
+        logits, w, lam, mask, _, _ = self._run(x, bag_inputs)
         l_agg, l_mix = self.aux_losses(w, lam, mask)
         aux = self.gamma() * l_agg + self.cfg.beta * l_mix
         alive = ((w.detach() * mask) > 0).any().float()  # 1 if a selected source contributes
@@ -240,11 +280,11 @@ class STEPH(nn.Module):
             self._warned_collapse = True
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor) -> MergeExplanation:
+    def explain(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> MergeExplanation:
         was_training = self.training
         self.eval()
         try:
-            logits, w, lam, mask, coef, params = self._run(x)
+            logits, w, lam, mask, coef, params = self._run(x, bag_inputs)
         finally:
             self.train(was_training)
         order = torch.argsort(w, descending=True)
@@ -264,7 +304,8 @@ class STEPH(nn.Module):
         return {
             "target": self.target_name,
             "sources": self.source_names,
-            "abmil": self.abmil.hparams(),
+            "arch": self.arch,
+            "network": self.network.hparams(),
             "steph": self.cfg.model_dump(mode="json"),
             "layout": self.layout.to_dict(),
             "n_patients": self.n_patients,
@@ -278,10 +319,12 @@ class STEPH(nn.Module):
         zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
         stack = TaskVectorStack(layout=layout, base=layout.flatten(zeros),
                                 vectors=torch.zeros(len(labels), layout.size), labels=labels)
-        return cls(stack, settings["abmil"], StephConfig(**settings["steph"]),
-                   n_patients=int(settings.get("n_patients", 0)))
+        arch, hparams = network_settings(settings)
+        return cls(stack, hparams, StephConfig(**settings["steph"]),
+                   n_patients=int(settings.get("n_patients", 0)), arch=arch)
 
 
 @register_artefact("steph")
 def _steph_artefact(settings: dict[str, Any]) -> STEPH:
     return STEPH.from_settings(settings)
+

@@ -2,14 +2,18 @@
 the experiment grid. Importing this package registers every method.
 
   registry.py       Method, Built, MethodContext; register_method / get_method / list_methods
-  abmil.py          cancer-specific ABMIL from theta_0
+  networks.py       cancer-specific training of every MIL network (abmil, transmil, ilra,
+                    r2t_mil, patch_gcn) from its theta_0; their per-bag inputs (graphs)
   steph.py          STEPH, its ablations and the K sweep
   model_merging.py  Model Avg, Task Arithmetic, AdaMerging, TIES / Iso-C / Iso-CTS / Surgery AM
+  transfer.py       representation transfer: ROUPKT, zero_shot, linear_probe, fusion_mean
 """
 
-from steph.methods import abmil, model_merging, steph  # noqa: F401  (registration)
+from steph.methods import model_merging, networks, steph, transfer  # noqa: F401  (registration)
 from steph.methods.registry import (
     Built,
+    CostModel,
+    CostSpec,
     Method,
     MethodContext,
     SearchSpec,
@@ -24,6 +28,8 @@ from steph.methods.registry import (
 
 __all__ = [
     "Built",
+    "CostModel",
+    "CostSpec",
     "Method",
     "MethodContext",
     "SearchSpec",

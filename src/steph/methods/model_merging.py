@@ -1,14 +1,22 @@
 """The model-merging baselines as methods (method.md section 6; modules in
-:mod:`steph.merging.baselines`, where the choices behind them are documented)."""
+:mod:`steph.merging.baselines`, where the choices behind them are documented), over the runs
+folder's network (``model.arch``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from steph.config import MergeConfig
-from steph.merging.baselines import AdaMerging, adamerging_stack, merged_abmil, static_merge
+from steph.merging.baselines import AdaMerging, adamerging_stack, merged_network, static_merge
 from steph.merging.pool import ModelPool
-from steph.methods.registry import Built, Method, MethodContext, register_method
+from steph.methods.networks import (
+    example_bag_inputs,
+    example_network,
+    network_bag_inputs,
+    random_task_vectors,
+)
+from steph.methods.registry import Built, CostSpec, Method, MethodContext, register_method
 
 # method name -> pairwise preprocessing of the source task vectors
 PREPROCESSING = {"adamerging": "none", "ties_am": "ties", "isoc_am": "iso_c",
@@ -19,12 +27,20 @@ def _static_method(name: str, summary: str,
                    coef_of: Callable[[MethodContext, ModelPool], float]) -> Method:
     def build(ctx: MethodContext) -> Built:
         pool = ctx.pool()
-        model = merged_abmil(static_merge(pool, coef_of(ctx, pool)), ctx.hparams)
-        return Built(module=model, kind="abmil", settings=model.hparams)
+        model = merged_network(static_merge(pool, coef_of(ctx, pool)), ctx.hparams, ctx.arch)
+        return Built(module=model, kind=ctx.arch, settings=model.hparams,
+                     bag_inputs=network_bag_inputs(ctx, ctx.arch))
+
+    def cost(spec: CostSpec):
+        """A merged network of ``spec.arch``: nothing is learned."""
+        net = example_network(spec)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net, example_bag_inputs(net, spec.n_instances)
 
     # untrained: training settings cannot change them (their input models record theirs)
     return Method(name, summary, needs_pool=True, trains=False, build=build,
-                  config_sections=("data", "bins", "model", "merge"))
+                  config_sections=("data", "bins", "model", "merge"), cost_model=cost)
 
 
 def _preprocess_options(name: str, cfg: MergeConfig) -> dict[str, Any]:
@@ -43,13 +59,24 @@ def _adamerging_method(name: str, summary: str, surgery: bool = False) -> Method
         model = AdaMerging(stack, ctx.hparams, init_coef=cfg.init_coef,
                            head_seed=ctx.cfg.train.seed,
                            surgery_rank=cfg.surgery_rank if surgery else None,
-                           head_bias=ctx.head_bias(cfg.head_bias),
-                           coef_lr_scale=cfg.coef_lr_scale)
-        return Built(module=model, kind="abmil_surgery" if surgery else "abmil",
-                     settings=model.export_settings, export=model.export)
+                           coef_lr_scale=cfg.coef_lr_scale, arch=ctx.arch)
+        return Built(module=model, kind=model.export_kind, settings=model.export_settings,
+                     export=model.export, bag_inputs=network_bag_inputs(ctx, ctx.arch))
+
+    def cost(spec: CostSpec):
+        """The exported network (merged encoder + head, surgery for Surgery AM) as it runs at
+        inference; learnable parameters: what training learns (m + 1 coefficients, the head,
+        the surgery module)."""
+        stack, hparams = random_task_vectors(spec, spec.n_sources + 1)
+        model = AdaMerging(stack, hparams, surgery_rank=MergeConfig().surgery_rank
+                           if surgery else None, arch=spec.arch)
+        learnable = model.trainable_parameter_count()
+        exported = model.export()
+        exported.trainable_parameter_count = lambda: learnable
+        return exported, example_bag_inputs(exported, spec.n_instances)
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=("data", "bins", "model", "train", "merge"))
+                  config_sections=("data", "bins", "model", "train", "merge"), cost_model=cost)
 
 
 register_method(_static_method(

@@ -4,16 +4,17 @@ A :class:`Method` says what a run needs (only theta_0, or the model pool of its 
 and how to build the module the shared trainer trains (:class:`Built`). The trainer never
 learns which method it trains; the experiment grid never learns how a method works.
 
-Recipes live beside this file (``abmil.py``, ``steph.py``, ``model_merging.py``); importing
+Recipes live beside this file (``networks.py``, ``steph.py``, ``model_merging.py``); importing
 ``steph.methods`` registers them all.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,8 @@ class MethodContext:
     cfg: ExperimentConfig
     target: str
     fold: int
-    hparams: dict[str, Any]  # network hyper-parameters (from theta_0)
-    theta0: dict[str, torch.Tensor]
+    hparams: dict[str, Any]  # hyper-parameters of network ``arch`` (from its theta_0)
+    theta0: dict[str, torch.Tensor]  # network ``arch``'s shared initialisation
     bins: TimeBins
     n_patients: int  # size of the target cohort
     n_train: int
@@ -45,17 +46,10 @@ class MethodContext:
     run_dir: Path | None = None  # the run's directory (for caches a method keeps with its run)
     train_data: Any = None  # the training and test bag datasets (read-only for recipes)
     test_data: Any = None
+    arch: str = "abmil"  # the network of theta0 / hparams (Method.arch, or model.arch)
+    cohort: Any = None  # the target cohort (steph.data.cohort.Cohort)
+    graph_dir: Path | None = None  # cache of the cohort's patch graphs (RUNS/graphs/<cohort>)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def head_bias(self, mode: str) -> torch.Tensor | None:
-        """The fresh head's bias: the training split's baseline hazard logits, or None (random)."""
-        if mode == "random":
-            return None
-        if self.train_bins is None or self.train_events is None:
-            raise ConfigError("a baseline-hazard head bias needs the training labels")
-        from steph.survival.baseline import baseline_hazard_logits
-
-        return baseline_hazard_logits(self.train_bins, self.train_events, self.bins.n_bins)
 
     def pool(self) -> ModelPool:
         if self.pool_loader is None:
@@ -94,6 +88,24 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class CostSpec:
+    """The setting of an efficiency measurement (Table S4 / ``steph bench efficiency``)."""
+
+    in_dim: int = 1536
+    n_bins: int = 32
+    n_sources: int = 12  # m: source cohorts of a transfer method
+    n_instances: int = 10_000  # patches of the measured bag
+    arch: str = "abmil"  # the backbone (model.arch) of merged / transferred models
+
+
+# cost_model(spec) -> (module in eval mode as it runs at inference, with random weights where
+# weights would come from training; the extra per-bag inputs for a bag of spec.n_instances).
+# Its learnable-parameter count is ``module.trainable_parameter_count()`` when defined, else
+# the parameters with requires_grad.
+CostModel = Callable[[CostSpec], tuple[nn.Module, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -103,6 +115,16 @@ class Method:
     config_sections: tuple[str, ...] = ("data", "bins", "model", "train")
     # Settings to choose by inner cross-validation before building (None: nothing to choose).
     search: Callable[[ExperimentConfig], SearchSpec | None] | None = None
+    # The module as it runs at inference, for efficiency figures (None: not measured).
+    cost_model: CostModel | None = None
+    # The network whose theta_0 and hyper-parameters the context carries and whose runs the
+    # pool holds: a cancer-specific method names its own (e.g. "transmil"); None = the runs
+    # folder's backbone, ``model.arch`` (the transfer methods).
+    arch: str | None = None
+
+    def network(self, cfg: ExperimentConfig) -> str:
+        """The network this method works on under ``cfg``."""
+        return self.arch or cfg.model.arch
 
 
 _METHODS: dict[str, Method] = {}

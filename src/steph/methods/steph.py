@@ -1,13 +1,19 @@
-"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3)."""
+"""STEPH (method.md section 5), its ablations (Table S5) and the K sweep (Table S3), over the
+runs folder's network (``model.arch``: ABMIL by default, or any registered MIL network)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
+from steph.config import ExperimentConfig, StephConfig
 from steph.merging.steph import STEPH
-from steph.config import ExperimentConfig
+from steph.methods.networks import example_bag_inputs, network_bag_inputs, random_task_vectors
 from steph.methods.registry import (
     Built,
+    CostSpec,
     Method,
     MethodContext,
     SearchSpec,
@@ -23,13 +29,29 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
 
     def build(ctx: MethodContext) -> Built:
         cfg = type(ctx.cfg.steph).model_validate({**ctx.cfg.steph.model_dump(), **overrides})
+        # a fresh head drawn at random; where it starts is train.head_init's (the trainer's)
         model = STEPH(ctx.pool().stack(), ctx.hparams, cfg, head_seed=ctx.cfg.train.seed,
-                      n_patients=ctx.n_patients, head_bias=ctx.head_bias(cfg.head_bias))
+                      n_patients=ctx.n_patients, arch=ctx.arch)
+        bag_inputs = network_bag_inputs(ctx, ctx.arch)
+        screening: dict[str, Any] = {}
+        if cfg.w_init == "screened":
+            screening = screen_sources(ctx.pool(), ctx.hparams, ctx.arch, ctx.train_data,
+                                       bag_inputs, ctx.cfg.train.loss_alpha, ctx.cfg.train.seed)
+            w, lam = screened_start(screening, model.source_names, model.top_k)
+            model.start_merge_at(w, lam)
         return Built(module=model, kind="steph", settings=model.settings,
-                     info=lambda history: merge_facts(model, history))
+                     info=lambda history: {**merge_facts(model, history), **screening},
+                     bag_inputs=bag_inputs)
+
+    def cost(spec: CostSpec):
+        """STEPH over ``spec.arch`` with m = ``spec.n_sources`` random source task vectors."""
+        cfg = StephConfig.model_validate({**StephConfig().model_dump(), **overrides})
+        stack, hparams = random_task_vectors(spec, spec.n_sources + 1)
+        model = STEPH(stack, hparams, cfg, arch=spec.arch).eval()
+        return model, example_bag_inputs(model, spec.n_instances)
 
     return Method(name, summary, needs_pool=True, trains=True, build=build,
-                  config_sections=STEPH_SECTIONS, search=gamma_search)
+                  config_sections=STEPH_SECTIONS, search=gamma_search, cost_model=cost)
 
 
 def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
@@ -39,6 +61,55 @@ def gamma_search(cfg: ExperimentConfig) -> SearchSpec | None:
         return None
     return SearchSpec("steph.gamma", tuple(s.gamma_grid), folds=s.search_folds, prefer="larger",
                       target_model=s.search_target)
+
+
+def screen_sources(pool, hparams: dict[str, Any], arch: str, train, bag_inputs: dict,
+                   loss_alpha: float, seed: int) -> dict[str, Any]:
+    """Cross-validated probe C-index, on the training patients, of theta_0 + tau_t and of
+    theta_0 + tau_t + tau_i for every source i (forward passes and penalised head fits only)."""
+    from steph.merging.baselines import merged_network
+    from steph.training.head_start import fit_ph_head, head_inputs
+
+    if bag_inputs:
+        train.set_bag_inputs(dict(bag_inputs))
+    bins = np.array([int(item["bin"]) for item in train])
+    events = np.array([int(item["event"]) for item in train])
+    times = np.array([float(item["time"]) for item in train])
+    from steph.survival.baseline import baseline_hazard_logits
+
+    base = baseline_hazard_logits(bins, events, hparams["n_bins"])
+    names = pool.encoder_names
+    tau_t, taus = pool.task_vectors(names)
+
+    def probe(extra: dict | None) -> float:
+        state = dict(pool.theta0)
+        for n in names:
+            state[n] = pool.theta0[n] + tau_t[n] + (extra[n] if extra is not None else 0.0)
+        z = head_inputs(merged_network(state, hparams, arch), train)
+        _, _, info = fit_ph_head(z, bins, events, times, base, loss_alpha, seed=seed)
+        return float(np.nanmax(list(info["head_cv_cindex"].values())))
+
+    own = probe(None)
+    gains = {name: probe(tau) - own for name, tau in zip(pool.source_names, taus)}
+    return {"screen_target_cindex": own, "screen_gain": gains}
+
+
+def screened_start(screening: dict[str, Any], sources: list[str], top_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w and lambda to start from. With h >= 1 helpful sources (positive screening gain, at most
+    K): w = 2/h and lambda = 0.5 for them, so theta(X) starts at theta_0 + tau_t + the mean of
+    their task vectors; w = 0.02, lambda ~ 1 for the others. When no source helped: w = 1/K,
+    lambda ~ 1 for all, so theta(X) starts at the target's own encoder theta_0 + tau_t."""
+    gains = np.array([screening["screen_gain"][s] for s in sources])
+    helpful = [i for i in np.argsort(-gains, kind="stable")[:top_k] if gains[i] > 0]
+    w = torch.full((len(sources),), 0.02)
+    lam = torch.ones(len(sources))
+    if helpful:
+        w[helpful] = 2.0 / len(helpful)
+        lam[helpful] = 0.5
+    else:
+        w[:] = 1.0 / top_k
+    return w, lam
 
 
 def merge_facts(model: STEPH, history: list[dict[str, Any]]) -> dict[str, Any]:

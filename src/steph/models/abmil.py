@@ -2,6 +2,7 @@
 
 Parameter names are part of the public contract: the merging methods address "the MIL encoder"
 as the tensors under ``feat_proj.`` and ``attention.`` (8 tensors) and the head as ``head.``.
+ABMIL follows the interface of every steph MIL network (:mod:`steph.models.base`).
 
 Exact prediction on any bag size: in eval mode without autograd (how every prediction in steph
 runs), a bag of more than ``chunk_size`` instances is pooled in chunks with an online softmax
@@ -18,8 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from steph.models.base import (
+    DEFAULT_CHUNK_SIZE,
+    MILNetwork,
+    OnlineSoftmax,
+    check_chunk_size,
+    init_fresh_head,  # noqa: F401  (re-exported: it lived here first)
+)
+
 ENCODER_PREFIXES = ("feat_proj.", "attention.")
-DEFAULT_CHUNK_SIZE = 65_536  # instances per chunk in eval / no-grad pooling (0 = never chunk)
 HEAD_PREFIX = "head."
 
 
@@ -36,7 +44,7 @@ class GatedAttention(nn.Module):
         return self.score(self.a(h) * self.b(h)).squeeze(-1)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILNetwork):
     """Attention-based MIL survival network.
 
     ``feat_proj``: Linear(in_dim -> hidden_dim) + ReLU; gated attention (hidden_dim -> attn_dim
@@ -50,6 +58,11 @@ class ABMIL(nn.Module):
     module docstring); 0 never chunks.
     """
 
+    ENCODER_PREFIXES = ENCODER_PREFIXES
+    HEAD_PREFIX = HEAD_PREFIX
+    bag_inputs = ()
+    eval_in_pieces = True
+
     def __init__(
         self,
         in_dim: int = 1536,
@@ -60,9 +73,7 @@ class ABMIL(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         super().__init__()
-        if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 = never chunk), got {chunk_size}")
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         self.in_dim, self.n_bins = int(in_dim), int(n_bins)
         self.hidden_dim, self.attn_dim, self.dropout = int(hidden_dim), int(attn_dim), float(dropout)
         self.feat_proj = nn.Sequential(nn.Linear(self.in_dim, self.hidden_dim), nn.ReLU())
@@ -77,16 +88,6 @@ class ABMIL(nn.Module):
             "attn_dim": self.attn_dim,
             "dropout": self.dropout,
         }
-
-    @staticmethod
-    def _as_instances(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            if x.shape[0] != 1:
-                raise ValueError(f"ABMIL takes one bag at a time, got a batch of {x.shape[0]}")
-            x = x[0]
-        if x.dim() != 2:
-            raise ValueError(f"expected a bag of shape (N, D) or (1, N, D), got {tuple(x.shape)}")
-        return x
 
     def embed(self, x: torch.Tensor, chunk_size: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,69 +109,21 @@ class ABMIL(nn.Module):
     def _embed_chunked(self, x: torch.Tensor, chunk_size: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Online-softmax attention pooling over chunks of ``chunk_size`` instances."""
-        scores = []
-        run_max = run_sum = acc = None
+        scores, pool = [], OnlineSoftmax()
         for start in range(0, x.shape[0], chunk_size):
             h = self.feat_proj(x[start:start + chunk_size])
             s = self.attention(h)  # (c,)
             scores.append(s)
-            m = s.max()
-            if run_max is None:
-                e = torch.exp(s - m)
-                run_max, run_sum, acc = m, e.sum(), e @ h
-                continue
-            new_max = torch.maximum(run_max, m)
-            scale = torch.exp(run_max - new_max)  # <= 1: earlier terms shrink, never overflow
-            e = torch.exp(s - new_max)
-            run_sum = run_sum * scale + e.sum()
-            acc = acc * scale + e @ h
-            run_max = new_max
+            pool.add(s, h)
         attn = F.softmax(torch.cat(scores), dim=0)
-        return (acc / run_sum).unsqueeze(0), attn
+        return pool.result().unsqueeze(0), attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Hazard logits (1, n_bins) of one bag."""
         z, _ = self.embed(x)
         return self.head(z)
 
-    def encoder_names(self) -> list[str]:
-        return encoder_parameter_names(self)
-
-    # -- what the trainer's head start (steph.training.head_start) uses --------------------------
-    @property
-    def survival_head(self) -> nn.Linear:
-        return self.head
-
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(x)[0]
-
-
-class ABMILEmbedder(nn.Module):
-    """Calls ``ABMIL.embed`` as its forward, so that ``torch.func.functional_call`` can run the
-    bag embedding with swapped (e.g. merged) encoder tensors: ``{"abmil.<name>": tensor}``."""
-
-    def __init__(self, abmil: ABMIL):
-        super().__init__()
-        self.abmil = abmil
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.abmil.embed(x)[0]
-
 
 def encoder_parameter_names(model: nn.Module) -> list[str]:
     """Names of the MIL-encoder tensors (everything but the head), in registration order."""
     return [n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
-
-
-def init_fresh_head(head: nn.Linear, generator: torch.Generator,
-                    bias: torch.Tensor | None = None) -> None:
-    """Draw a head afresh (not copied from any model): U(+-1/sqrt(fan_in)) from ``generator``.
-
-    ``bias``, when given, replaces the drawn bias (e.g. the training split's baseline hazard
-    logits, see steph.survival.baseline); the weights always stay freshly drawn."""
-    with torch.no_grad():
-        bound = 1.0 / head.in_features ** 0.5
-        head.weight.uniform_(-bound, bound, generator=generator)
-        head.bias.uniform_(-bound, bound, generator=generator)
-        if bias is not None:
-            head.bias.copy_(bias)

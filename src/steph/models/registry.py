@@ -4,13 +4,15 @@
   directories and artefacts can name the architecture they hold;
 * **artefact kinds** (``register_artefact`` / ``build_artefact``): how to rebuild an empty module
   of a saved kind from its manifest's settings. Each module registers its kind where it is
-  defined (ABMIL in ``steph.models``, STEPH and the merged baselines in ``steph.merging``);
+  defined (the MIL networks in ``steph.models``, each under its model name; STEPH and the merged baselines in ``steph.merging``);
   :func:`steph.inference.load_artefact` imports those packages and looks the kind up here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -34,10 +36,22 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def model_class(name: str) -> Callable[..., nn.Module]:
+    """The registered factory (for steph's networks: the class) of model ``name``; its class
+    attributes (``ENCODER_PREFIXES``, ``bag_inputs``, ``eval_in_pieces``) describe the network
+    without building it."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    factory = model_class(name)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:  # an unknown keyword, e.g. a misspelt model.options entry
+        raise ConfigError(f"model {name!r}: {e}") from None
+    return factory(**kwargs)
 
 
 def register_artefact(kind: str) -> Callable:

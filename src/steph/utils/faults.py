@@ -11,12 +11,17 @@ Points (``<point>`` may end in ``*`` to match a prefix):
   ``train:step``         after each optimiser step (training/trainer.py)
   ``train:epoch``        after an epoch's checkpoint and log are written
 Unset (the default), every call is a dictionary lookup and nothing else.
+
+A process that runs units of work for another one (a Ray worker running run after run for the
+``steph cv`` driver) takes the driver's settings with :func:`adopt`, which also restarts the
+count, so that ``<point>@<n>`` counts within each unit of work.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 ENV = "STEPH_FAULT"
@@ -33,6 +38,22 @@ def _parse(spec: str) -> tuple[str, int]:
     if not point or n < 1:
         raise ValueError(f"{ENV} must look like <point>[@<n>] with n >= 1, got {spec!r}")
     return point, n
+
+
+def settings() -> dict[str, str]:
+    """This process's fault settings (empty when none), to hand to :func:`adopt` elsewhere."""
+    return {k: os.environ[k] for k in (ENV, ONCE_ENV) if os.environ.get(k)}
+
+
+def adopt(given: Mapping[str, str]) -> None:
+    """Use the fault settings ``given`` (from :func:`settings` in another process) instead of
+    this process's, and count every point from zero again."""
+    for key in (ENV, ONCE_ENV):
+        if given.get(key):
+            os.environ[key] = given[key]
+        else:
+            os.environ.pop(key, None)
+    _counts.clear()
 
 
 def fault_point(name: str) -> None:

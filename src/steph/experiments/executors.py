@@ -1,0 +1,488 @@
+"""Executors: who runs the runs of a planned grid.
+
+An executor gets the :class:`~steph.experiments.cv.Experiment` and its planned jobs
+(prerequisites first; ``Experiment.prerequisites(job)`` says what each one needs) and returns a
+:class:`GridOutcome`: the metrics of every finished run and a one-line error for every run that
+failed. A run that fails fails the runs that need it, never the others. The run directories
+stay the record whatever the executor: a run is finished when its ``metrics.json`` exists.
+
+- :class:`LocalExecutor` (the default): this process, one run after another in dependency
+  order.
+- :class:`RayExecutor`: the grid as a Ray task graph, on a local Ray instance or on a cluster.
+  Each run is a Ray task whose prerequisite runs' tasks are its dependencies, so a transfer
+  run starts as soon as its own prerequisites are finished. Workers that die are retried and
+  the retry resumes from the run's last checkpoint; a run failing on its input is not retried.
+
+Both hold each run with a lease (:class:`~steph.experiments.runs.RunLock`) while it trains, so
+processes that share a runs folder never train one run twice, and a lease left by a dead
+process is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from steph.config import ExperimentConfig, build_config
+from steph.errors import ConfigError, RunError, StephError
+from steph.experiments.cv import Experiment, Job, one_line
+from steph.experiments.runs import RunLock, is_finished, lock_path
+from steph.utils.faults import adopt as adopt_faults
+from steph.utils.faults import settings as fault_settings
+
+log = logging.getLogger("steph.experiments")
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class GridOutcome:
+    """What an executor did: metrics of finished runs, one-line errors of failed ones."""
+
+    metrics: dict[Job, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[Job, str] = field(default_factory=dict)
+
+    def in_order(self, jobs: Sequence[Job]) -> GridOutcome:
+        """The failures listed in plan order (a prerequisite before the runs that need it)."""
+        self.failed = {job: self.failed[job] for job in jobs if job in self.failed}
+        return self
+
+
+class GridError(RunError):
+    """Some runs of the grid failed; ``failed`` maps each to its one-line error and ``summary``
+    is the summary of the runs that finished (when it was written)."""
+
+    def __init__(self, failed: Mapping[Job, str], total: int, summary: Any = None,
+                 where: str | Path | None = None):
+        self.failed = dict(failed)
+        self.summary = summary
+        head = f"{len(self.failed)} of {total} run(s) failed"
+        if where is not None:
+            head += f" (the summary of the {total - len(self.failed)} finished is in {where})"
+        lines = [f"{head}:"] + [f"  {job}: {err}" for job, err in self.failed.items()]
+        super().__init__("\n".join(lines))
+
+
+class Executor(Protocol):
+    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
+        """Run ``jobs`` (prerequisites listed before the runs that need them)."""
+        ...
+
+
+def make_executor(spec: str | Executor) -> Executor:
+    """``"local"``, ``"ray"`` (a local Ray instance, or the cluster Ray is connected to) or an
+    executor object."""
+    if isinstance(spec, str):
+        if spec == "local":
+            return LocalExecutor()
+        if spec == "ray":
+            return RayExecutor()
+        raise ConfigError(f"unknown executor {spec!r}; choose one of {', '.join(EXECUTORS)}")
+    if callable(getattr(spec, "run", None)):
+        return spec
+    raise ConfigError(f"an executor must be 'local', 'ray' or an object with run(); got {spec!r}")
+
+
+# -- shared by the executors -----------------------------------------------------------------------
+
+def with_threads(cfg: ExperimentConfig, cpus_per_run: float | None) -> ExperimentConfig:
+    """``cfg`` with ``train.threads`` following the CPUs a run gets (performance only: a run's
+    identity and result do not change); an explicit ``train.threads`` is kept."""
+    if cpus_per_run is None or cfg.train.threads is not None:
+        return cfg
+    threads = max(1, int(cpus_per_run))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
+
+
+def blocked_by(exp: Experiment, job: Job, failed: Mapping[Job, str]) -> str | None:
+    """Why ``job`` cannot run: a prerequisite failed (None: it can)."""
+    bad = [str(p) for p in exp.prerequisites(job) if p in failed]
+    return f"not run: needs {', '.join(bad)}, which failed" if bad else None
+
+
+def run_held(exp: Experiment, job: Job, owner: str | None = None,
+             lease: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Run one job under its lease (a finished run is only read). ``owner``: the lease token;
+    a lease of the same token left by an attempt that died is taken over at once."""
+    done = exp.finished_metrics(job)
+    if done is not None:
+        return done
+    lock = RunLock(lock_path(job.path(exp.runs_root)), owner=owner, **(lease or {}))
+    if not lock.acquire():
+        raise RunError(f"held by {lock.describe_holder()}, whose lease is alive (another steph "
+                       f"process is training {job}); run the command again when it has finished")
+    try:
+        if lock.took_over:
+            log.info("%s: took over the lease of process %s on %s, which died", job,
+                     lock.took_over.get("pid", "?"), lock.took_over.get("host", "?"))
+        return exp.run(job)
+    finally:
+        lock.release()
+
+
+class GridProgress:
+    """One progress bar for the grid: runs done / total and how many failed (one log line per
+    run instead when there is no terminal, e.g. in a cluster job's log)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.failed, self.enabled = total, done, 0, enabled
+        self.bar = tqdm(total=total, initial=done, desc="grid", unit="run",
+                        disable=None if enabled else True, dynamic_ncols=True)
+        self.bar.set_postfix(failed=0)
+
+    def update(self, job: Job, error: str | None = None) -> None:
+        self.done += 1
+        self.failed += error is not None
+        self.bar.update(1)
+        self.bar.set_postfix(failed=self.failed)
+        if error is not None:
+            log.error("%s failed: %s", job, error)
+        if self.bar.disable and self.enabled:
+            log.info("grid: %d/%d run(s) done, %d failed (%s %s)", self.done, self.total,
+                     self.failed, job, "failed" if error else "finished")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _unfinished(exp: Experiment, jobs: Sequence[Job], outcome: GridOutcome) -> list[Job]:
+    """Read the finished runs into ``outcome``; return the others."""
+    todo = []
+    for job in jobs:
+        if not is_finished(job.path(exp.runs_root)):
+            todo.append(job)
+            continue
+        try:
+            outcome.metrics[job] = exp.finished_metrics(job)  # refuses other settings
+        except StephError as err:
+            outcome.failed[job] = one_line(err)
+    return todo
+
+
+# -- in this process -------------------------------------------------------------------------------
+
+class LocalExecutor:
+    """Runs one after another in this process, prerequisites first.
+
+    A run held by a live process elsewhere (another ``steph cv`` on the same runs folder) is
+    not waited for: it fails, naming the holder, and so do the runs that need it; the others go
+    on. Judging a lease takes at most ``stale_after`` seconds (60 by default): a lease left by
+    a process that died is taken over.
+    """
+
+    def __init__(self, cpus_per_run: float | None = None,
+                 lease: Mapping[str, float] | None = None):
+        self.cpus_per_run = cpus_per_run
+        self.lease = dict(lease or {})
+
+    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
+        exp.cfg = with_threads(exp.cfg, self.cpus_per_run)
+        outcome = GridOutcome()
+        todo = _unfinished(exp, jobs, outcome)
+        outcome.failed.update(exp.prepare(todo))
+        progress = GridProgress(len(jobs), len(jobs) - len(todo), exp.progress)
+        try:
+            for job in todo:
+                error = outcome.failed.get(job) or blocked_by(exp, job, outcome.failed)
+                if error is None:
+                    try:
+                        outcome.metrics[job] = run_held(exp, job, lease=self.lease)
+                    except Exception as err:  # one run's failure never stops the grid
+                        log.debug("%s failed", job, exc_info=True)
+                        error = one_line(err)
+                if error is not None:
+                    outcome.failed[job] = error
+                progress.update(job, error)
+        finally:
+            progress.close()
+        return outcome.in_order(jobs)
+
+
+# -- Ray -------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(value: float | str | None) -> int | None:
+    """Bytes from ``8G``, ``512M``, ``1.5GiB`` or a number of bytes (binary units)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if not m:
+            raise ConfigError(f"memory per run must look like 8G, 512M or a number of bytes; "
+                              f"got {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"memory per run must be positive, got {value!r}")
+    return size
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'steph[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    """The grid as a Ray task graph.
+
+    ``address``: None starts a local Ray instance on this machine (unless this process is
+    already connected to Ray, or ``RAY_ADDRESS`` names a cluster); ``"auto"`` or
+    ``"HOST:PORT"`` joins a running cluster. Per run:
+    ``cpus_per_run`` (also its thread count), ``gpus_per_run`` (fractions share a GPU),
+    ``memory_per_run`` (bytes or ``"8G"``; Ray schedules by it, it is not a hard limit).
+    ``retries``: how many times a run is retried after its worker process or node died.
+    """
+
+    def __init__(self, address: str | None = None, cpus_per_run: float = 1.0,
+                 gpus_per_run: float = 0.0, memory_per_run: float | str | None = None,
+                 retries: int = 2, lease: Mapping[str, float] | None = None,
+                 init_options: Mapping[str, Any] | None = None):
+        if not cpus_per_run > 0:
+            raise ConfigError(f"cpus per run must be > 0, got {cpus_per_run}")
+        if gpus_per_run < 0:
+            raise ConfigError(f"gpus per run must be >= 0, got {gpus_per_run}")
+        if retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {retries}")
+        self.address = address
+        self.cpus_per_run = float(cpus_per_run)
+        self.gpus_per_run = float(gpus_per_run)
+        self.memory_per_run = parse_memory(memory_per_run)
+        self.retries = int(retries)
+        self.lease = dict(lease or {})
+        self.init_options = dict(init_options or {})
+
+    # -- connection --------------------------------------------------------------------------
+    def _connect(self, ray) -> tuple[bool, bool]:
+        """Connect to Ray or start it. Returns (whether this call connected, and so must
+        disconnect; whether it started a local instance of its own)."""
+        if ray.is_initialized():
+            return False, False
+        address = self.address or os.environ.get("RAY_ADDRESS")  # as `ray` itself does
+        if not address:
+            # "local": a new instance even if another one runs on this machine
+            ray.init(address="local", include_dashboard=False, **self.init_options)
+            return True, True
+        try:
+            ray.init(address=address, **self.init_options)
+        except ConnectionError as err:
+            raise ConfigError(f"no Ray cluster at {address!r} ({one_line(err)}); start one "
+                              "with `ray start --head`, or leave --address out to run on a "
+                              "local Ray instance") from None
+        return True, False
+
+    def _run_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.cpus_per_run, "max_retries": self.retries,
+                                "retry_exceptions": False}
+        if self.gpus_per_run:
+            opts["num_gpus"] = self.gpus_per_run
+        if self.memory_per_run:
+            opts["memory"] = self.memory_per_run
+        return opts
+
+    def _check_resources(self, ray, local: bool) -> None:
+        """A run must fit on some node, or Ray would wait for one forever: an error on a local
+        instance, a warning on a cluster (an autoscaler may add such a node)."""
+        need = {"CPU": self.cpus_per_run, "GPU": self.gpus_per_run,
+                "memory": float(self.memory_per_run or 0)}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(r.get(k, 0.0) >= v for k, v in need.items() if v) for r in nodes):
+            return
+        asked = ", ".join(f"{k} {v:g}" for k, v in need.items() if v)
+        offered = "; ".join(", ".join(f"{k} {r.get(k, 0):g}" for k in need) for r in nodes)
+        message = (f"no node of the Ray cluster offers what one run asks for ({asked}); "
+                   f"nodes: {offered}")
+        if local:
+            raise ConfigError(message)
+        log.warning("%s. Runs wait until such a node joins the cluster.", message)
+
+    # -- the grid ----------------------------------------------------------------------------
+    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
+        ray = import_ray()
+        outcome = GridOutcome()
+        todo = _unfinished(exp, jobs, outcome)
+        if not todo:
+            return outcome  # nothing to run: no need for Ray
+        started, local = self._connect(ray)
+        progress = GridProgress(len(jobs), len(jobs) - len(todo), exp.progress)
+        try:
+            self._check_resources(ray, local)
+            check_nodes(ray, exp.data_root, exp.runs_root)
+            # shared state, made once by the driver before any task starts
+            outcome.failed.update(exp.prepare(todo))
+            self._submit_and_wait(ray, exp, todo, outcome, progress)
+        finally:
+            progress.close()
+            if started:
+                ray.shutdown()
+        return outcome.in_order(jobs)
+
+    def _submit_and_wait(self, ray, exp: Experiment, todo: Sequence[Job], outcome: GridOutcome,
+                         progress: GridProgress) -> None:
+        spec = {"data_root": str(exp.data_root.resolve()),
+                "runs_root": str(exp.runs_root.resolve()),
+                "config": with_threads(exp.cfg, self.cpus_per_run).to_dict(),
+                "sources": exp._sources, "progress": exp.progress, "lease": self.lease}
+        # the driver's fault-injection settings (steph.utils.faults) hold in its tasks
+        faults = fault_settings()
+        task = ray.remote(_run_task)
+        opts = self._run_options()
+        refs: dict[Job, Any] = {}
+        for job in todo:  # prerequisites come first, so their refs exist
+            error = outcome.failed.get(job) or blocked_by(exp, job, outcome.failed)
+            if error is not None:
+                outcome.failed[job] = error
+                progress.update(job, error)
+                continue
+            deps = [refs[p] for p in exp.prerequisites(job) if p in refs]
+            # the lease token travels with the task's arguments: its retries hold the same
+            refs[job] = task.options(name=str(job), **opts).remote(spec, faults, job,
+                                                                   uuid.uuid4().hex, *deps)
+        pending = {ref: job for job, ref in refs.items()}
+        try:
+            while pending:
+                # ready refs come in the order given: a failed prerequisite before its dependants
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        outcome.metrics[job] = ray.get(ref)
+                        progress.update(job)
+                    except Exception as err:  # noqa: BLE001 (whatever failed, only this run)
+                        log.debug("%s failed: %s", job, err)  # --debug: the remote traceback
+                        # a run whose prerequisite failed never ran: say so, not the cause
+                        outcome.failed[job] = (blocked_by(exp, job, outcome.failed)
+                                               or self._describe(ray, err))
+                        progress.update(job, outcome.failed[job])
+        except BaseException:  # interrupted: stop the runs (they release their leases)
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            raise
+
+    def _describe(self, ray, err: BaseException) -> str:
+        """One line for a failed task: the run's own error, or the system failure that
+        outlived its retries."""
+        if isinstance(err, ray.exceptions.RayTaskError):
+            cause = getattr(err, "cause", None)
+            return one_line(cause) if cause is not None else one_line(err)
+        text = one_line(err)
+        return f"{text} (given up after {self.retries} retr{'y' if self.retries == 1 else 'ies'})"
+
+
+# -- inside Ray tasks ------------------------------------------------------------------------------
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _experiment(spec: Mapping[str, Any]) -> Experiment:
+    """The experiment a task runs in, rebuilt from small arguments (kept for the worker's next
+    task of the same grid)."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS.clear()
+        _EXPERIMENTS[key] = Experiment(spec["data_root"], spec["runs_root"],
+                                       build_config(spec["config"]), sources=spec["sources"],
+                                       progress=spec["progress"])
+    return _EXPERIMENTS[key]
+
+
+def _worker_logging(progress: bool) -> None:
+    logger = logging.getLogger("steph")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if progress else logging.WARNING)
+
+
+def _run_task(spec: Mapping[str, Any], faults: Mapping[str, str], job: Job, owner: str,
+              *prerequisites: Any) -> dict[str, Any]:
+    """One run as a Ray task; ``prerequisites`` are the metrics of the runs it needs (Ray
+    starts it only once they exist). Returns the run's small metrics dict."""
+    adopt_faults(faults)  # a worker runs task after task: each counts its fault points afresh
+    _worker_logging(spec["progress"])
+    exp = _experiment(spec)
+    lease = spec.get("lease") or {}
+    return run_held(exp, job, owner=owner, lease=lease)
+
+
+CHECK_PREFIX = ".steph-node-check-"
+
+
+def _check_node(data_root: str, runs_root: str, name: str, token: str, node_id: str) -> str | None:
+    """On one node: the data root exists, the driver's token in the runs folder reads back and
+    a reply can be written there. Returns the problem, or None."""
+    runs = Path(runs_root)
+    if not Path(data_root).is_dir():
+        return f"data root {data_root} not found"
+    try:
+        seen = (runs / name).read_text()
+    except OSError:
+        return (f"runs folder {runs_root} is not the driver's: {name}, which the driver wrote "
+                "there, cannot be read")
+    if seen != token:
+        return f"runs folder {runs_root} is not the driver's (another {name})"
+    try:
+        (runs / f"{name}.{node_id}").write_text(socket.gethostname())
+    except OSError as err:
+        return f"runs folder {runs_root} is not writable ({one_line(err)})"
+    return None
+
+
+def check_nodes(ray, data_root: str | Path, runs_root: str | Path, timeout: float = 300.0) -> None:
+    """Check that every alive node of the cluster sees the data root and the runs folder at the
+    same paths as this driver (one small task pinned to each node). Raises ConfigError naming
+    each node that does not."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    data_root, runs = Path(data_root).resolve(), Path(runs_root).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    name = f"{CHECK_PREFIX}{token[:12]}"
+    (runs / name).write_text(token)
+    check = ray.remote(_check_node)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [check.options(num_cpus=0, name="steph node check",
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"],
+                                                                             soft=False))
+            .remote(str(data_root), str(runs), name, token, n["NodeID"]) for n in nodes]
+    problems = []
+    try:
+        for node, ref in zip(nodes, refs):
+            where = (f"node {node.get('NodeManagerHostname') or '?'} "
+                     f"({node.get('NodeManagerAddress')}, id {node['NodeID'][:12]})")
+            try:
+                problem = ray.get(ref, timeout=timeout)
+            except Exception as err:  # noqa: BLE001 (e.g. steph not installed there, no answer)
+                problem = f"the check task failed: {one_line(getattr(err, 'cause', None) or err)}"
+            if problem is None and not (runs / f"{name}.{node['NodeID']}").exists():
+                problem = f"what it wrote into {runs} does not reach the driver"
+            if problem:
+                problems.append(f"  {where}: {problem}")
+    finally:
+        for f in runs.glob(f"{name}*"):
+            f.unlink(missing_ok=True)
+    if problems:
+        raise ConfigError("every node of the Ray cluster must see the data root and the runs "
+                          f"folder at the driver's paths ({data_root}, {runs}):\n"
+                          + "\n".join(problems))
