@@ -29,23 +29,36 @@ from pydantic import (
 )
 
 from steph.errors import ConfigError
+from steph.utils.io import read_user_text
 
 # Settings that change speed or memory but never a result: not part of a run's identity.
+# (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
 PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
+
+# Keys added after runs were first written, with the value those earlier runs had in effect:
+# a saved config without the key identifies the same run as one holding that value.
+ADDED_LATER = {"train": {"deterministic": True, "precision": "fp32"}}
 
 
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a settings tree without the keys of PERFORMANCE_ONLY."""
+    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY,
+    and without the keys of ADDED_LATER that hold the value runs made before them had."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
     for section, keys in PERFORMANCE_ONLY.items():
         if isinstance(out.get(section), dict):
             for key in keys:
                 out[section].pop(key, None)
+    for section, defaults in ADDED_LATER.items():
+        if isinstance(out.get(section), dict):
+            for key, value in defaults.items():
+                if key in out[section] and out[section][key] == value:
+                    del out[section][key]
     return out
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN / inf are never a meaningful setting (and would pass bounds such as lr > 0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -116,7 +129,11 @@ class TrainConfig(_Strict):
     # Where every method's survival head starts (steph.training.head_start): reference | baseline
     # | null | fit.
     head_init: Literal["reference", "baseline", "null", "fit"] = "baseline"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)  # None: torch's count when the run starts
+    # Bit-identical reruns (steph.utils.reproducibility): pinned thread count, torch's
+    # deterministic algorithms and, on CUDA, deterministic cuBLAS / cuDNN. Part of a run's
+    # identity: a run made without it carries no bit-for-bit guarantee.
+    deterministic: bool = True
     # auto (CUDA, else Apple mps, else CPU) | cpu | cuda | cuda:N | mps (steph.utils.device)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     # Autocast of the network's forward; loss, merge coefficients and metrics stay float32.
@@ -265,28 +282,39 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        text = read_user_text(path, "config file", error=ConfigError)
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            loaded = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError) as err:  # PyYAML: ValueError for a bad \U escape
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, value, source)
+    if overrides:
         source = f"{source} + overrides"
     return build_config(data, source)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str = "config") -> None:
     parts = key.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {key!r} must look like section.key (e.g. train.epochs)")
-    section = data.setdefault(parts[0], {})
+    if data.get(parts[0]) is None:  # absent, or an empty section: defaults
+        data[parts[0]] = {}
+    section = data[parts[0]]
     if not isinstance(section, dict):
-        raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+        raise ConfigError(f"cannot apply override {key!r}: section {parts[0]!r} of {source} is "
+                          f"not a mapping (got {section!r:.60})")
     section[parts[1]] = value
 
 
@@ -297,7 +325,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
     return key.strip(), value
 

@@ -16,3 +16,7 @@ class ConfigError(StephError):
 
 class RunError(StephError):
     """A run directory is missing a prerequisite or is inconsistent."""
+
+
+class CorruptFileError(RunError):
+    """A file steph wrote is truncated or damaged (unreadable header, checksum mismatch)."""

@@ -17,14 +17,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from steph.errors import DataError, RunError
+from steph.errors import CorruptFileError, DataError, RunError
 from steph.models.output import as_output
 from steph.models.registry import artefact_kinds, build_artefact
 from steph.survival.bins import TimeBins
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.training.trainer import model_device
 from steph.utils.device import resolve_device
-from steph.utils.io import load_tensors, read_json, save_tensors, write_json
+from steph.utils.io import file_sha256, load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "steph-artefact/1"
 
@@ -45,11 +45,13 @@ def encoders_per_bag(module: nn.Module) -> int:
 
 def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
                   bins: TimeBins, feature_dim: int, info: dict[str, Any] | None = None) -> Path:
-    """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``."""
+    """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``, which
+    records the SHA-256 of the weights file (``weights_sha256``)."""
     path = Path(path)
     _kinds_registered()
     if kind not in artefact_kinds():
         raise RunError(f"no artefact builder for model kind {kind!r}")
+    save_tensors(path, module.state_dict(), metadata={"format": FORMAT, "kind": kind})
     manifest = {
         "format": FORMAT,
         "kind": kind,
@@ -57,8 +59,8 @@ def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict
         "bins": bins.to_dict(),
         "feature_dim": int(feature_dim),
         "info": info or {},
+        "weights_sha256": file_sha256(path),
     }
-    save_tensors(path, module.state_dict(), metadata={"format": FORMAT, "kind": kind})
     write_json(path.with_suffix(".json"), manifest)
     return path
 
@@ -70,32 +72,92 @@ def resolve_artefact(path: str | Path) -> Path:
         path = path / "model.safetensors"
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
-    if not path.exists() or not path.with_suffix(".json").exists():
-        raise RunError(f"no model artefact at {path} (expected {path.name} and "
-                       f"{path.with_suffix('.json').name})")
+    manifest = path.with_suffix(".json")
+    if not path.exists() and not manifest.exists():
+        raise RunError(f"no model artefact at {path} (expected {path.name} and {manifest.name})")
+    if not manifest.exists():
+        raise RunError(f"{manifest}: manifest missing (the weights {path.name} are there, but "
+                       "not what model they belong to)")
+    if not path.exists():
+        raise RunError(f"{path}: weights file missing (its manifest {manifest.name} is there)")
     return path
+
+
+# manifest field -> (accepted types, description)
+_MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "format": ((str,), "a string"),
+    "kind": ((str,), "a string"),
+    "settings": ((dict,), "an object"),
+    "bins": ((dict,), "an object"),
+    "feature_dim": ((int,), "a positive integer"),
+}
+
+
+def _check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
+    """The manifest if its fields have the right types; RunError naming the field if not."""
+    if not isinstance(manifest, dict):
+        raise RunError(f"{where}: not an artefact manifest (a JSON object expected, got "
+                       f"{type(manifest).__name__})")
+    if manifest.get("format") != FORMAT:
+        raise RunError(f"{where}: unknown artefact format {manifest.get('format')!r} "
+                       f"(expected {FORMAT!r})")
+    for key, (types, what) in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise RunError(f"{where}: field {key!r} missing")
+        value = manifest[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise RunError(f"{where}: field {key!r} must be {what}, got {value!r:.80}")
+    if manifest["feature_dim"] < 1:
+        raise RunError(f"{where}: field 'feature_dim' must be a positive integer, got "
+                       f"{manifest['feature_dim']}")
+    try:
+        TimeBins.from_dict(manifest["bins"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{where}: field 'bins' is not a valid set of time bins ({e})") from None
+    checksum = manifest.get("weights_sha256")
+    if checksum is not None and not isinstance(checksum, str):
+        raise RunError(f"{where}: field 'weights_sha256' must be a string, got {checksum!r:.80}")
+    return manifest
 
 
 def load_artefact(path: str | Path, device: torch.device | str = "cpu"
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """The module (eval mode, on ``device``: a name as ``train.device`` takes, e.g. ``auto``
-    or ``cuda:1``) and its manifest. Artefacts hold CPU tensors and load on any device."""
+    or ``cuda:1``; artefacts hold CPU tensors and load on any device) and its manifest.
+
+    Raises a RunError naming the file and what is wrong for a missing or malformed manifest
+    (not JSON, a field missing or of the wrong type, an unknown kind), weights that are
+    truncated, damaged or not those the manifest recorded (checksum), or weights that do not
+    fit the model the manifest describes."""
     if not isinstance(device, torch.device):
         device = resolve_device(device, option="device")  # before anything is read
     path = resolve_artefact(path)
-    manifest = read_json(path.with_suffix(".json"))
-    if manifest.get("format") != FORMAT:
-        raise RunError(f"{path}: unknown artefact format {manifest.get('format')!r}")
+    where = path.with_suffix(".json")
+    manifest = _check_manifest(read_json(where), where)
     kind = manifest["kind"]
     _kinds_registered()
     if kind not in artefact_kinds():
-        raise RunError(f"{path}: unknown model kind {kind!r} (known: {', '.join(artefact_kinds())})")
-    module = build_artefact(kind, manifest["settings"])
-    state = load_tensors(path)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+        raise RunError(f"{where}: unknown model kind {kind!r} (known: "
+                       f"{', '.join(artefact_kinds())})")
+    state = load_tensors(path)  # truncated or damaged: CorruptFileError naming the file
+    expected = manifest.get("weights_sha256")
+    if expected is not None and file_sha256(path) != expected:
+        raise CorruptFileError(f"{path}: not the weights its manifest {where.name} recorded "
+                               "(checksum mismatch): the file was damaged or replaced")
+    try:
+        module = build_artefact(kind, manifest["settings"])
+    except Exception as e:  # noqa: BLE001 - any builder failure means settings it cannot use
+        raise RunError(f"{where}: field 'settings' does not describe a {kind} model "
+                       f"({type(e).__name__}: {e})") from None
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        detail = " ".join(str(e).split())
+        raise RunError(f"{path}: tensors do not fit the {kind} model of {where.name} "
+                       f"({detail[:300]})") from None
     if missing or unexpected:
-        raise RunError(f"{path}: tensors do not fit a {kind} model (missing {missing[:3]}, "
-                       f"unexpected {unexpected[:3]})")
+        raise RunError(f"{path}: tensors do not fit the {kind} model of {where.name} (missing "
+                       f"{missing[:3]}, unexpected {unexpected[:3]})")
     module.to(device)
     module.eval()
     return module, manifest

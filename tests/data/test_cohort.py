@@ -213,3 +213,61 @@ def test_many_slides_load_quickly(tmp_path):
     elapsed = time.perf_counter() - t0
     assert len(c) == 500 and len(c.slides) == 1000
     assert elapsed < 10.0, f"loading 1,000 slides took {elapsed:.2f}s"  # ~0.6 s idle
+
+
+# -- slide ids from a label table stay inside the cohort's features folder --------------------
+
+@pytest.mark.parametrize("bad_id, why", [
+    ("../SECRET", "climbs out"),
+    ("sub/../../SECRET", "climbs out"),
+    ("..\\SECRET", "climbs out"),
+    ("{outside}/SECRET", "absolute path"),
+    ("C:\\data\\SECRET", "absolute path"),
+])
+def test_slide_id_outside_the_features_folder_is_refused_unread(bad_id, why, make_cohort,
+                                                                 tmp_path, monkeypatch):
+    w = make_cohort("BLCA", _specs(), dim=8)
+    outside = tmp_path / "DATA"  # SECRET.h5 sits next to the cohort, outside its features
+    write_features_h5(outside / "SECRET.h5", np.ones((3, 8), np.float32))
+    labels = pd.read_csv(w.root / "labels.csv")
+    labels.loc[2, "slide_id"] = bad_id.format(outside=outside)
+    labels.to_csv(w.root / "labels.csv", index=False)
+    opened = []
+    monkeypatch.setattr(cohort_mod, "read_feature_shape",
+                        lambda path, **kw: opened.append(path))
+    with pytest.raises(DataError) as err:
+        Cohort.load(w.root)
+    msg = str(err.value)
+    assert str(w.root / "labels.csv") in msg and "line 4" in msg and why in msg, msg
+    assert labels.loc[2, "patient_id"] in msg and "'slide_id'" in msg
+    assert opened == []  # refused before any feature file is touched
+
+
+def test_slide_ids_inside_the_folder_and_symlinks_placed_there_are_allowed(make_cohort, tmp_path):
+    """The README recommends symbolic links for features kept elsewhere: a link placed in the
+    features folder (pointing anywhere) is followed, and ids like './X' stay inside."""
+    w = make_cohort("BLCA", _specs(), dim=8)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sid = w.slide_ids["P1"][0]
+    (w.root / "features" / f"{sid}.h5").rename(elsewhere / f"{sid}.h5")
+    (w.root / "features" / f"{sid}.h5").symlink_to(elsewhere / f"{sid}.h5")
+    labels = pd.read_csv(w.root / "labels.csv")
+    labels.loc[labels.slide_id == sid, "slide_id"] = f"./sub/../{sid}"
+    labels.to_csv(w.root / "labels.csv", index=False)
+    with pytest.raises(DataError, match="no feature file found"):  # inside, but not a file name
+        Cohort.load(w.root)
+    labels.loc[labels.patient_id == "P1", "slide_id"] = sid
+    labels.to_csv(w.root / "labels.csv", index=False)
+    c = Cohort.load(w.root)
+    np.testing.assert_array_equal(c.load_bag_array("P1"), w.features[sid])
+
+
+def test_find_feature_file_refuses_paths_out_of_the_folder(make_cohort, tmp_path):
+    from steph.data.features import find_feature_file
+
+    w = make_cohort("BLCA", _specs(), dim=8)
+    write_features_h5(tmp_path / "DATA" / "SECRET.h5", np.ones((3, 8), np.float32))
+    for bad in ("../SECRET", str(tmp_path / "DATA" / "SECRET")):
+        with pytest.raises(DataError, match="features folder"):
+            find_feature_file(w.root / "features", bad)

@@ -95,14 +95,14 @@ def test_checkpoint_restores_onto_the_devices_of_the_model(tmp_path):
     with torch.device("meta"):
         elsewhere = small_model()
     opt2 = torch.optim.AdamW(parameter_groups(elsewhere, 1e-5), lr=1e-3)
-    epoch, step, history = _load_checkpoint(path, elsewhere, opt2)
-    assert (epoch, step, history) == (1, 1, [{"epoch": 1}])
+    ckpt = _load_checkpoint(tmp_path, elsewhere, opt2)
+    assert (ckpt.epoch, ckpt.step, ckpt.history) == (1, 1, [{"epoch": 1}])
     states = [opt2.state[p] for g in opt2.param_groups for p in g["params"]]
     assert states and all(s["exp_avg"].device.type == "meta" for s in states)
     assert all(float(s["step"]) == 1.0 for s in states)
     back = small_model(seed=3)  # and onto the CPU again: the very same values
     opt3 = torch.optim.AdamW(parameter_groups(back, 1e-5), lr=1e-3)
-    _load_checkpoint(path, back, opt3)
+    _load_checkpoint(tmp_path, back, opt3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
     for p, q in zip(model.parameters(), back.parameters()):

@@ -136,10 +136,7 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
     resumed = small_model(seed=99)  # the fresh process builds its model again
     res = fit(resumed, bags, cfg, run, test=test, progress=False)
     assert res.resumed_from == 2
-    for (n, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), n
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
-    assert strip(res.history) == strip(ref_res.history)
+    _same_result(ref, ref_res, resumed, res)
 
 
 def test_same_seed_same_weights_different_seed_differs(tmp_path):
@@ -202,3 +199,168 @@ def test_lr_scales_give_named_parameters_their_own_learning_rate():
     # without lr_scales: exactly the two groups of the protocol, in the same order as before
     plain = parameter_groups(small_model(), 1e-5)
     assert [g["weight_decay"] for g in plain] == [1e-5, 0.0] and all("lr" not in g for g in plain)
+
+
+# -- checkpoint integrity ---------------------------------------------------------------------
+
+@pytest.fixture
+def steph_log(caplog):
+    """Records of the 'steph' loggers (the CLI stops them propagating to the root logger)."""
+    import logging
+
+    logger = logging.getLogger("steph")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+CKPT_CFG = TrainConfig(epochs=4, bags_per_step=3, eval_every=1)
+
+
+def _reference(tmp_path):
+    bags, test = make_bags(10), make_bags(6, seed=1)
+    ref = small_model()
+    res = fit(ref, bags, CKPT_CFG, tmp_path / "ref", test=test, progress=False)
+    return bags, test, ref, res
+
+
+def _killed_after(epoch, bags, test, run):
+    def stop(row):
+        if row["epoch"] == epoch:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(small_model(), bags, CKPT_CFG, run, test=test, progress=False, on_epoch_end=stop)
+
+
+def _same_result(a_model, a_res, b_model, b_res):
+    """Bit-identical weights and history (but for the timings)."""
+    def strip(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    assert strip(a_res.history) == strip(b_res.history)
+    for (n, a), (_, b) in zip(a_model.state_dict().items(), b_model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def _damage(path, how):
+    raw = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # one flipped bit in the tensor data: only the checksum can tell
+        flipped = bytearray(raw)
+        flipped[-9] ^= 0x04
+        path.write_bytes(bytes(flipped))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_checkpoint_resumes_from_the_previous_one(how, tmp_path, steph_log):
+    from steph.training.trainer import CHECKPOINT_PREV
+
+    bags, test, ref, ref_res = _reference(tmp_path)
+    run = tmp_path / "run"
+    _killed_after(3, bags, test, run)
+    assert (run / CHECKPOINT_PREV).exists()
+    _damage(run / CHECKPOINT, how)
+    again = small_model(seed=7)
+    res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
+    assert res.resumed_from == 2
+    warned = [r.getMessage() for r in steph_log.records if r.levelname == "WARNING"]
+    assert any(str(run / CHECKPOINT) in m and ("truncated" if how == "truncate" else "checksum") in m
+               and "trying the previous checkpoint" in m for m in warned), warned
+    assert any("resuming from the previous checkpoint" in m for m in warned), warned
+    _same_result(ref, ref_res, again, res)
+    assert not (run / CHECKPOINT_PREV).exists()  # removed once the last epoch is written
+
+
+def test_both_checkpoints_damaged_restarts_from_scratch(tmp_path, steph_log):
+    from steph.training.trainer import CHECKPOINT_PREV
+
+    bags, test, ref, ref_res = _reference(tmp_path)
+    run = tmp_path / "run"
+    _killed_after(3, bags, test, run)
+    _damage(run / CHECKPOINT, "flip")
+    _damage(run / CHECKPOINT_PREV, "truncate")
+    again = small_model()  # a fresh process builds the same initial model
+    res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
+    assert res.resumed_from == 0
+    warned = " | ".join(r.getMessage() for r in steph_log.records if r.levelname == "WARNING")
+    assert str(run / CHECKPOINT_PREV) in warned and "starting from scratch" in warned
+    _same_result(ref, ref_res, again, res)
+
+
+def test_killed_between_the_renames_resumes_from_the_previous_one(tmp_path, steph_log):
+    from steph.training.trainer import CHECKPOINT_PREV
+
+    bags, test, ref, ref_res = _reference(tmp_path)
+    run = tmp_path / "run"
+    _killed_after(3, bags, test, run)
+    (run / CHECKPOINT).unlink()  # the old one was renamed, the new one not yet in place
+    again = small_model(seed=3)
+    res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
+    assert res.resumed_from == 2
+    assert any("is missing" in r.getMessage() and CHECKPOINT_PREV in r.getMessage()
+               for r in steph_log.records)
+    _same_result(ref, ref_res, again, res)
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from steph.utils.io import read_safetensors
+
+    bags, test, ref, ref_res = _reference(tmp_path)
+    run = tmp_path / "run"
+    real_fsync = os.fsync
+    disk = {"full": False}
+
+    def fsync(fd):
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    def fill_disk(row):
+        if row["epoch"] == 2:
+            disk["full"] = True
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(RunError) as err:
+        fit(small_model(), bags, CKPT_CFG, run, test=test, progress=False, on_epoch_end=fill_disk)
+    monkeypatch.undo()
+    assert str(run / CHECKPOINT) in str(err.value) and "No space left" in str(err.value)
+    assert read_safetensors(run / CHECKPOINT)[1]["epoch"] == "2"  # the last good one, intact
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.prev.safetensors", CHECKPOINT,
+                                                     "log.jsonl"]  # no temporary file left
+    again = small_model()
+    res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
+    assert res.resumed_from == 2
+    _same_result(ref, ref_res, again, res)
+
+
+def test_thread_count_is_recorded_and_kept_on_resume(tmp_path, restore_threads):
+    from steph.utils.io import read_safetensors
+
+    bags = make_bags(10)
+    cfg = TrainConfig(epochs=3, bags_per_step=3, eval_every=0, threads=1)
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(small_model(), bags, cfg, tmp_path, progress=False, on_epoch_end=stop)
+    assert read_safetensors(tmp_path / CHECKPOINT)[1]["threads"] == "1"
+    torch.set_num_threads(2)
+    res = fit(small_model(), bags, cfg.model_copy(update={"threads": None}), tmp_path,
+              progress=False)
+    assert res.resumed_from == 1
+    assert res.extra["reproducibility"]["threads"] == 1 and torch.get_num_threads() == 1

@@ -23,11 +23,12 @@ partial chunks, a user block, a mismatch on a spot check) falls back to plain h5
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,37 @@ def strip_wsi_extension(slide_id: Any) -> str:
         if low.endswith(ext) and len(s) > len(ext):
             return s[: -len(ext)]
     return s
+
+
+def slide_id_problem(slide_id: Any) -> str | None:
+    """Why `slide_id` cannot name a file inside a features folder, or None when it can.
+
+    Slide ids come from data files and become file names: an absolute path, or ``..``
+    components that climb out of the folder, would read files elsewhere. (Symbolic links placed
+    in the features folder are a different matter: the user made them, and they are followed.)
+    """
+    s = str(slide_id)
+    if "\0" in s:
+        return "contains a NUL character"
+    unified = s.replace("\\", "/")
+    if unified.startswith("/") or (len(s) >= 2 and s[1] == ":" and s[0].isalpha()):
+        return "is an absolute path"
+    depth = 0
+    for part in unified.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs out of the features folder ('..')"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _check_slide_id(slide_id: str) -> None:
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        raise DataError(f"slide id {slide_id!r} {problem}; slide ids name files inside the "
+                        "features folder")
 
 
 def _search_dirs(features_dir: Path) -> list[tuple[Path, tuple[str, ...]]]:
@@ -125,6 +157,9 @@ def _candidate_stems(slide_id: str) -> list[str]:
 
 
 def _missing_message(features_dir: Path, slide_id: str) -> str:
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        return f"slide id {slide_id!r} {problem}; not looked up"
     stem = _candidate_stems(slide_id)[0]
     looked = [str(folder / f"{stem}{sfx}") for folder, sfxs in _search_dirs(features_dir)
               for sfx in sfxs]
@@ -136,7 +171,9 @@ def find_feature_file(features_dir: str | os.PathLike, slide_id: str) -> Path:
     """Path of the feature file of `slide_id` (``.h5`` preferred over ``.pt``).
 
     Looks in `features_dir`, then ``features_dir/h5_files`` and ``features_dir/pt_files``.
-    Raises :class:`DataError` naming every path tried when nothing is there."""
+    Raises :class:`DataError` naming every path tried when nothing is there, or when the id
+    would name a file outside `features_dir` (see :func:`slide_id_problem`)."""
+    _check_slide_id(slide_id)
     features_dir = Path(features_dir)
     for stem in _candidate_stems(slide_id):
         for folder, suffixes in _search_dirs(features_dir):
@@ -160,8 +197,16 @@ def _err(path: Path, slide_id: str | None, what: str) -> DataError:
     return DataError(f"slide {_sid(path, slide_id)!r} ({path}): {what}")
 
 
-def _check_shape(shape: tuple[int, ...], path: Path, slide_id: str | None,
+def _first_line(e: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_shape(shape: tuple[int, ...] | None, path: Path, slide_id: str | None,
                  name: str = "features") -> tuple[int, int]:
+    if shape is None:  # an HDF5 dataset with a null dataspace
+        raise _err(path, slide_id, f"{name} is an empty dataset (no shape)")
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2:
@@ -180,11 +225,20 @@ def _check_float(dtype: np.dtype, path: Path, slide_id: str | None) -> None:
         raise _err(path, slide_id, f"features must be floating point, got dtype {dtype}")
 
 
-def _open_h5(path: Path, slide_id: str | None) -> h5py.File:
+@contextlib.contextmanager
+def _open_h5(path: Path, slide_id: str | None) -> Iterator[h5py.File]:
+    """The open HDF5 file; what h5py raises while reading a damaged file becomes a DataError
+    naming the slide and the file."""
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except (OSError, ValueError) as e:
-        raise _err(path, slide_id, f"cannot open as HDF5: {e}") from e
+        raise _err(path, slide_id, f"cannot open as HDF5: {_first_line(e)}") from e
+    try:
+        with f:
+            yield f
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise _err(path, slide_id, f"cannot read the HDF5 file (damaged?): {_first_line(e)}"
+                   ) from e
 
 
 def _h5_dataset(f: h5py.File, key: str, path: Path, slide_id: str | None,
@@ -213,9 +267,10 @@ def _load_pt(path: Path, slide_id: str | None, mmap: bool) -> torch.Tensor:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise _err(path, slide_id, "the .pt file holds objects other than tensors; refusing to "
-                   f"unpickle it (weights_only=True): {str(e).splitlines()[0]}") from e
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise _err(path, slide_id, f"cannot read the .pt file: {str(e).splitlines()[0]}") from e
+                   f"unpickle it (weights_only=True): {_first_line(e)}") from e
+    except Exception as e:  # a damaged file fails anywhere in the restricted unpickler
+        raise _err(path, slide_id, f"cannot read the .pt file (damaged?): {_first_line(e)}"
+                   ) from e
     if isinstance(obj, dict):
         if "features" not in obj:
             raise _err(path, slide_id, f"the .pt dict has no 'features' entry (keys: "
@@ -223,7 +278,9 @@ def _load_pt(path: Path, slide_id: str | None, mmap: bool) -> torch.Tensor:
         obj = obj["features"]
     if not isinstance(obj, torch.Tensor):
         raise _err(path, slide_id, f"the .pt file holds a {type(obj).__name__}, not a tensor")
-    return obj
+    if obj.layout != torch.strided:
+        raise _err(path, slide_id, f"features must be a dense tensor, got layout {obj.layout}")
+    return obj.detach()  # saved from a forward pass with autograd on: no gradient wanted
 
 
 def _torch_to_np_dtype(dt: torch.dtype) -> np.dtype:
@@ -458,6 +515,10 @@ def read_coords(path: str | os.PathLike, *, slide_id: str | None = None,
         fds = _h5_dataset(f, "features", path, slide_id, required=False)
         if fds is not None:
             n_feat, _ = _check_shape(fds.shape, path, slide_id)
+        if ds.shape is None:
+            raise _err(path, slide_id, "coords is an empty dataset (no shape)")
+        if ds.dtype.kind not in "iuf":
+            raise _err(path, slide_id, f"coords must be numbers, got dtype {ds.dtype}")
         shape = ds.shape[1:] if len(ds.shape) == 3 and ds.shape[0] == 1 else ds.shape
         if len(shape) != 2 or shape[1] != 2:
             raise _err(path, slide_id, f"coords must have shape (N, 2), got {ds.shape}")

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steph.data.features import strip_wsi_extension
+from steph.data.features import slide_id_problem, strip_wsi_extension
 from steph.errors import DataError
+from steph.utils.io import read_user_table
 
 logger = logging.getLogger("steph.data.labels")
 
@@ -205,15 +206,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"label file not found: {path}")
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False,
-                         skipinitialspace=True)
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path}: the label file is empty") from e
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: cannot parse the label table: {e}") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
+    return read_user_table(path, "label table", sep=sep, skipinitialspace=True)
 
 
 def _listing(items: list[str], n: int | None = None) -> str:
@@ -271,6 +264,14 @@ def read_labels(path: str | os.PathLike, convention: str | None = None,
             items = [f"line {_line(i)}" for i in blank]
             raise DataError(f"{path}: column {col!r} has blank {name} ids: {_listing(items)}")
     sid = sid_raw.map(strip_wsi_extension)
+    # slide ids become file names: none may point outside the cohort's features folder
+    unsafe = [(i, p) for i, p in enumerate(map(slide_id_problem, sid)) if p is not None]
+    if unsafe:
+        items = [f"line {_line(i)} (patient {pid.iat[i]!r}): {sid_raw.iat[i]!r} {p}"
+                 for i, p in unsafe]
+        raise DataError(f"{path}: column {spec.slide!r} has slide ids that are not file names "
+                        f"inside the features folder (refused, nothing read): "
+                        f"{_listing(items)}")
 
     time, t_missing = _parse_numbers(table[spec.time], path, spec.time, pid)
     flag, f_missing = _parse_numbers(table[spec.flag], path, spec.flag, pid, booleans=True)
@@ -293,7 +294,13 @@ def read_labels(path: str | os.PathLike, convention: str | None = None,
 
     missing = t_missing | f_missing
     event = np.where(missing, -1, (1 - flag) if spec.flag_is_censorship else flag)
-    days = time * TIME_UNITS[spec.time_unit]
+    with np.errstate(over="ignore"):
+        days = time * TIME_UNITS[spec.time_unit]
+    bad = np.flatnonzero(~t_missing & ~np.isfinite(days))
+    if len(bad):  # finite months, too many days for a float
+        items = [f"line {_line(i)} (patient {pid.iat[i]!r}): {time[i]:g}" for i in bad]
+        raise DataError(f"{path}: column {spec.time!r} has times too large to convert to days: "
+                        f"{_listing(items)}")
 
     frame = pd.DataFrame({
         "patient_id": pid.to_numpy(dtype=object),

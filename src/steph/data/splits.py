@@ -30,7 +30,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from steph.errors import DataError
-from steph.utils.io import read_json, write_csv, write_json
+from steph.utils.io import read_json, read_user_table, write_csv, write_json
 
 logger = logging.getLogger("steph.data.splits")
 
@@ -213,14 +213,7 @@ def write_splits(splits: Sequence[Split], out_dir: str | os.PathLike) -> list[Pa
 
 
 def _read_str_table(path: Path) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except pd.errors.EmptyDataError as e:
-        raise DataError(f"{path}: the split file is empty") from e
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: cannot parse the split file: {e}") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
+    return read_user_table(path, "split file")
 
 
 def _col(df: pd.DataFrame, path: Path, *names: str, required: bool = True) -> str | None:
@@ -289,16 +282,22 @@ def find_split_files(split_dir: str | os.PathLike, prefix: str | None = None
     native: dict[int, Path] = {}
     mcat: dict[int, Path] = {}
     perfold: dict[str, dict[int, dict[str, Path]]] = {}
+    def add(table: dict, key: Any, p: Path, fold: int) -> None:
+        if key in table:  # fold_1.csv and fold_01.csv
+            raise DataError(f"{split_dir}: {table[key].name} and {p.name} both hold fold "
+                            f"{fold}; keep one")
+        table[key] = p
+
     for p in sorted(split_dir.iterdir()):
         if not p.is_file():
             continue
         if m := _NATIVE_RE.match(p.name):
-            native[int(m.group(1))] = p
+            add(native, int(m.group(1)), p, int(m.group(1)))
         elif m := _MCAT_RE.match(p.name):
-            mcat[int(m.group(1))] = p
+            add(mcat, int(m.group(1)), p, int(m.group(1)))
         elif m := _PERFOLD_RE.match(p.name):
             pre, k, part = m.group(1), int(m.group(2)), m.group(3).lower()
-            perfold.setdefault(pre, {}).setdefault(k, {})[part] = p
+            add(perfold.setdefault(pre, {}).setdefault(k, {}), part, p, k)
     if prefix is not None:
         perfold = {prefix: perfold[prefix]} if prefix in perfold else {}
         if not perfold:

@@ -6,9 +6,17 @@ pass and ``bags_per_step`` bags per optimiser step (loss averaged over them, inc
 of an epoch dropped), seeded shuffling, the last epoch evaluated.
 
 Resumption: at the end of every epoch the trainable parameters, the optimiser state, the
-scheduler position, the RNG state and the epoch history are written to one safetensors file
-atomically. Restarting with the same arguments continues after the last completed epoch and
-ends with the same weights as an uninterrupted run.
+scheduler position, the RNG state, the epoch history and the thread count are written to one
+safetensors file atomically, with a checksum of its tensors; the checkpoint it replaces is kept
+as ``checkpoint.prev.safetensors`` until the last epoch is written. Restarting with the same
+arguments continues after the last completed epoch and ends with the same weights as an
+uninterrupted run. A damaged or truncated checkpoint is reported in the log and the run goes on
+from the previous one, or from scratch when neither is usable.
+
+Reproducibility: at the start, :func:`steph.utils.reproducibility.configure` pins the thread
+count (``train.threads``, else the one recorded in the checkpoint, else torch's current one) and,
+with ``train.deterministic``, switches on the deterministic algorithms; what was in effect is
+returned in ``TrainResult.extra["reproducibility"]``.
 
 A module sees one bag at a time, ``module(features, **extras)``, where ``extras`` are the per-bag
 inputs it names in a ``bag_inputs`` attribute (e.g. a graph), taken from the dataset item.
@@ -47,12 +55,13 @@ from torch import nn
 
 from steph.config import TrainConfig
 from steph.data.loader import BagLoader
-from steph.errors import RunError
+from steph.errors import CorruptFileError, RunError
 from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
 from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.training.head_start import initialize_head
+from steph.utils import reproducibility
 from steph.utils.device import (
     autocast,
     check_precision,
@@ -63,11 +72,13 @@ from steph.utils.device import (
     set_rng_state,
 )
 from steph.utils.faults import fault_point
-from steph.utils.io import load_tensor_metadata, load_tensors, save_tensors, write_text
+from steph.utils.io import load_tensor_metadata, read_safetensors, save_tensors, write_text
 
 log = logging.getLogger("steph.training")
 
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_PREV = "checkpoint.prev.safetensors"  # the last good one before CHECKPOINT
+CHECKPOINT_FORMAT = "steph-checkpoint/1"
 LOG_FILE = "log.jsonl"
 _CPU = torch.device("cpu")
 
@@ -130,10 +141,14 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
-                     step: int, history: list[dict[str, Any]],
-                     device: torch.device = _CPU,
+                     step: int, history: list[dict[str, Any]], *, threads: int | None = None,
+                     final: bool = False, device: torch.device = _CPU,
                      scaler: torch.amp.GradScaler | None = None) -> None:
-    """Tensors are saved on the CPU (save_tensors), so a checkpoint resumes on any device."""
+    """Write the checkpoint of a completed epoch; the one it replaces becomes
+    ``checkpoint.prev.safetensors`` (removed after the `final` epoch). An I/O error leaves
+    both files as they were and raises a RunError naming the file. Tensors are saved on the
+    CPU (save_tensors), with the RNG state of ``device`` and an fp16 ``scaler``'s state, so a
+    checkpoint resumes on any device."""
     tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
     state = opt.state_dict()
     for pid, pstate in state["state"].items():
@@ -142,29 +157,69 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
             tensors[f"opt.{pid}.{key}"] = value
     tensors.update(rng_state(device))
     meta = {
+        "format": CHECKPOINT_FORMAT,
         "epoch": str(epoch),
         "step": str(step),
         "param_groups": json.dumps(state["param_groups"]),
         "history": json.dumps(history),
     }
+    if threads is not None:
+        meta["threads"] = str(threads)
     if scaler is not None and scaler.is_enabled():
         meta["grad_scaler"] = json.dumps(scaler.state_dict())
-    save_tensors(path, tensors, metadata=meta)
+    prev = path.with_name(CHECKPOINT_PREV)
+    save_tensors(path, tensors, metadata=meta, backup=prev)
+    if final:
+        prev.unlink(missing_ok=True)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                     device: torch.device = _CPU,
-                     scaler: torch.amp.GradScaler | None = None, seed: int = 0):
-    """Restore a checkpoint into ``model`` and ``opt`` wherever their tensors live (the
-    optimiser moves its state to its parameters' device); the RNG of ``device``."""
-    meta = load_tensor_metadata(path)
-    tensors = load_tensors(path)
+@dataclass
+class _Checkpoint:
+    path: Path
+    epoch: int
+    step: int
+    history: list[dict[str, Any]]
+    param_groups: list[dict[str, Any]]
+    tensors: dict[str, torch.Tensor]
+    grad_scaler: dict[str, Any] | None = None  # an fp16 run's GradScaler state
+
+
+def _read_checkpoint(path: Path) -> _Checkpoint:
+    """A checkpoint read and checked (checksum, metadata), not yet applied; CorruptFileError
+    naming the file and what is wrong when it is damaged."""
+    tensors, meta = read_safetensors(path)
+    try:
+        epoch, step = int(meta["epoch"]), int(meta["step"])
+        history = json.loads(meta["history"])
+        groups = json.loads(meta["param_groups"])
+        if epoch < 0 or step < 0 or not isinstance(history, list) or len(history) != epoch:
+            raise ValueError(f"epoch {epoch} with {len(history)} history rows")
+        if not isinstance(groups, list) or "rng.torch" not in tensors:
+            raise ValueError("no optimiser groups or RNG state")
+        scaler = json.loads(meta["grad_scaler"]) if "grad_scaler" in meta else None
+    except (KeyError, ValueError, TypeError) as e:
+        raise CorruptFileError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})"
+                               ) from None
+    return _Checkpoint(path, epoch, step, history, groups, tensors, scaler)
+
+
+def _apply_checkpoint(ckpt: _Checkpoint, model: nn.Module, opt: torch.optim.Optimizer,
+                      device: torch.device = _CPU, scaler: torch.amp.GradScaler | None = None,
+                      seed: int = 0) -> None:
+    """Load a checked checkpoint into the model, the optimiser, torch's RNG (``device``'s
+    too) and an fp16 ``scaler``, wherever their tensors live (the optimiser moves its state to
+    its parameters' device). A checkpoint of another model (other settings) is a RunError, not
+    damage."""
+    path, tensors = ckpt.path, ckpt.tensors
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         if key.startswith("model."):
             name = key[len("model."):]
             if name not in params:
                 raise RunError(f"{path}: checkpoint holds {name!r}, which the model does not have")
+            if params[name].shape != value.shape:
+                raise RunError(f"{path}: checkpoint holds {name!r} of shape {tuple(value.shape)}, "
+                               f"the model's is {tuple(params[name].shape)}")
             with torch.no_grad():
                 params[name].copy_(value)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -172,13 +227,70 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
             opt_state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-    epoch = int(meta["epoch"])
+    try:
+        opt.load_state_dict({"state": opt_state, "param_groups": ckpt.param_groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: the optimiser state does not fit this model ({e})") from None
     set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, device,
-                  fallback_seed=int(seed) * 100_003 + epoch)
-    if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
-        scaler.load_state_dict(json.loads(meta["grad_scaler"]))
-    return epoch, int(meta["step"]), json.loads(meta["history"])
+                  fallback_seed=int(seed) * 100_003 + ckpt.epoch)
+    if scaler is not None and scaler.is_enabled() and ckpt.grad_scaler is not None:
+        scaler.load_state_dict(ckpt.grad_scaler)
+
+
+def _load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     desc: str = "train", device: torch.device = _CPU,
+                     scaler: torch.amp.GradScaler | None = None,
+                     seed: int = 0) -> _Checkpoint | None:
+    """Resume from the newest usable checkpoint of `run_dir` (the current one, else the
+    previous one); None to start from scratch. A damaged checkpoint is removed and reported
+    with a warning naming the file and what is wrong."""
+    current, prev = run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV
+    if not current.exists() and prev.exists():
+        log.warning("%s: %s is missing (the run stopped while replacing it); trying %s", desc,
+                    current, prev.name)
+    for path in (current, prev):
+        if not path.exists():
+            continue
+        try:
+            ckpt = _read_checkpoint(path)
+        except CorruptFileError as e:
+            fallback = ("trying the previous checkpoint" if path == current and prev.exists()
+                        else "starting from scratch")
+            log.warning("%s: unusable checkpoint, removed, %s: %s", desc, fallback, e)
+            path.unlink(missing_ok=True)
+            continue
+        _apply_checkpoint(ckpt, model, opt, device, scaler, seed)
+        if path == prev:
+            log.warning("%s: resuming from the previous checkpoint %s (after epoch %d)", desc,
+                        path, ckpt.epoch)
+        return ckpt
+    return None
+
+
+def _start(cfg: TrainConfig, run_dir: Path, desc: str) -> dict[str, Any]:
+    """Pin the thread count (resumed runs keep their recorded one) and the determinism
+    switches; remove temporary files left by a killed process; return what is in effect."""
+    for stale in run_dir.glob(".checkpoint*.tmp"):
+        stale.unlink(missing_ok=True)
+    threads = cfg.threads
+    for path in (run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV):
+        if path.exists():
+            try:
+                recorded = int(load_tensor_metadata(path).get("threads", 0))
+            except (RunError, ValueError):
+                continue  # damaged: reported when the checkpoint is loaded
+            if recorded and threads is None:
+                threads = recorded
+            elif recorded and threads != recorded and cfg.deterministic:
+                log.warning("%s: resuming with %d threads where the run started with %d: the "
+                            "result may differ from an uninterrupted run in the last bits",
+                            desc, threads, recorded)
+            break
+    info = reproducibility.configure(cfg.deterministic, threads)
+    log.info("%s: %d thread(s), %s, MKL reproducible mode %s", desc, info["threads"],
+             "deterministic" if info["deterministic"] else "not deterministic",
+             info["mkl_cbwr"] or "n/a")
+    return info
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
@@ -329,8 +441,7 @@ def fit(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    repro = _start(cfg, run_dir, desc)
     device = resolve_device(cfg.device)
     amp_dtype = check_precision(device, cfg.precision)
     n = len(train)
@@ -358,8 +469,9 @@ def fit(
         ckpt = run_dir / CHECKPOINT
         history: list[dict[str, Any]] = []
         start_epoch, step = 0, 0
-        if ckpt.exists():
-            start_epoch, step, history = _load_checkpoint(ckpt, model, opt, device, scaler, cfg.seed)
+        resumed = _load_checkpoint(run_dir, model, opt, desc, device, scaler, cfg.seed)
+        if resumed is not None:
+            start_epoch, step, history = resumed.epoch, resumed.step, resumed.history
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps), last_epoch=step - 1
             )
@@ -419,7 +531,8 @@ def fit(
             row["seconds"] = round(time.perf_counter() - t_epoch, 3)
             row["device"] = device_label(device)
             history.append(row)
-            _save_checkpoint(ckpt, model, opt, epoch + 1, step, history, device=device, scaler=scaler)
+            _save_checkpoint(ckpt, model, opt, epoch + 1, step, history, threads=repro["threads"],
+                             final=epoch + 1 == cfg.epochs, device=device, scaler=scaler)
             _write_log(run_dir / LOG_FILE, history)
             fault_point("train:epoch")
             if on_epoch_end is not None:
@@ -433,7 +546,8 @@ def fit(
             if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
                 module_epoch_end(row)
         bar.close()
-        return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0)
+        return TrainResult(history=history, resumed_from=start_epoch,
+                           seconds=time.perf_counter() - t0, extra={"reproducibility": repro})
     finally:
         train_loader.close()
         if test_loader is not None:

@@ -16,6 +16,8 @@ run's patients are assumed not to change under a run directory (as for its finis
 
 from __future__ import annotations
 
+import json
+
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,18 +59,22 @@ def _read(path: Path, bank: ExpertBank, key: str, patient_ids: Sequence[str]
     if not path.exists():
         return None
     meta = load_tensor_metadata(path)
+    try:
+        listed = {k: json.loads(meta.get(k, "[]")) for k in ("experts", "digests", "patients")}
+    except ValueError:
+        listed = {"experts": [], "digests": [], "patients": []}
     if meta.get("key") != key:
-        before = dict(zip(meta.get("experts", []), meta.get("digests", [])))
+        before = dict(zip(listed["experts"], listed["digests"]))
         changed = [n for n, d in zip(bank.names, bank.digests()) if before.get(n) != d]
         log.info("%s: made for other expert models (changed or new: %s); computing again",
                  path, ", ".join(changed) or "none, other settings")
         return None
-    stored = list(meta.get("patients", []))
+    stored = list(listed["patients"])
     if not set(patient_ids) <= set(stored):
         log.info("%s: does not cover every patient of the run; computing again", path)
         return None
     values = load_tensors(path)["embeddings"]
-    full = ExpertEmbeddings(list(meta["experts"]), stored, values, computed=False)
+    full = ExpertEmbeddings(list(listed["experts"]), stored, values, computed=False)
     ids = list(patient_ids)
     return ExpertEmbeddings(full.names, ids, full.of(ids), computed=False)
 
@@ -97,6 +103,8 @@ def expert_embeddings(bank: ExpertBank, patient_ids: Sequence[str],
     values = (torch.stack(rows) if rows
               else torch.zeros(0, len(bank), bank.embed_dim))
     if path is not None:
+        # safetensors metadata holds strings: the lists go in as JSON
         save_tensors(path, {"embeddings": values}, metadata={
-            "key": key, "experts": bank.names, "digests": bank.digests(), "patients": ids})
+            "key": key, "experts": json.dumps(list(bank.names)),
+            "digests": json.dumps(list(bank.digests())), "patients": json.dumps(ids)})
     return ExpertEmbeddings(list(bank.names), ids, values, computed=True)
