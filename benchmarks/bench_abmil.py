@@ -2,6 +2,7 @@
 ABMIL written inline here (target: ratio <= 1.1), plus inference latency and FLOPs.
 
     python benchmarks/bench_abmil.py [--instances 10000] [--dim 1536] [--rounds 7] [--json OUT]
+        [--device auto|cpu|cuda|cuda:N|mps]
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import bag_arguments, inference, interleaved, train_step  # noqa: E402
+from _timing import bag_arguments, inference, interleaved, train_step
 
-from steph.models import ABMIL  # noqa: E402
+from steph.models import ABMIL
 
 
 class PlainABMIL(nn.Module):
@@ -44,7 +45,7 @@ class PlainABMIL(nn.Module):
 def main() -> None:
     args = bag_arguments(__doc__)
     torch.manual_seed(0)
-    x = torch.randn(args.instances, args.dim)
+    x = torch.randn(args.instances, args.dim, device=args.device)
     ours, plain = ABMIL(args.dim, 32), PlainABMIL(args.dim, 32)
     b, e = torch.tensor([5]), torch.tensor([1])
 
@@ -58,13 +59,14 @@ def main() -> None:
         ours(x)
     res = {
         "instances": args.instances, "dim": args.dim, "threads": torch.get_num_threads(),
+        "device": str(args.device),
         "params": sum(p.numel() for p in ours.parameters()),
         "gflops_inference": fc.get_total_flops() / 1e9,
         "train_step_s": train, "inference_s": inf,
         "train_step_ratio": train["steph ABMIL"] / train["plain ABMIL"],
         "inference_ratio": inf["steph ABMIL"] / inf["plain ABMIL"],
     }
-    print(f"ABMIL, {args.instances} x {args.dim} bag, {res['threads']} threads, median of {args.rounds} rounds")
+    print(f"ABMIL, {args.instances} x {args.dim} bag on {args.device}, {res['threads']} threads, median of {args.rounds} rounds")
     print(f"  parameters {res['params']:,}   inference {res['gflops_inference']:.2f} GFLOPs")
     print(f"  training step: steph {train['steph ABMIL'] * 1e3:.1f} ms, plain {train['plain ABMIL'] * 1e3:.1f} ms,"
           f" ratio {res['train_step_ratio']:.3f} (target <= 1.1)")

@@ -1,8 +1,10 @@
-"""Peak memory (process RSS) of one ABMIL training step and one prediction on the largest real
-bag (243,906 x 1536, one SARC patient), each case in a fresh subprocess so peaks do not mix.
+"""Peak memory (process RSS; CUDA max allocated on a GPU) of one training step and one
+prediction of ABMIL and of STEPH on the largest real bag (243,906 x 1536, one SARC patient),
+each case in a fresh subprocess so peaks do not mix.
 
     python benchmarks/bench_memory.py [--instances 243906] [--dim 1536] [--threads 1]
         [--chunk-size 65536] [--max-instances 65536] [--cases ...] [--tmpdir DIR] [--json OUT]
+        [--device cpu|cuda|cuda:N|auto] [--sources 12] [--top-k 5]
 
 The bag is written once as a float16 HDF5 file (a one-patient cohort) and every case reads it
 the way training does (``Cohort.load_bag``: float16 on disk -> float32 tensor), then runs:
@@ -12,12 +14,18 @@ the way training does (``Cohort.load_bag``: float16 on disk -> float32 tensor), 
 * ``train-sampled``: the same through ``BagDataset(max_instances=--max-instances)``, the
   training-only patch sampler;
 * ``predict-chunked``: eval-mode prediction, attention pooled in chunks of ``--chunk-size``;
-* ``predict-one-pass``: the same with ``chunk_size=0`` (the whole bag at once).
+* ``predict-one-pass``: the same with ``chunk_size=0`` (the whole bag at once);
+* ``steph-train``, ``steph-predict-chunked``, ``steph-predict-one-pass``: the same for STEPH
+  (``--sources`` source task vectors plus the target's, K = ``--top-k``, random task vectors:
+  memory does not depend on their values); chunked prediction computes both STEPH's bag
+  embedding (the hypernetworks' input) and the merged ABMIL's attention pooling in chunks.
 
 Reported per case: the process's peak RSS (``ru_maxrss``: includes reading the bag, when the
 float16 array and its float32 copy coexist), the peak during the step alone (Linux: the peak is
 reset through ``/proc/self/clear_refs`` once the bag is in memory), RSS after the imports and
-after the bag was read, and the step's wall time. CPU only (this script selects no device).
+after the bag was read, and the step's wall time. With ``--device cuda`` the bag and the model
+are moved to the GPU after reading and ``torch.cuda.max_memory_allocated`` of the step is
+reported too (``cuda_step_peak_mb``; the RSS columns then measure the host side).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-CASES = ("load", "train", "train-sampled", "predict-chunked", "predict-one-pass")
+CASES = ("load", "train", "train-sampled", "predict-chunked", "predict-one-pass", "steph-train",
+         "steph-predict-chunked", "steph-predict-one-pass")
 MB = 2**20
 
 
@@ -99,18 +108,26 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _timing import inference, train_step
+    from _timing import inference, make_steph, train_step
 
     from steph.data.cohort import Cohort
     from steph.data.dataset import BagDataset
     from steph.models import ABMIL
     from steph.survival import TimeBins
+    from steph.utils.device import resolve_device
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = resolve_device(args.device, option="--device")
     case = args.child
-    chunk = 0 if case == "predict-one-pass" else args.chunk_size
-    model = ABMIL(args.dim, 32, chunk_size=chunk)
+    chunk = 0 if case.endswith("predict-one-pass") else args.chunk_size
+    if case.startswith("steph"):
+        model = make_steph(args.sources, args.dim, args.top_k, chunk)
+        step = case[len("steph-"):]
+    else:
+        model = ABMIL(args.dim, 32, chunk_size=chunk)
+        step = case
+    model.to(device)
     cohort = Cohort.load(args.data, use_pack=False)
     pid = cohort.patient_ids[0]
     after_import = rss_now()
@@ -120,24 +137,34 @@ def child(args: argparse.Namespace) -> dict:
         x = ds[0]["features"]
     else:
         x = cohort.load_bag(pid)
+    x = x.to(device)
     load_s = time.perf_counter() - t0
     after_load = rss_now()
     process_peak_before_step = peak_rss()
     can_reset = reset_peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before_step_cuda = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    if case.startswith("train"):
+    if step.startswith("train"):
         model.train()
         train_step(model, x, torch.tensor([5]), torch.tensor([1]))()
-    elif case.startswith("predict"):
+    elif step.startswith("predict"):
         model.eval()
         inference(model, x)()
     step_s = time.perf_counter() - t0
     step_peak = vm_hwm() if can_reset else None
-    return {"case": case, "instances_in_model": int(x.shape[0]), "chunk_size": chunk,
-            "peak_rss_mb": max(peak_rss(), process_peak_before_step, step_peak or 0) / MB,
-            "step_peak_rss_mb": None if step_peak is None else step_peak / MB,
-            "rss_after_imports_mb": after_import / MB, "rss_after_load_mb": after_load / MB,
-            "load_s": load_s, "step_s": step_s, "threads": torch.get_num_threads()}
+    row = {"case": case, "instances_in_model": int(x.shape[0]), "chunk_size": chunk,
+           "peak_rss_mb": max(peak_rss(), process_peak_before_step, step_peak or 0) / MB,
+           "step_peak_rss_mb": None if step_peak is None else step_peak / MB,
+           "rss_after_imports_mb": after_import / MB, "rss_after_load_mb": after_load / MB,
+           "load_s": load_s, "step_s": step_s, "threads": torch.get_num_threads(),
+           "device": str(device)}
+    if device.type == "cuda":
+        row["cuda_before_step_mb"] = before_step_cuda / MB
+        row["cuda_step_peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=65_536)
     p.add_argument("--max-instances", type=int, default=65_536)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("--sources", type=int, default=12, help="STEPH cases: source cohorts")
+    p.add_argument("--top-k", type=int, default=5, help="STEPH cases: K")
     p.add_argument("--tmpdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", choices=CASES, default=None, help=argparse.SUPPRESS)
@@ -173,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", case, "--data", str(cdir),
                    "--instances", str(args.instances), "--dim", str(args.dim),
                    "--threads", str(args.threads), "--chunk-size", str(args.chunk_size),
-                   "--max-instances", str(args.max_instances)]
+                   "--max-instances", str(args.max_instances), "--device", args.device,
+                   "--sources", str(args.sources), "--top-k", str(args.top_k)]
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"{case}: failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -182,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             during = row["step_peak_rss_mb"]
-            print(f"  {case:17s} peak RSS {row['peak_rss_mb']:8,.0f} MB, during the step "
+            cuda = (f", CUDA peak {row['cuda_step_peak_mb']:,.0f} MB"
+                    if "cuda_step_peak_mb" in row else "")
+            print(f"  {case:22s} peak RSS {row['peak_rss_mb']:8,.0f} MB, during the step "
                   f"{'n/a' if during is None else f'{during:,.0f}'} MB (after imports "
                   f"{row['rss_after_imports_mb']:,.0f}, after load {row['rss_after_load_mb']:,.0f};"
-                  f" step {row['step_s']:.1f} s)", flush=True)
+                  f" step {row['step_s']:.1f} s{cuda})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     df = pd.DataFrame(rows)

@@ -3,9 +3,14 @@
 * ``read``: reading bags from the packed store vs TRIDENT h5 vs contiguous h5, in bags/s, MB/s
   and as a ratio to a raw sequential read of the same bytes (targets: packed >= 0.8 x raw and
   >= 5 x TRIDENT h5).
+* ``epoch``: one ABMIL training epoch through the data pipeline (worker processes reading
+  ahead) vs load-only vs compute-only time, for the packed store and the TRIDENT files
+  (target: epoch <= 1.15 x max(load, compute)); see :func:`section_epoch`.
 
     python benchmarks/bench_pipeline.py [--bags 200] [--patches 10000] [--dim 1536]
-        [--rounds 3] [--cache cold|warm] [--sections read] [--tmpdir DIR] [--keep] [--json OUT]
+        [--rounds 3] [--cache cold|warm] [--sections read,epoch] [--tmpdir DIR] [--keep]
+        [--json OUT] [--device auto] [--workers N] [--prefetch 2] [--memory-bags 16]
+        [--threads N]
 
     quick run:  python benchmarks/bench_pipeline.py --bags 20 --patches 2000 --rounds 2
 
@@ -44,6 +49,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _epoch import drop_from_page_cache as drop_cache
+from _epoch import in_memory, load_pass, train_epoch
 from _timing import interleaved, machine_info
 from bench_loading import _write_trident_appending
 
@@ -55,18 +62,6 @@ from steph.utils.io import read_json, write_json
 # ---------------------------------------------------------------------------------------------
 # page cache
 # ---------------------------------------------------------------------------------------------
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Evict the files' clean pages from the page cache (no-op where unsupported)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def resident_fraction(path: Path) -> float | None:
@@ -269,16 +264,105 @@ def section_read(b: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# section "epoch": one ABMIL training epoch through the pipeline vs load-only vs compute-only
+# ---------------------------------------------------------------------------------------------
+
+
+def section_epoch(b: Bench) -> None:
+    """One ABMIL training epoch (``steph.training.fit``, 16 bags per step) over every bag,
+    through the data pipeline, against the same epoch's two halves measured alone:
+
+    * ``load``: the pipeline without the model: the same BagLoader (workers, prefetch) yields
+      every bag, in the epoch's order, on the device in its stored dtype;
+    * ``compute``: the same training epoch over bags already in memory (float16 on the host,
+      ``--memory-bags`` distinct bags cycled: compute depends on the shape only), read by
+      nobody: conversion to float32 on the device, forward, loss, backward, AdamW;
+    * ``epoch``: ``fit`` over the cohort with ``--workers`` processes reading ahead (what
+      ``steph cv`` does), and ``epoch, 0 workers``: the same read in the training process.
+
+    Target: epoch <= 1.15 x max(load, compute): reading is hidden behind compute (or the other
+    way round). Each source (the packed store, the TRIDENT h5 files) gets its own epoch and
+    load; with ``--cache cold`` its files are dropped from the page cache before each pass."""
+    import torch
+
+    from steph.config import TrainConfig
+    from steph.data.dataset import BagDataset
+    from steph.data.loader import resolve_workers
+    from steph.models import ABMIL
+    from steph.survival.bins import TimeBins
+    from steph.training.trainer import _epoch_permutation
+    from steph.utils.device import device_description, resolve_device
+
+    a = b.args
+    device = resolve_device(a.device, option="--device")
+    workers = resolve_workers(a.workers)
+    tri_dir = b.root / "trident"
+    sources = {"packed": Cohort.load(tri_dir), "TRIDENT h5": Cohort.load(tri_dir, use_pack=False)}
+    assert sources["packed"].pack is not None
+    pack_file = pack_dir(tri_dir) / read_json(pack_dir(tri_dir) / INDEX_NAME)["features"]["file"]
+    files = {"packed": [pack_file],
+             "TRIDENT h5": [Path(p) for p in sources["TRIDENT h5"].slides["path"]]}
+    bins = TimeBins.uniform()
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, bags_per_step=min(16, a.bags), eval_every=0,
+                      device=str(device), head_init="reference")
+    data = {k: BagDataset(c, c.patient_ids, bins) for k, c in sources.items()}
+    order = _epoch_permutation(cfg.seed, 0, a.bags)
+    order = order[: (a.bags // cfg.bags_per_step) * cfg.bags_per_step]
+    kept = len(order)
+    runs = b.root / "epoch-runs"
+
+    def model() -> ABMIL:
+        torch.manual_seed(0)
+        return ABMIL(a.dim, bins.n_bins)
+
+    def train(dataset, n_workers: int) -> Callable[[], object]:
+        return train_epoch(dataset, model, cfg, runs, n_workers, a.prefetch)
+
+    cands: dict[str, tuple[Callable[[], object], list[Path]]] = {
+        "compute (bags in memory)": (train(in_memory(data["packed"], a.bags, a.memory_bags), 0),
+                                     [])}
+    for name, dataset in data.items():
+        cands[f"load {name}"] = (load_pass(dataset, order, device, workers, a.prefetch),
+                                 files[name])
+        cands[f"epoch {name}"] = (train(dataset, workers), files[name])
+        cands[f"epoch {name}, 0 workers"] = (train(dataset, 0), files[name])
+
+    def before(name: str) -> None:
+        sources["packed"].pack.close()
+        if a.cache == "cold" and cands[name][1]:
+            drop_cache(cands[name][1])
+
+    med = interleaved({k: v[0] for k, v in cands.items()}, rounds=a.rounds, warmup=0,
+                      before=before)
+    compute = med["compute (bags in memory)"]
+    print(f"\nsection epoch: ABMIL, {kept} of {a.bags} bags of {a.patches} x {a.dim} "
+          f"({cfg.bags_per_step} per step) on {device_description(device)}, {workers} worker(s), "
+          f"prefetch {a.prefetch}, {torch.get_num_threads()} torch thread(s), {a.cache} page "
+          f"cache, median of {a.rounds}")
+    b.notes["epoch"] = {"device": device_description(device), "workers": workers,
+                        "threads": torch.get_num_threads(), "bags_trained": kept}
+    for name in cands:
+        b.record("epoch", name, "seconds per epoch", med[name], cache=a.cache, device=str(device),
+                 workers=0 if name.endswith("0 workers") or name.startswith("compute")
+                 else workers)
+    for source in data:
+        load_s, epoch_s = med[f"load {source}"], med[f"epoch {source}"]
+        ratio = epoch_s / max(load_s, compute)
+        b.notes["epoch"][source] = {"epoch_s": epoch_s, "load_s": load_s, "compute_s": compute,
+                                    "epoch_0_workers_s": med[f"epoch {source}, 0 workers"],
+                                    "ratio": ratio}
+        print(f"  {source:10s}: epoch {epoch_s:7.2f} s ({workers} workers), 0 workers "
+              f"{med[f'epoch {source}, 0 workers']:7.2f} s | load {load_s:7.2f} s, compute "
+              f"{compute:7.2f} s -> epoch / max(load, compute) = {ratio:.3f} (target <= 1.15)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Sections. Each is a function of the Bench (data written, results recorded with b.record).
 # ---------------------------------------------------------------------------------------------
-#
-# >>> PLACE FOR THE NEXT SECTION (issue 9, with the worker data pipeline): "epoch" -- one ABMIL
-# >>> training epoch over the same bags through the pipeline vs load-only time vs compute-only
-# >>> time (bags already in memory); target: epoch <= 1.15 x max(load, compute). Write it as
-# >>> section_epoch(b) above and add it to SECTIONS below; it reuses the cohorts in b.root.
-#
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     "read": section_read,
+    "epoch": section_epoch,
 }
 
 
@@ -297,7 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the written files")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="epoch section: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--workers", type=int, default=None,
+                   help="epoch section: reading processes (default: min(4, CPUs - 1))")
+    p.add_argument("--prefetch", type=int, default=2, help="epoch section: bags read ahead per "
+                   "worker")
+    p.add_argument("--memory-bags", type=int, default=16, help="epoch section: distinct bags "
+                   "held in memory for the compute-only epoch")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

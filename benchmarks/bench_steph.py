@@ -10,6 +10,7 @@ appendix):
 * growth of STEPH's training step from m = 6 to m = 12 sources with K = m (target <= +15 %).
 
     python benchmarks/bench_steph.py [--instances 10000] [--dim 1536] [--rounds 7] [--json OUT]
+        [--device auto|cpu|cuda|cuda:N|mps]
 """
 
 from __future__ import annotations
@@ -22,28 +23,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import bag_arguments, inference, interleaved, train_step
+from _timing import bag_arguments, inference, interleaved, make_steph, train_step
 
-from steph.config import StephConfig
-from steph.merging.pool import ModelPool
-from steph.merging.steph import STEPH
 from steph.methods import CostSpec, get_method
 from steph.models import ABMIL
 
 
-def make_steph(m: int, dim: int, top_k: int) -> STEPH:
-    torch.manual_seed(0)
-    hp = {"in_dim": dim, "n_bins": 32}
-    theta0 = ABMIL(**hp).state_dict()
-    noisy = lambda: {k: v + 0.01 * torch.randn_like(v) for k, v in theta0.items()}
-    pool = ModelPool(theta0=theta0, target=noisy(), sources={f"S{i}": noisy() for i in range(m)},
-                     target_name="T")
-    return STEPH(pool.stack(), hp, StephConfig(top_k=top_k))
-
-
 def main() -> None:
     args = bag_arguments(__doc__)
-    x = torch.randn(args.instances, args.dim)
+    x = torch.randn(args.instances, args.dim, device=args.device)
     b, e = torch.tensor([5]), torch.tensor([1])
     abmil = ABMIL(args.dim, 32)
     steph12 = make_steph(12, args.dim, 5)
@@ -54,8 +42,8 @@ def main() -> None:
 
     ts = lambda m: train_step(m, x, b, e)
 
-    for mdl in (abmil, steph12, dense6, dense12):
-        mdl.eval()
+    for mdl in (abmil, steph12, dense6, dense12, roupkt):
+        mdl.to(args.device).eval()
     flops = {}
     for name, mdl in [("ABMIL", abmil), ("STEPH", steph12), ("ROUPKT", roupkt)]:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -70,6 +58,7 @@ def main() -> None:
                         rounds=args.rounds)
     res = {
         "instances": args.instances, "dim": args.dim, "threads": torch.get_num_threads(),
+        "device": str(args.device),
         "params_M": {"ABMIL": sum(p.numel() for p in abmil.parameters()) / 1e6,
                      "STEPH": steph12.trainable_parameter_count() / 1e6,
                      "ROUPKT": roupkt.trainable_parameter_count() / 1e6},
@@ -80,7 +69,7 @@ def main() -> None:
         "train_ratio": train["STEPH"] / train["ABMIL"],
         "m12_over_m6": train["STEPH m=12 K=12"] / train["STEPH m=6 K=6"],
     }
-    print(f"{args.instances} x {args.dim} bag, {res['threads']} threads, median of {args.rounds} interleaved rounds")
+    print(f"{args.instances} x {args.dim} bag on {args.device}, {res['threads']} threads, median of {args.rounds} interleaved rounds")
     print(f"  learnable params: ABMIL {res['params_M']['ABMIL']:.2f} M, STEPH {res['params_M']['STEPH']:.2f} M "
           "(paper 1.20 / 1.34)")
     print(f"  learnable params: ROUPKT {res['params_M']['ROUPKT']:.3f} M (method.md 4.618913), "

@@ -39,10 +39,13 @@ def tiny_synth_config(feature_dim: int = 16) -> synthetic.SynthConfig:
 
 
 def tiny_experiment_config(**train):
-    """Small model and short training: 2 epochs of 4-bag steps."""
+    """Small model and short training: 2 epochs of 4-bag steps, on the CPU, bags read in the
+    test process (worker processes cost more than they save on bags of 20 patches; the tests
+    of steph.data.loader and the worker-identity tests use them)."""
     return build_config({
+        "data": {"workers": 0},
         "model": {"hidden_dim": 16, "attn_dim": 8},
-        "train": {"epochs": 2, "bags_per_step": 4, "eval_every": 1, **train},
+        "train": {"epochs": 2, "bags_per_step": 4, "eval_every": 1, "device": "cpu", **train},
         "steph": {"embed_dim": 16},
     })
 

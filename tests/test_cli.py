@@ -87,12 +87,51 @@ def test_train_predict_explain(tmp_path, capsys, tiny_data):
     assert code == 0, err
     pred = pd.read_csv(pred_csv)
     assert pred["patient_id"].nunique() == len(pred) >= 1 and "S@365" in pred.columns
-    code, out, err = run(["explain", "--model", str(art), str(slides[0])], capsys)
+    code, out, err = run(["explain", "--model", str(art), str(slides[0]), "--device", "cpu"],
+                         capsys)
     assert code == 0 and "selected sources" in out and "RELA" in out
+    code, out, err = run(["predict", "--model", str(art), "--device", "cpu", str(slides[0])],
+                         capsys)
+    assert code == 0 and slides[0].stem in out
+
+
+def _no_traceback(code, out, err, needle):
+    assert code == 1 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert "Traceback" not in err + out
+
+
+def test_missing_cuda_is_one_line(capsys, tiny_data, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    runs = tmp_path / "runs"
+    _no_traceback(*run(["train", "--data", str(tiny_data), "--out", str(runs), "--cohort", "TGT",
+                        "--set", "train.device=cuda", "--quiet"], capsys),
+                  "train.device=cuda: CUDA is not available on this machine")
+    assert not runs.exists()  # refused before anything was written
+    _no_traceback(*run(["predict", "--model", str(runs), "--device", "cuda:1",
+                        str(next((tiny_data / "TGT" / "features").glob("*.h5")))], capsys),
+                  "CUDA is not available")
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(capsys, tiny_data, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    _no_traceback(*run(["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                        "--cohort", "TGT", "--set", "train.device=cuda", "--set",
+                        "train.precision=bf16", "--quiet"], capsys),
+                  "train.precision=bf16: cuda:0 (Tesla V100) does not support bf16")
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("steph") or str((__import__("pathlib").Path(sys.executable).parent / "steph"))
+    exe = shutil.which("steph") or str(__import__("pathlib").Path(sys.executable).parent / "steph")
     res = subprocess.run([exe, "cv", "--data", "/nonexistent", "--out", "/tmp/x"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr

@@ -314,6 +314,11 @@ def methods() -> None:
 
 # -- prediction ------------------------------------------------------------------------------------
 
+def _device_option(fn):
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA, else Apple mps, else CPU), cpu, cuda, cuda:N or mps.")(fn)
+
+
 def _patients_from_inputs(slides: Sequence[str], features: str | None, labels: str | None):
     from steph.data.features import iter_feature_files, strip_wsi_extension
     from steph.data.labels import read_labels
@@ -351,14 +356,15 @@ def _patients_from_inputs(slides: Sequence[str], features: str | None, labels: s
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
               help="A label/slide table to group slides into patients (else one file = one patient).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write a CSV here.")
+@_device_option
 def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], features: str | None,
-            labels: str | None, out: str | None) -> None:
+            labels: str | None, out: str | None, device: str) -> None:
     """Risk and survival curve per patient with a saved model."""
     from steph.inference import predict_patients
     from steph.utils.io import write_csv
 
     patients = _patients_from_inputs([*slides, *more_slides], features, labels)
-    table = predict_patients(model, patients)
+    table = predict_patients(model, patients, device=device)
     n_enc = table.attrs.get("encoders_per_bag", 1)
     if out:
         write_csv(out, table)
@@ -371,19 +377,23 @@ def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], featu
 @cli.command()
 @click.option("--model", required=True, type=click.Path(), help="A STEPH artefact or run directory.")
 @click.argument("slides", nargs=-1, type=click.Path(), required=True)
-def explain(model: str, slides: Sequence[str]) -> None:
+@_device_option
+def explain(model: str, slides: Sequence[str], device: str) -> None:
     """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag."""
     import numpy as np
     import torch
 
-    from steph.data.features import read_features
+    from steph.data.features import read_features_stored
     from steph.inference import bag_inputs_from_files, load_artefact
+    from steph.training.trainer import model_device
 
-    module, manifest = load_artefact(model)
+    module, manifest = load_artefact(model, device=device)
     if manifest["kind"] != "steph":
         raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
-    bag = torch.from_numpy(np.concatenate([read_features(Path(s)) for s in slides]))
-    ex = module.explain(bag, **bag_inputs_from_files(module, slides))
+    bag = torch.from_numpy(np.concatenate([read_features_stored(Path(s)) for s in slides]))
+    where = model_device(module)
+    ex = module.explain(bag.to(where).float(),
+                        **{k: v.to(where) for k, v in bag_inputs_from_files(module, slides).items()})
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):

@@ -33,11 +33,11 @@ from steph.utils.io import read_user_text
 
 # Settings that change speed or memory but never a result: not part of a run's identity.
 # (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
-PERFORMANCE_ONLY = {"data": ("cache_mb",), "train": ("threads",)}
+PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
 
 # Keys added after runs were first written, with the value those earlier runs had in effect:
 # a saved config without the key identifies the same run as one holding that value.
-ADDED_LATER = {"train": {"deterministic": True}}
+ADDED_LATER = {"train": {"deterministic": True, "precision": "fp32"}}
 
 
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +76,10 @@ class DataConfig(_Strict):
     # always exact). Networks that compute in pieces (ABMIL, ILRA, R2T-MIL, Patch-GCN) ignore it.
     eval_max_instances: int | None = Field(None, ge=1)
     cache_mb: int = Field(0, ge=0)  # in-memory LRU of bags, for small studies
+    # Worker processes that read bags ahead of training (steph.data.loader): None = min(4,
+    # CPUs - 1); 0 = read in the main process. Results do not depend on it.
+    workers: int | None = Field(None, ge=0)
+    prefetch: int = Field(2, ge=1)  # bags each worker reads ahead
 
 
 class BinsConfig(_Strict):
@@ -130,6 +134,10 @@ class TrainConfig(_Strict):
     # deterministic algorithms and, on CUDA, deterministic cuBLAS / cuDNN. Part of a run's
     # identity: a run made without it carries no bit-for-bit guarantee.
     deterministic: bool = True
+    # auto (CUDA, else Apple mps, else CPU) | cpu | cuda | cuda:N | mps (steph.utils.device)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    # Autocast of the network's forward; loss, merge coefficients and metrics stay float32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class StephConfig(_Strict):

@@ -22,6 +22,8 @@ from steph.models.output import as_output
 from steph.models.registry import artefact_kinds, build_artefact
 from steph.survival.bins import TimeBins
 from steph.survival.risk import risk_from_logits, survival_from_logits
+from steph.training.trainer import model_device
+from steph.utils.device import resolve_device
 from steph.utils.io import file_sha256, load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "steph-artefact/1"
@@ -118,13 +120,17 @@ def _check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The module (eval mode) and its manifest.
+def load_artefact(path: str | Path, device: torch.device | str = "cpu"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """The module (eval mode, on ``device``: a name as ``train.device`` takes, e.g. ``auto``
+    or ``cuda:1``; artefacts hold CPU tensors and load on any device) and its manifest.
 
     Raises a RunError naming the file and what is wrong for a missing or malformed manifest
     (not JSON, a field missing or of the wrong type, an unknown kind), weights that are
     truncated, damaged or not those the manifest recorded (checksum), or weights that do not
     fit the model the manifest describes."""
+    if not isinstance(device, torch.device):
+        device = resolve_device(device, option="device")  # before anything is read
     path = resolve_artefact(path)
     where = path.with_suffix(".json")
     manifest = _check_manifest(read_json(where), where)
@@ -152,6 +158,7 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing or unexpected:
         raise RunError(f"{path}: tensors do not fit the {kind} model of {where.name} (missing "
                        f"{missing[:3]}, unexpected {unexpected[:3]})")
+    module.to(device)
     module.eval()
     return module, manifest
 
@@ -160,9 +167,12 @@ def load_artefact(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def predict_bag(module: nn.Module, bag: torch.Tensor, **bag_inputs: torch.Tensor
                 ) -> tuple[float, np.ndarray]:
     """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (plus
-    the extra per-bag inputs the module declares, see :func:`bag_inputs_from_files`)."""
-    logits = as_output(module(bag, **bag_inputs)).logits
-    return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].numpy()
+    the extra per-bag inputs the module declares, see :func:`bag_inputs_from_files`), moved to
+    the module's device (the bag as float32)."""
+    where = model_device(module)
+    bag_inputs = {k: v.to(where) for k, v in bag_inputs.items()}
+    logits = as_output(module(bag.to(where).float(), **bag_inputs)).logits.float()
+    return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].cpu().numpy()
 
 
 def bag_inputs_from_files(module: nn.Module, files: Sequence[str | Path],
@@ -182,8 +192,11 @@ def bag_inputs_from_files(module: nn.Module, files: Sequence[str | Path],
 
 
 def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
-                     progress: bool = False, graph_cache: str | Path | None = None) -> pd.DataFrame:
-    """Predict with a saved artefact for patients given as (patient_id, [feature files]).
+                     progress: bool = False, graph_cache: str | Path | None = None,
+                     device: torch.device | str = "auto") -> pd.DataFrame:
+    """Predict with a saved artefact for patients given as (patient_id, [feature files]), on
+    ``device`` (default: CUDA, else mps, else CPU); bags are read in their stored dtype and
+    become float32 on the device.
 
     A model that needs patch graphs (Patch-GCN, or STEPH / a merge over it) gets each patient's
     k-NN graph built from the files' ``coords`` (cached in ``graph_cache`` when given); a file
@@ -194,9 +207,9 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     MIL encoders the model ran per bag."""
     from tqdm.auto import tqdm
 
-    from steph.data.features import read_features
+    from steph.data.features import read_features_stored
 
-    module, manifest = load_artefact(path)
+    module, manifest = load_artefact(path, device=device)
     bins = TimeBins.from_dict(manifest["bins"])
     dim = int(manifest["feature_dim"])
     rows = []
@@ -204,7 +217,7 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     for pid, files in tqdm(patients, desc="predict", unit="patient", disable=None if progress else True):
         if not files:
             raise DataError(f"patient {pid!r}: no feature file given")
-        arrays = [read_features(Path(f)) for f in files]
+        arrays = [read_features_stored(Path(f)) for f in files]
         for f, a in zip(files, arrays):
             if a.shape[1] != dim:
                 raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")

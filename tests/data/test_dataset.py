@@ -59,7 +59,7 @@ def test_reads_from_disk_without_cache(make_cohort, monkeypatch):
     ds = BagDataset(c, ["A", "B"], TimeBins.uniform())
     calls = []
     orig = c.load_bag
-    monkeypatch.setattr(c, "load_bag", lambda p: calls.append(p) or orig(p))
+    monkeypatch.setattr(c, "load_bag", lambda p, **kw: calls.append(p) or orig(p, **kw))
     ds[0], ds[0], ds[1]
     assert calls == ["A", "A", "B"]
     assert ds.cache_info()["entries"] == 0
@@ -71,7 +71,7 @@ def test_lru_cache_is_bounded(make_cohort, monkeypatch):
     ds = BagDataset(c, ["A", "B", "C"], TimeBins.uniform(), cache_mb=1000 / 2**20)
     calls = []
     orig = c.load_bag
-    monkeypatch.setattr(c, "load_bag", lambda p: calls.append(p) or orig(p))
+    monkeypatch.setattr(c, "load_bag", lambda p, **kw: calls.append(p) or orig(p, **kw))
     first = ds[0]["features"]
     assert ds[0]["features"] is first and calls == ["A"]
     ds[1]  # A + B = 936 bytes

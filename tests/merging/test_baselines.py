@@ -268,6 +268,22 @@ def test_eval_cache_follows_the_coefficients():
     torch.testing.assert_close(after, fresh, rtol=1e-5, atol=1e-6)
 
 
+def test_adamerging_merge_stays_float32_under_autocast():
+    pool = _pool()
+    model = _adamerging(pool)
+    x = _bag(2)
+    outside = model.merged_flat().detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.merged_flat().detach(), outside)
+        model.begin_step()
+        assert all(p.dtype == torch.float32 for p in model._step_params.values())
+        logits = model(x).logits
+        model.eval()
+        with torch.no_grad():
+            assert all(v.dtype == torch.float32 for v in model._eval_params().values())
+    assert logits.dtype == torch.bfloat16
+
+
 def test_trainer_runs_adamerging_one_merge_per_step(tmp_path):
     pool = _pool()
     model = _adamerging(pool)

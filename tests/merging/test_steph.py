@@ -261,3 +261,52 @@ def test_head_warmup_holds_w_and_lambda():
     out = model(torch.randn(6, HP["in_dim"]))
     (out.logits.sum() + out.aux_loss).backward()
     assert model.h_agg[-1].weight.grad.abs().sum() > 0
+
+
+def test_bag_embedding_in_chunks_equals_one_pass():
+    """Prediction on a huge bag sums ReLU(W_e x) chunk by chunk: the same mean (up to float
+    rounding), hence the same merge weights, and never the whole (N, d) activation."""
+    model, _ = make_steph(m=4, active=True)
+    model.chunk_size = model.network.chunk_size = 16
+    x = torch.randn(75, HP["in_dim"])  # 4 full chunks and a partial one
+    model.eval()
+    one_pass = model.bag_embedding(x, chunk_size=0)
+    with torch.no_grad():
+        chunked = model.bag_embedding(x)  # eval + no grad: chunks of model.chunk_size
+        assert torch.allclose(chunked, one_pass, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.bag_embedding(x, chunk_size=7), one_pass)
+        seen = []
+        hook = model.embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        logits_chunked = model(x).logits
+        hook.remove()
+        assert max(seen) == 16 and sum(seen) == 75
+        model.chunk_size = model.network.chunk_size = 0
+        torch.testing.assert_close(logits_chunked, model(x).logits)
+    model.train()  # training is never chunked
+    seen.clear()
+    hook = model.embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    model.chunk_size = model.network.chunk_size = 16
+    model(x)
+    hook.remove()
+    assert seen == [75]
+
+
+def test_merge_stays_float32_under_autocast():
+    """bf16 autocast computes the networks in bf16 but w, lambda, the coefficients and the
+    merged encoder in float32 (a bf16 merge would round theta_0 + small task vectors)."""
+    model, pool = make_steph(m=4, top_k=2, active=True)
+    model.eval()
+    x = torch.randn(30, HP["in_dim"])
+    with torch.no_grad():
+        ref = model.explain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ex = model.explain(x)
+            out = model(x)
+    assert ex.w.dtype == ex.lam.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in ex.merged.values())
+    assert out.logits.dtype == torch.bfloat16 and out.aux_loss.dtype == torch.float32
+    assert ex.selected == ref.selected
+    torch.testing.assert_close(ex.w, ref.w, rtol=0.05, atol=0.02)
+    exp = expected_merged(pool, ex.w, ex.lam, [int(s[1:]) for s in ex.selected])
+    for name in exp:  # the merge of the (bf16-derived) weights is exact float32
+        torch.testing.assert_close(ex.merged[name], exp[name], rtol=1e-5, atol=1e-6)

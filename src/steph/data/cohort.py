@@ -27,7 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steph.data.features import FeatureIndex, read_coords, read_feature_shape, read_features
+from steph.data.features import (
+    FeatureIndex,
+    read_coords,
+    read_feature_shape,
+    read_features,
+    read_features_stored,
+)
 from steph.data.labels import read_labels
 from steph.data.pack import PackedStore, attach_pack
 from steph.errors import DataError
@@ -230,16 +236,20 @@ class Cohort:
     def splits_dir(self) -> Path:
         return self.root / SPLITS_DIRNAME
 
-    def load_bag_array(self, patient_id: str) -> np.ndarray:
-        """All slides of the patient concatenated, float32 ``(N, D)`` numpy array."""
+    def load_bag_array(self, patient_id: str, stored: bool = False) -> np.ndarray:
+        """All slides of the patient concatenated, a ``(N, D)`` numpy array: float32, or with
+        ``stored=True`` in the dtype the features are stored in (float16 for TRIDENT / CLAM
+        features: half the bytes; float64 comes back as float32). Converting a stored bag
+        to float32 gives exactly the float32 bag."""
         row = self._check_patient(patient_id)
         if self.pack is not None:
-            return self.pack.read_bag(patient_id)
+            return self.pack.read_bag(patient_id, dtype=None if stored else np.float32)
+        read = read_features_stored if stored else read_features
         slide_ids = self.patients.at[row, "slides"]
         parts = []
         for sid, path in zip(slide_ids, self._paths[patient_id]):
             try:
-                arr = read_features(path, slide_id=sid)
+                arr = read(path, slide_id=sid)
             except DataError as e:
                 raise DataError(f"cohort {self.name!r}, patient {patient_id!r}: {e}") from e
             if arr.shape[1] != self.feature_dim:
@@ -247,12 +257,13 @@ class Cohort:
                     f"cohort {self.name!r}, patient {patient_id!r}: slide {sid!r} ({path}) has "
                     f"feature dimension {arr.shape[1]}, the cohort has {self.feature_dim} "
                     "(the file changed since the cohort was loaded?)")
-            parts.append(arr)
+            parts.append(arr.astype(np.float32) if arr.dtype == np.float64 else arr)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
-    def load_bag(self, patient_id: str) -> torch.Tensor:
-        """All slides of the patient concatenated: float32 tensor ``(N, D)``."""
-        return torch.from_numpy(self.load_bag_array(patient_id))
+    def load_bag(self, patient_id: str, stored: bool = False) -> torch.Tensor:
+        """All slides of the patient concatenated: a float32 tensor ``(N, D)``, or in the
+        stored dtype with ``stored=True`` (see :meth:`load_bag_array`)."""
+        return torch.from_numpy(self.load_bag_array(patient_id, stored=stored))
 
     def load_coords(self, patient_id: str) -> list[np.ndarray | None]:
         """Patch coordinates of each of the patient's slides, in concatenation order (one

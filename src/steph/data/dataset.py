@@ -13,8 +13,11 @@ over the patches) says so with a true ``per_instance`` attribute: it is then cal
 None for the whole bag, so that the input always lines up with the features (see
 :class:`steph.data.graphs.PatchGraphs`).
 
-Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags
-bounded by that many megabytes (for small studies trained for many epochs).
+Nothing but labels is held in memory unless ``cache_mb > 0``: then an LRU cache of bags, in
+their stored dtype (float16 for real features), bounded by that many megabytes (for small
+studies trained for many epochs). The cache belongs to the process that holds the dataset: with
+worker processes (``data.workers``, :mod:`steph.data.loader`) it stays in the main process,
+workers read only the bags it lacks and never cache, and what they read is added to it.
 
 Patch sampling for training (``max_instances``, config ``data.max_instances``)
 ------------------------------------------------------------------------------
@@ -132,39 +135,62 @@ class BagDataset(Dataset):
 
     def _load(self, patient_id: str) -> torch.Tensor:
         # Cohort.load_bag raises a DataError naming the patient and the file for NaN/inf
-        bag = self.cohort.load_bag(patient_id)
+        bag = self.cohort.load_bag(patient_id, stored=True)
         idx = self.kept_indices(patient_id, bag.shape[0])
         if idx is not None:
             bag = bag[torch.from_numpy(idx)].contiguous()
         return bag
 
-    def features(self, patient_id: str) -> torch.Tensor:
-        """The (possibly subsampled) bag of one patient, through the cache (a cached tensor is
-        shared between calls: do not modify it in place)."""
-        if self.cache_bytes_max <= 0:
-            return self._load(patient_id)
-        hit = self._cache.get(patient_id)
-        if hit is not None:
-            self._cache.move_to_end(patient_id)
-            self.cache_hits += 1
-            return hit
-        self.cache_misses += 1
-        bag = self._load(patient_id)
-        size = bag.numel() * bag.element_size()
-        if size <= self.cache_bytes_max:
-            self._cache[patient_id] = bag
-            self._cache_bytes += size
-            while self._cache_bytes > self.cache_bytes_max:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= old.numel() * old.element_size()
-        return bag
+    def cached(self, patient_id: str) -> torch.Tensor | None:
+        """The patient's bag if the cache holds it (stored dtype; no hit counted), else None."""
+        return self._cache.get(patient_id)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def remember(self, patient_id: str, bag: torch.Tensor) -> None:
+        """Put a bag read elsewhere (a worker process) into the cache, evicting the least
+        recently used bags beyond ``cache_mb``; a bag larger than the cache is not kept."""
+        size = bag.numel() * bag.element_size()
+        if self.cache_bytes_max <= 0 or size > self.cache_bytes_max:
+            return
+        old = self._cache.pop(patient_id, None)
+        if old is not None:
+            self._cache_bytes -= old.numel() * old.element_size()
+        self._cache[patient_id] = bag
+        self._cache_bytes += size
+        while self._cache_bytes > self.cache_bytes_max:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+
+    def features(self, patient_id: str, stored: bool = False, use_cache: bool = True
+                 ) -> torch.Tensor:
+        """The (possibly subsampled) bag of one patient, float32 or with ``stored=True`` in
+        its stored dtype (float16 for real features), through the cache unless ``use_cache``
+        is False. The cache holds stored-dtype bags; a cached tensor may be shared between
+        calls: do not modify it in place."""
+        if self.cache_bytes_max <= 0 or not use_cache:
+            bag = self._load(patient_id)
+        else:
+            bag = self._cache.get(patient_id)
+            if bag is not None:
+                self._cache.move_to_end(patient_id)
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+                bag = self._load(patient_id)
+                self.remember(patient_id, bag)
+        return bag if stored else bag.float()
+
+    def item(self, i: int, stored: bool = False, use_cache: bool = True,
+             features: torch.Tensor | None = None) -> dict[str, Any]:
+        """Item ``i`` (the contract above); ``stored``: features in their stored dtype
+        (what the data pipeline moves, see steph.data.loader); ``features``: a bag already
+        read (the pipeline's), used instead of reading it."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} bags")
         pid = self.patient_ids[i]
+        if features is None:
+            features = self.features(pid, stored=stored, use_cache=use_cache)
         item = {
-            "features": self.features(pid),
+            "features": features,
             "bin": torch.tensor(int(self.bin_indices[i]), dtype=torch.int64),
             "time": float(self.times[i]),
             "event": int(self.events[i]),
@@ -176,6 +202,9 @@ class BagDataset(Dataset):
             else:
                 item[name] = provider(pid)
         return item
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i)
 
     def resampled(self, max_instances: int | None) -> BagDataset:
         """The same patients, labels and per-bag inputs with another patch sampling limit

@@ -34,6 +34,7 @@ import torch
 from steph.config import ExperimentConfig
 from steph.data.cohort import Cohort, discover_cohorts
 from steph.data.dataset import BagDataset
+from steph.data.loader import resolve_workers
 from steph.data.splits import Split, has_split_files, load_or_create_splits
 from steph.errors import ConfigError, DataError, RunError, StephError
 from steph.experiments.runs import (
@@ -60,6 +61,7 @@ from steph.models.registry import model_class
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
+from steph.utils.device import check_precision, device_description, resolve_device
 from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
@@ -118,6 +120,11 @@ class Experiment:
         self.runs_root = Path(runs_root)
         self.cfg = cfg or ExperimentConfig()
         self.progress = progress
+        # where every run of this process computes: checked now (a one-line error for a device
+        # or precision this machine lacks), before any data is read
+        self.device = resolve_device(self.cfg.train.device)
+        check_precision(self.device, self.cfg.train.precision)
+        self.workers = resolve_workers(self.cfg.data.workers)
         arch = self.cfg.model.arch
         model_class(arch)  # an unknown network: ConfigError naming the known ones
         base = get_method(arch)
@@ -131,6 +138,8 @@ class Experiment:
             self._check_cohorts(self._sources, "source")
         self._cohorts: dict[str, Cohort] = {}
         self._splits: dict[tuple[str, int], list[Split]] = {}
+        log.info("computing on %s (%s), %d data worker(s)", device_description(self.device),
+                 self.cfg.train.precision, self.workers)
 
     def _check_cohorts(self, names: Iterable[str], what: str) -> None:
         unknown = [n for n in names if n not in self.cohort_names]
@@ -189,6 +198,15 @@ class Experiment:
         return (BagDataset(cohort, list(split.train_ids), bins, max_instances=d.max_instances,
                            **kw),
                 BagDataset(cohort, list(split.test_ids), bins, **kw))
+
+    def _pipeline(self) -> dict[str, Any]:
+        """How the trainer reads bags (data.workers, data.prefetch)."""
+        return {"workers": self.workers, "prefetch": self.cfg.data.prefetch}
+
+    def _predict(self, module, data: BagDataset, cfg: ExperimentConfig | None = None):
+        """Predictions on ``data`` on this experiment's device, through the data pipeline."""
+        return predict(module, data, device=self.device,
+                       precision=(cfg or self.cfg).train.precision, workers=self.workers)
 
     def theta0(self, in_dim: int, arch: str = "abmil") -> Path:
         return ensure_theta0(self.runs_root, self.cfg.model, in_dim, self.cfg.bins.n_bins, arch)
@@ -337,7 +355,7 @@ class Experiment:
                 break
             try:
                 result = fit(built.module, train_ds, cfg.train, path, test=test_eval,
-                             progress=self.progress, desc=str(job))
+                             progress=self.progress, desc=str(job), **self._pipeline())
                 history, resumed_from = result.history, result.resumed_from
                 break
             except TrainingRestart as restart:
@@ -385,7 +403,7 @@ class Experiment:
                 built = _build(target_method, ctx)
                 train.set_bag_inputs(dict(built.bag_inputs))
                 fit(built.module, train, self.cfg.train, run, progress=False,
-                    desc=f"{job} search target {j}")
+                    desc=f"{job} search target {j}", **self._pipeline())
                 save_tensors(run / weights, built.module.state_dict())
                 (run / CHECKPOINT).unlink(missing_ok=True)
             return run / weights
@@ -401,11 +419,11 @@ class Experiment:
             val = self.eval_dataset(val, built.module, cfg)
             try:
                 fit(built.module, train, cfg.train, run, progress=False,
-                    desc=f"{job} search {spec.key}={value} inner {j}")
+                    desc=f"{job} search {spec.key}={value} inner {j}", **self._pipeline())
             except TrainingRestart as restart:  # e.g. collapsed: scored as it stands
                 log.info("%s search %s=%s inner %d: %s", job, spec.key, value, j, restart.reason)
             module = built.export() if built.export is not None else built.module
-            return _cindex(predict(module, val)[0])
+            return _cindex(self._predict(module, val, cfg)[0])
 
         return run_search(spec, job.path(self.runs_root) / "search", patients,
                           self.cfg.data.split_seed, train_target, train_candidate,
@@ -422,8 +440,8 @@ class Experiment:
         cfg = cfg or self.cfg
         module = built.export() if built.export is not None else built.module
         train_eval = self.eval_dataset(train_ds, built.module, cfg)
-        test_pred, test_curves = predict(module, test_ds)
-        train_pred, _ = predict(module, train_eval)
+        test_pred, test_curves = self._predict(module, test_ds, cfg)
+        train_pred, _ = self._predict(module, train_eval, cfg)
         preds = pd.concat([train_pred.assign(split="train"), test_pred.assign(split="test")])
         preds = preds[["patient_id", "split", "risk", "time", "event"]]
         metrics: dict[str, Any] = {
@@ -445,7 +463,8 @@ class Experiment:
         # epochs that ran before a resume count too: their times are in the history
         train_seconds = sum(r.get("seconds", 0.0) for r in history) if history else seconds
         write_run_record(path, train_seconds=train_seconds, history=history,
-                         started_at=started_at, resumed_after_epoch=resumed_after_epoch)
+                         started_at=started_at, resumed_after_epoch=resumed_after_epoch,
+                         device=device_description(self.device))
         write_json(path / METRICS, metrics)  # last: the run is finished
         (path / CHECKPOINT).unlink(missing_ok=True)
         log.info("%s: test C-index %.4f", job, metrics["c_index"])

@@ -199,8 +199,11 @@ def timestamp(seconds: float | None = None) -> str:
 
 
 def write_run_record(path: Path, train_seconds: float, history: list[dict[str, Any]],
-                     started_at: float | None = None, resumed_after_epoch: int = 0) -> None:
-    """``run.json``: timing, host and software of a finished run (not part of its result).
+                     started_at: float | None = None, resumed_after_epoch: int = 0,
+                     device: str | None = None) -> None:
+    """``run.json``: timing, host, device and software of a finished run (not part of its
+    result). ``device``: where this process predicted; ``epoch_devices``: where each epoch
+    trained (a resumed run may have moved).
 
     ``started_at`` / ``finished_at``: when the attempt that finished the run began and ended
     (on a cluster, compare them only between runs of one host); ``resumed_after_epoch``: the
@@ -221,6 +224,8 @@ def write_run_record(path: Path, train_seconds: float, history: list[dict[str, A
         "steph": getattr(steph, "__version__", "unknown"),
         "threads": torch.get_num_threads(),
         "epoch_seconds": [r.get("seconds") for r in history],
+        "device": device,
+        "epoch_devices": [r.get("device") for r in history],
     }
     write_json(path / RUN_RECORD, record)
 

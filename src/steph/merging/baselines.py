@@ -109,6 +109,7 @@ from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput
 from steph.models.registry import create_model, register_artefact
+from steph.utils.device import autocast_off
 
 __all__ = [
     "AdaMerging",
@@ -294,8 +295,11 @@ class AdaMerging(nn.Module):
 
     # -- merging ----------------------------------------------------------------------------------
     def merged_flat(self, coef: torch.Tensor | None = None) -> torch.Tensor:
-        """Flat ``theta_0 + coef @ tau`` (autograd to ``coef`` unless under no_grad)."""
-        return torch.addmv(self.theta0_flat, self.tau.t(), self.coef if coef is None else coef)
+        """Flat ``theta_0 + coef @ tau`` (autograd to ``coef`` unless under no_grad), float32
+        even inside an autocast region (the coefficients and the merge are never rounded)."""
+        coef = self.coef if coef is None else coef
+        with autocast_off(coef):
+            return torch.addmv(self.theta0_flat, self.tau.t(), coef)
 
     @torch.no_grad()
     def merged_encoder(self) -> TensorDict:

@@ -46,9 +46,10 @@ from steph.merging.networks import (
     renamed_prefix,
 )
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
+from steph.models.base import DEFAULT_CHUNK_SIZE, EmbedCall, MILNetwork, init_fresh_head
 from steph.models.output import ModelOutput, TrainingRestart
 from steph.models.registry import create_model, register_artefact
+from steph.utils.device import autocast_off
 
 log = logging.getLogger("steph.merging")
 
@@ -113,6 +114,7 @@ class STEPH(nn.Module):
 
         in_dim, d = self.network.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
+        self.chunk_size = DEFAULT_CHUNK_SIZE  # bag_embedding in eval / no grad (0 = one pass)
         w0 = 1.0 / self.top_k  # "complete" start: the K selected weights sum to ~1
         if cfg.aggregation == "hyper":
             self.h_agg = hypernet(d, m, cfg.dropout)
@@ -147,23 +149,44 @@ class STEPH(nn.Module):
             self.rho_free.copy_(torch.log(r))
 
     # -- the pieces of the formula ------------------------------------------------------------
-    def bag_embedding(self, x: torch.Tensor) -> torch.Tensor:
+    def bag_embedding(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """z = mean_n ReLU(W_e x_n + b_e), (d,). In eval mode without autograd (prediction) a
+        bag of more than ``chunk_size`` instances (default: ``self.chunk_size``, a performance
+        setting, not saved) is summed chunk by chunk, so the (N, d) activations never exist at
+        once; the result is the one-pass mean up to float rounding."""
         x = MILNetwork._as_instances(x)
-        return self.embed(x).mean(dim=0)  # (d,)
+        if chunk_size is None:
+            chunked = not self.training and not torch.is_grad_enabled()
+            chunk_size = self.chunk_size if chunked else 0
+        if not 0 < chunk_size < x.shape[0]:
+            return self.embed(x).mean(dim=0)
+        def part(start: int) -> torch.Tensor:  # summed in float32 at least (bf16 under autocast)
+            h = self.embed(x[start:start + chunk_size])
+            return h.to(torch.promote_types(h.dtype, torch.float32)).sum(dim=0)
+
+        total = part(0)
+        for start in range(chunk_size, x.shape[0], chunk_size):
+            total += part(start)
+        return total / x.shape[0]
 
     def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merge weights w >= 0 and mixup coefficients lambda in (0, 1], both (m,)."""
+        """Merge weights w >= 0 and mixup coefficients lambda in (0, 1], both (m,), float32
+        (under autocast the bag embedding is computed in low precision, the hypernetworks'
+        small heads and everything after them in float32)."""
         z = None
         if self.cfg.aggregation == "hyper" or self.cfg.mixing == "hyper":
             z = self.bag_embedding(x)
-        act = F.softplus if self.cfg.w_activation == "softplus" else F.relu
-        w = act(self.h_agg(z)) if self.cfg.aggregation == "hyper" else act(self.w_free)
-        if self.cfg.mixing == "hyper":
-            lam = 1.0 / (1.0 + F.relu(self.h_mix(z)))
-        elif self.cfg.mixing == "free":
-            lam = 1.0 / (1.0 + torch.exp(self.rho_free))
-        else:
-            lam = torch.ones_like(w)
+        anchor = z if z is not None else next(self.parameters())
+        with autocast_off(anchor):  # in the parameters' dtype (float32), bf16 z cast up
+            z = z.to(self.embed[0].weight.dtype) if z is not None else None
+            act = F.softplus if self.cfg.w_activation == "softplus" else F.relu
+            w = act(self.h_agg(z)) if self.cfg.aggregation == "hyper" else act(self.w_free)
+            if self.cfg.mixing == "hyper":
+                lam = 1.0 / (1.0 + F.relu(self.h_mix(z)))
+            elif self.cfg.mixing == "free":
+                lam = 1.0 / (1.0 + torch.exp(self.rho_free))
+            else:
+                lam = torch.ones_like(w)
         return w, lam
 
     def select(self, w: torch.Tensor) -> torch.Tensor:
@@ -178,7 +201,9 @@ class STEPH(nn.Module):
         return torch.cat([(ws * lam).sum().view(1), ws * (1.0 - lam)])
 
     def merged_flat(self, coef: torch.Tensor) -> torch.Tensor:
-        return torch.addmv(self.theta0_flat, self.tau.t(), coef)
+        """theta_0 + coef @ tau, float32 (autocast would round the merged weights)."""
+        with autocast_off(coef):
+            return torch.addmv(self.theta0_flat, self.tau.t(), coef.to(self.tau.dtype))
 
     def aux_losses(self, w: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = mask.sum()

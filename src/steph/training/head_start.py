@@ -26,7 +26,8 @@ head). The trainer calls :func:`initialize_head` once, before the first epoch of
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,15 +45,20 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str,
-                    loss_alpha: float, seed: int = 0) -> dict[str, Any]:
-    """Set ``model.survival_head`` as ``mode`` says; returns facts to log (e.g. the ridge)."""
+                    loss_alpha: float, seed: int = 0,
+                    items: Callable[[], Iterable[dict[str, Any]]] | None = None
+                    ) -> dict[str, Any]:
+    """Set ``model.survival_head`` as ``mode`` says; returns facts to log (e.g. the ridge).
+
+    ``items``: the training items in order, on the model's device (the trainer's data
+    pipeline); default: ``train`` itself. Labels are taken from a bag dataset's label arrays
+    without reading a bag."""
     if mode not in HEAD_INITS:
         raise ValueError(f"head_init must be one of {HEAD_INITS}, got {mode!r}")
     head = getattr(model, "survival_head", None)
     if mode == "reference" or head is None:
         return {}
-    bins = np.array([int(item["bin"]) for item in train])
-    events = np.array([int(item["event"]) for item in train])
+    bins, events, times = _labels(train)
     base = baseline_hazard_logits(bins, events, head.out_features)
     with torch.no_grad():
         head.bias.copy_(base.to(head.bias))
@@ -60,8 +66,7 @@ def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str
             head.weight.zero_()
     if mode != "fit":
         return {}
-    z = head_inputs(model, train)
-    times = np.array([float(item["time"]) for item in train])
+    z = head_inputs(model, train if items is None else items())
     weight, bias, info = fit_ph_head(z, bins, events, times, base, loss_alpha, seed=seed)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
@@ -69,9 +74,20 @@ def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str
     return info
 
 
+def _labels(train: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin, event and time of every training bag (a BagDataset's arrays: no bag is read)."""
+    if all(hasattr(train, a) for a in ("bin_indices", "events", "times")):
+        return (np.asarray(train.bin_indices), np.asarray(train.events),
+                np.asarray(train.times, dtype=float))
+    rows = [(int(item["bin"]), int(item["event"]), float(item["time"])) for item in train]
+    bins, events, times = zip(*rows) if rows else ((), (), ())
+    return np.array(bins, dtype=np.int64), np.array(events, dtype=np.int64), np.array(times)
+
+
 @torch.no_grad()
-def head_inputs(model: nn.Module, data: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """What enters the head for every bag, in eval mode (n, d), float64 on the CPU."""
+def head_inputs(model: nn.Module, data: Iterable[dict[str, Any]]) -> torch.Tensor:
+    """What enters the head for every bag, in eval mode (n, d), float64 on the CPU (computed
+    where the model and the items are; copied to the host once)."""
     was_training = model.training
     model.eval()
     try:

@@ -26,10 +26,19 @@ baselines whose merged weights are constant within a step use them to merge once
 ``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too;
 ``on_epoch_end(row)`` after each epoch's checkpoint and log are written: it may raise
 :class:`steph.models.output.TrainingRestart` to ask for a fresh start with other settings.
+
+Device and precision (``train.device``, ``train.precision``): the module is moved to the device
+once (the device contract of docs/architecture.md); bags come through
+:class:`steph.data.loader.BagLoader` (worker processes, float16 until the device); the forward
+pass runs under autocast for bf16 / fp16, the loss in float32, with a gradient scaler for fp16.
+Per-bag losses, risks and module statistics stay on the device and are copied to the host once
+per epoch, for the log row (which names the device). Checkpoints hold CPU tensors, the RNG
+state of the device and the scaler's state, so a run resumes on another device.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -45,6 +54,7 @@ import torch
 from torch import nn
 
 from steph.config import TrainConfig
+from steph.data.loader import BagLoader
 from steph.errors import CorruptFileError, RunError
 from steph.models.output import ModelOutput, forward_item
 from steph.survival.loss import nll_survival_loss
@@ -52,6 +62,15 @@ from steph.survival.metrics import concordance_index
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.training.head_start import initialize_head
 from steph.utils import reproducibility
+from steph.utils.device import (
+    autocast,
+    check_precision,
+    device_label,
+    grad_scaler,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+)
 from steph.utils.faults import fault_point
 from steph.utils.io import load_tensor_metadata, read_safetensors, save_tensors, write_text
 
@@ -61,6 +80,7 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_PREV = "checkpoint.prev.safetensors"  # the last good one before CHECKPOINT
 CHECKPOINT_FORMAT = "steph-checkpoint/1"
 LOG_FILE = "log.jsonl"
+_CPU = torch.device("cpu")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float,
@@ -122,17 +142,20 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
                      step: int, history: list[dict[str, Any]], *, threads: int | None = None,
-                     final: bool = False) -> None:
+                     final: bool = False, device: torch.device = _CPU,
+                     scaler: torch.amp.GradScaler | None = None) -> None:
     """Write the checkpoint of a completed epoch; the one it replaces becomes
     ``checkpoint.prev.safetensors`` (removed after the `final` epoch). An I/O error leaves
-    both files as they were and raises a RunError naming the file."""
+    both files as they were and raises a RunError naming the file. Tensors are saved on the
+    CPU (save_tensors), with the RNG state of ``device`` and an fp16 ``scaler``'s state, so a
+    checkpoint resumes on any device."""
     tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
     state = opt.state_dict()
     for pid, pstate in state["state"].items():
         for key, value in pstate.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"opt.{pid}.{key}"] = value
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(rng_state(device))
     meta = {
         "format": CHECKPOINT_FORMAT,
         "epoch": str(epoch),
@@ -142,6 +165,8 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
     }
     if threads is not None:
         meta["threads"] = str(threads)
+    if scaler is not None and scaler.is_enabled():
+        meta["grad_scaler"] = json.dumps(scaler.state_dict())
     prev = path.with_name(CHECKPOINT_PREV)
     save_tensors(path, tensors, metadata=meta, backup=prev)
     if final:
@@ -156,6 +181,7 @@ class _Checkpoint:
     history: list[dict[str, Any]]
     param_groups: list[dict[str, Any]]
     tensors: dict[str, torch.Tensor]
+    grad_scaler: dict[str, Any] | None = None  # an fp16 run's GradScaler state
 
 
 def _read_checkpoint(path: Path) -> _Checkpoint:
@@ -170,15 +196,20 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
             raise ValueError(f"epoch {epoch} with {len(history)} history rows")
         if not isinstance(groups, list) or "rng.torch" not in tensors:
             raise ValueError("no optimiser groups or RNG state")
+        scaler = json.loads(meta["grad_scaler"]) if "grad_scaler" in meta else None
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptFileError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})"
                                ) from None
-    return _Checkpoint(path, epoch, step, history, groups, tensors)
+    return _Checkpoint(path, epoch, step, history, groups, tensors, scaler)
 
 
-def _apply_checkpoint(ckpt: _Checkpoint, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Load a checked checkpoint into the model, the optimiser and torch's RNG. A checkpoint
-    of another model (other settings) is a RunError, not damage."""
+def _apply_checkpoint(ckpt: _Checkpoint, model: nn.Module, opt: torch.optim.Optimizer,
+                      device: torch.device = _CPU, scaler: torch.amp.GradScaler | None = None,
+                      seed: int = 0) -> None:
+    """Load a checked checkpoint into the model, the optimiser, torch's RNG (``device``'s
+    too) and an fp16 ``scaler``, wherever their tensors live (the optimiser moves its state to
+    its parameters' device). A checkpoint of another model (other settings) is a RunError, not
+    damage."""
     path, tensors = ckpt.path, ckpt.tensors
     params = dict(model.named_parameters())
     for key, value in tensors.items():
@@ -200,11 +231,16 @@ def _apply_checkpoint(ckpt: _Checkpoint, model: nn.Module, opt: torch.optim.Opti
         opt.load_state_dict({"state": opt_state, "param_groups": ckpt.param_groups})
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: the optimiser state does not fit this model ({e})") from None
-    torch.set_rng_state(tensors["rng.torch"])
+    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, device,
+                  fallback_seed=int(seed) * 100_003 + ckpt.epoch)
+    if scaler is not None and scaler.is_enabled() and ckpt.grad_scaler is not None:
+        scaler.load_state_dict(ckpt.grad_scaler)
 
 
 def _load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                     desc: str = "train") -> _Checkpoint | None:
+                     desc: str = "train", device: torch.device = _CPU,
+                     scaler: torch.amp.GradScaler | None = None,
+                     seed: int = 0) -> _Checkpoint | None:
     """Resume from the newest usable checkpoint of `run_dir` (the current one, else the
     previous one); None to start from scratch. A damaged checkpoint is removed and reported
     with a warning naming the file and what is wrong."""
@@ -223,7 +259,7 @@ def _load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
             log.warning("%s: unusable checkpoint, removed, %s: %s", desc, fallback, e)
             path.unlink(missing_ok=True)
             continue
-        _apply_checkpoint(ckpt, model, opt)
+        _apply_checkpoint(ckpt, model, opt, device, scaler, seed)
         if path == prev:
             log.warning("%s: resuming from the previous checkpoint %s (after epoch %d)", desc,
                         path, ckpt.epoch)
@@ -261,29 +297,68 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a module's tensors are (the first parameter's or buffer's device; CPU if none)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return _CPU
+
+
+def _as_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    if device is None:
+        return model_device(model)
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Sequence[dict[str, Any]],
-            loss_alpha: float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+            loss_alpha: float | None = None, *, device: torch.device | str | None = None,
+            precision: str = "fp32", workers: int | None = 0,
+            loader: BagLoader | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Risk and survival curve of every bag, in eval mode, in one pass.
 
     Returns a frame (patient_id, risk, time, event[, loss]) and the survival curves (n, bins);
-    the per-bag survival loss is added when ``loss_alpha`` is given.
+    the per-bag survival loss is added when ``loss_alpha`` is given. ``device``: where to
+    compute (the model is moved there; default: where it is); ``precision``: autocast of the
+    forward pass (risks and curves in float32); ``workers``: processes reading the bags
+    (:mod:`steph.data.loader`), or ``loader``, an open :class:`BagLoader` over ``dataset``.
+    Values come back to the host once, at the end.
     """
+    device = _as_device(device, model)
+    amp_dtype = check_precision(device, precision)
+    model.to(device)
     model.eval()
-    rows, curves = [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        logits = forward_item(model, item).logits
-        row = {"patient_id": item["patient_id"], "risk": float(risk_from_logits(logits)[0]),
-               "time": float(item["time"]), "event": int(item["event"])}
-        if loss_alpha is not None:
-            row["loss"] = float(nll_survival_loss(logits, item["bin"].view(1),
-                                                  torch.tensor([item["event"]]), alpha=loss_alpha))
-        rows.append(row)
-        curves.append(survival_from_logits(logits)[0].numpy())
-    frame = pd.DataFrame(rows, columns=["patient_id", "risk", "time", "event"]
-                         + (["loss"] if loss_alpha is not None else []))
-    return frame, np.stack(curves) if curves else np.zeros((0, 0))
+    own = loader is None
+    if own:
+        loader = BagLoader(dataset, workers=workers, device=device,
+                           dtype=amp_dtype or torch.float32, persistent=False)
+    rows, risks, curves, losses = [], [], [], []
+    try:
+        for item in loader:
+            with autocast(device, amp_dtype):
+                logits = forward_item(model, item).logits
+            logits = logits.float()
+            rows.append({"patient_id": item["patient_id"], "time": float(item["time"]),
+                         "event": int(item["event"])})
+            risks.append(risk_from_logits(logits)[0])
+            curves.append(survival_from_logits(logits)[0])
+            if loss_alpha is not None:
+                event = torch.tensor([int(item["event"])], device=device)
+                losses.append(nll_survival_loss(logits, item["bin"].view(1), event,
+                                                alpha=loss_alpha))
+    finally:
+        if own:
+            loader.close()
+    frame = pd.DataFrame(rows, columns=["patient_id", "time", "event"])
+    frame.insert(1, "risk", _host(risks))
+    if loss_alpha is not None:
+        frame["loss"] = _host(losses)
+    return frame, torch.stack(curves).cpu().numpy() if curves else np.zeros((0, 0))
+
+
+def _host(values: list[torch.Tensor]) -> list[float]:
+    """Device scalars as Python floats, in one copy."""
+    return torch.stack(values).reshape(-1).cpu().tolist() if values else []
 
 
 def _safe_cindex(time_: Sequence[float], event: Sequence[int], risk: Sequence[float]) -> float:
@@ -293,11 +368,49 @@ def _safe_cindex(time_: Sequence[float], event: Sequence[int], risk: Sequence[fl
         return float("nan")
 
 
-def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], loss_alpha: float) -> dict[str, float]:
-    """C-index and mean survival loss on ``dataset`` (eval mode)."""
-    frame, _ = predict(model, dataset, loss_alpha=loss_alpha)
+def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], loss_alpha: float,
+             **predict_options: Any) -> dict[str, float]:
+    """C-index and mean survival loss on ``dataset`` (eval mode; options of :func:`predict`)."""
+    frame, _ = predict(model, dataset, loss_alpha=loss_alpha, **predict_options)
     return {"cindex": _safe_cindex(frame["time"], frame["event"], frame["risk"]),
             "loss": float(frame["loss"].mean()) if len(frame) else float("nan")}
+
+
+@dataclass
+class _EpochTotals:
+    """Per-bag values of one epoch, kept on the device until the epoch's log row."""
+
+    surv: list[torch.Tensor] = field(default_factory=list)
+    aux: list[torch.Tensor] = field(default_factory=list)
+    risk: list[torch.Tensor] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    events: list[int] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, item: dict[str, Any], surv: torch.Tensor, out: ModelOutput,
+            logits: torch.Tensor) -> None:
+        self.surv.append(surv.detach())
+        if out.aux_loss is not None:
+            self.aux.append(out.aux_loss.detach().float())
+        self.risk.append(risk_from_logits(logits.detach())[0])
+        self.times.append(float(item["time"]))
+        self.events.append(int(item["event"]))
+        for k, v in out.stats.items():
+            v = v.detach().float()
+            self.stats[k] = self.stats[k] + v if k in self.stats else v.clone()
+
+    def row(self) -> dict[str, Any]:
+        """The epoch's training columns of the log (the one copy to the host)."""
+        surv = _host(self.surv)
+        row: dict[str, Any] = {
+            "train_loss": float(np.mean(surv)),
+            "train_cindex": _safe_cindex(self.times, self.events, _host(self.risk)),
+        }
+        if self.aux:
+            row["train_aux_loss"] = float(np.mean(_host(self.aux)))
+        for k, v in self.stats.items():
+            row[f"mean_{k}"] = _to_float(v / len(surv))
+        return row
 
 
 def fit(
@@ -310,17 +423,27 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    workers: int | None = 0,
+    prefetch: int = 2,
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (a sequence of bag items) with the protocol above.
 
     Writes ``checkpoint.safetensors`` and ``log.jsonl`` into ``run_dir``; resumes from the
     checkpoint when one exists. The caller writes the final weights and metrics.
+
+    The model is moved to ``cfg.device`` and stays there; bags are read by ``workers``
+    processes, ``prefetch`` bags ahead each (:mod:`steph.data.loader`; 0 = in this process,
+    None = the default count), and moved to the device, where the forward pass runs under
+    ``cfg.precision``'s autocast. The survival loss and the logged values are float32; per-bag
+    values stay on the device and reach the host once per epoch, for the log row.
     """
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     repro = _start(cfg, run_dir, desc)
+    device = resolve_device(cfg.device)
+    amp_dtype = check_precision(device, cfg.precision)
     n = len(train)
     steps_per_epoch = n // cfg.bags_per_step
     if steps_per_epoch == 0:
@@ -330,99 +453,102 @@ def fit(
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N: its stream, allocator and pinned memory
+    model.to(device)
     opt = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps)
     )
+    scaler = grad_scaler(device, cfg.precision)
+    loaders: dict[str, Any] = {"workers": workers, "device": device,
+                               "dtype": amp_dtype or torch.float32, "prefetch": prefetch}
+    train_loader = BagLoader(train, **loaders)
+    test_loader = BagLoader(test, **loaders) if test is not None and len(test) else None
+    try:
+        ckpt = run_dir / CHECKPOINT
+        history: list[dict[str, Any]] = []
+        start_epoch, step = 0, 0
+        resumed = _load_checkpoint(run_dir, model, opt, desc, device, scaler, cfg.seed)
+        if resumed is not None:
+            start_epoch, step, history = resumed.epoch, resumed.step, resumed.history
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps), last_epoch=step - 1
+            )
+            log.info("%s: resuming after epoch %d", desc, start_epoch)
+        else:
+            torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
+            with autocast(device, amp_dtype):
+                head_info = initialize_head(model, train, cfg.head_init, cfg.loss_alpha,
+                                            seed=cfg.seed, items=lambda: iter(train_loader))
+            if head_info:
+                log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
+        begin_step = getattr(model, "begin_step", None)
+        end_step = getattr(model, "end_step", None)
+        epoch_start = getattr(model, "on_epoch_start", None)
+        module_epoch_end = getattr(model, "on_epoch_end", None)
 
-    ckpt = run_dir / CHECKPOINT
-    history: list[dict[str, Any]] = []
-    start_epoch, step = 0, 0
-    resumed = _load_checkpoint(run_dir, model, opt, desc)
-    if resumed is not None:
-        start_epoch, step, history = resumed.epoch, resumed.step, resumed.history
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps), last_epoch=step - 1
-        )
-        log.info("%s: resuming after epoch %d", desc, start_epoch)
-    else:
-        torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
-        head_info = initialize_head(model, train, cfg.head_init, cfg.loss_alpha, seed=cfg.seed)
-        if head_info:
-            log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
-    begin_step = getattr(model, "begin_step", None)
-    end_step = getattr(model, "end_step", None)
-    epoch_start = getattr(model, "on_epoch_start", None)
-    module_epoch_end = getattr(model, "on_epoch_end", None)
-
-    if history and module_epoch_end is not None:
-        module_epoch_end(history[-1])  # a process killed between the check and its effect
-    t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
-               initial=start_epoch, total=cfg.epochs, leave=False)
-    for epoch in bar:
-        model.train()
-        if epoch_start is not None:
-            epoch_start(epoch)
-        t_epoch = time.perf_counter()
-        order = _epoch_permutation(cfg.seed, epoch, n)[: steps_per_epoch * cfg.bags_per_step]
-        surv_losses, aux_losses, risks, times, events = [], [], [], [], []
-        stat_sums: dict[str, torch.Tensor] = {}
-        for s in range(steps_per_epoch):
-            opt.zero_grad(set_to_none=True)
-            if begin_step is not None:
-                begin_step()
-            for idx in order[s * cfg.bags_per_step:(s + 1) * cfg.bags_per_step]:
-                item = train[idx]
-                out: ModelOutput = forward_item(model, item)
-                surv = nll_survival_loss(out.logits, item["bin"].view(1),
-                                         torch.tensor([item["event"]]), alpha=cfg.loss_alpha)
-                loss = surv if out.aux_loss is None else surv + out.aux_loss
-                (loss / cfg.bags_per_step).backward()
-                surv_losses.append(float(surv.detach()))
-                if out.aux_loss is not None:
-                    aux_losses.append(float(out.aux_loss.detach()))
-                risks.append(float(risk_from_logits(out.logits.detach())[0]))
-                times.append(float(item["time"]))
-                events.append(int(item["event"]))
-                for k, v in out.stats.items():
-                    v = v.detach().float()
-                    stat_sums[k] = stat_sums[k] + v if k in stat_sums else v.clone()
-            if end_step is not None:
-                end_step()
-            opt.step()
-            sched.step()
-            step += 1
-            fault_point("train:step")
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(np.mean(surv_losses)),
-            "train_cindex": _safe_cindex(times, events, risks),  # from the training passes
-        }
-        if aux_losses:
-            row["train_aux_loss"] = float(np.mean(aux_losses))
-        for k, v in stat_sums.items():
-            row[f"mean_{k}"] = _to_float(v / len(surv_losses))
-        last = epoch + 1 == cfg.epochs
-        if test is not None and len(test) and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            ev = evaluate(model, test, cfg.loss_alpha)
-            row["test_cindex"], row["test_loss"] = ev["cindex"], ev["loss"]
-        row["seconds"] = round(time.perf_counter() - t_epoch, 3)
-        history.append(row)
-        _save_checkpoint(ckpt, model, opt, epoch + 1, step, history, threads=repro["threads"],
-                         final=epoch + 1 == cfg.epochs)
-        _write_log(run_dir / LOG_FILE, history)
-        fault_point("train:epoch")
-        if on_epoch_end is not None:
-            on_epoch_end(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
-        if bar.disable and progress:  # no terminal (a cluster log): one line per epoch instead
-            log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s)", desc, epoch + 1,
-                     cfg.epochs, row["train_loss"], row["train_cindex"],
-                     f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-", row["seconds"])
-        if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
-            module_epoch_end(row)
-    bar.close()
-    return TrainResult(history=history, resumed_from=start_epoch, seconds=time.perf_counter() - t0,
-                       extra={"reproducibility": repro})
+        if history and module_epoch_end is not None:
+            module_epoch_end(history[-1])  # a process killed between the check and its effect
+        t0 = time.perf_counter()
+        bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
+                   initial=start_epoch, total=cfg.epochs, leave=False)
+        for epoch in bar:
+            model.train()
+            if epoch_start is not None:
+                epoch_start(epoch)
+            t_epoch = time.perf_counter()
+            order = _epoch_permutation(cfg.seed, epoch, n)[: steps_per_epoch * cfg.bags_per_step]
+            items = train_loader.iterate(order)
+            totals = _EpochTotals()
+            for _ in range(steps_per_epoch):
+                opt.zero_grad(set_to_none=True)
+                if begin_step is not None:
+                    begin_step()
+                for _ in range(cfg.bags_per_step):
+                    item = next(items)
+                    with autocast(device, amp_dtype):
+                        out: ModelOutput = forward_item(model, item)
+                    logits = out.logits.float()
+                    event = torch.tensor([int(item["event"])], device=device)
+                    surv = nll_survival_loss(logits, item["bin"].view(1), event, alpha=cfg.loss_alpha)
+                    loss = surv if out.aux_loss is None else surv + out.aux_loss.float()
+                    scaler.scale(loss / cfg.bags_per_step).backward()
+                    totals.add(item, surv, out, logits)
+                if end_step is not None:
+                    end_step()
+                scaler.step(opt)  # opt.step() unless fp16 (unscaled, skipped on inf / NaN)
+                scaler.update()
+                sched.step()
+                step += 1
+                fault_point("train:step")
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **totals.row()}
+            last = epoch + 1 == cfg.epochs
+            if test_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                ev = evaluate(model, test_loader.data, cfg.loss_alpha, device=device,
+                              precision=cfg.precision, loader=test_loader)
+                row["test_cindex"], row["test_loss"] = ev["cindex"], ev["loss"]
+            row["seconds"] = round(time.perf_counter() - t_epoch, 3)
+            row["device"] = device_label(device)
+            history.append(row)
+            _save_checkpoint(ckpt, model, opt, epoch + 1, step, history, threads=repro["threads"],
+                             final=epoch + 1 == cfg.epochs, device=device, scaler=scaler)
+            _write_log(run_dir / LOG_FILE, history)
+            fault_point("train:epoch")
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
+            if bar.disable and progress:  # no terminal (a cluster log): one line per epoch instead
+                log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s, %s)", desc,
+                         epoch + 1, cfg.epochs, row["train_loss"], row["train_cindex"],
+                         f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-",
+                         row["seconds"], row["device"])
+            if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
+                module_epoch_end(row)
+        bar.close()
+        return TrainResult(history=history, resumed_from=start_epoch,
+                           seconds=time.perf_counter() - t0, extra={"reproducibility": repro})
+    finally:
+        train_loader.close()
+        if test_loader is not None:
+            test_loader.close()
