@@ -60,6 +60,7 @@ from steph.models.registry import model_class
 from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
+from steph.utils.faults import fault_point
 from steph.utils.io import read_json, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
@@ -387,6 +388,7 @@ class Experiment:
                 fit(built.module, train, self.cfg.train, run, progress=False,
                     desc=f"{job} search target {j}")
                 save_tensors(run / weights, built.module.state_dict())
+                fault_point("search:target")
                 (run / CHECKPOINT).unlink(missing_ok=True)
             return run / weights
 

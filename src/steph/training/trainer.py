@@ -388,6 +388,7 @@ def fit(
                 for k, v in out.stats.items():
                     v = v.detach().float()
                     stat_sums[k] = stat_sums[k] + v if k in stat_sums else v.clone()
+                fault_point("train:bag")
             if end_step is not None:
                 end_step()
             opt.step()

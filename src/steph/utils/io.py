@@ -84,6 +84,7 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
         if backup is not None and path.exists():
             os.replace(path, backup)
             moved_to_backup = True
+            fault_point(f"backup:{path.name}")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except OSError as e:
