@@ -61,7 +61,7 @@ from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
 from steph.utils.faults import fault_point
-from steph.utils.io import read_json, save_tensors, write_csv, write_json
+from steph.utils.io import read_json, remove_temporaries, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
 
@@ -303,6 +303,8 @@ class Experiment:
         if done is not None:
             return done
         started_at = time.time()
+        if path.is_dir():  # held under its lease: what a killed process left is ours to clear
+            remove_temporaries(path, recursive=True)
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold, job.repeat)

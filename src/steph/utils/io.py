@@ -96,6 +96,19 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
             tmp_path.unlink(missing_ok=True)
 
 
+def remove_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files (``.<name>.<random>.tmp``) that the atomic writes of a
+    process killed while writing left in `folder` (and its subfolders with `recursive`);
+    return them. Only for a folder that no other process writes to meanwhile (a run directory
+    under its lease): a live writer's temporary file would go too."""
+    folder = Path(folder)
+    found = sorted(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
+    for tmp in found:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return found
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
