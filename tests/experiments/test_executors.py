@@ -193,3 +193,16 @@ def test_each_run_depends_on_its_own_prerequisites_only(tiny_data, tmp_path):
         assert opts["retry_exceptions"] is False and opts["name"] == str(job)
     assert len(fake.submitted[ref_of[Job("RELA", "steph", 1)]][1]) == 3  # not all 6 ABMIL runs
     assert outcome.metrics[Job("TGT", "steph", 1)] == {"job": "TGT/steph/fold1"}
+
+
+def test_grid_error_names_each_distinct_error_once():
+    from steph.experiments.executors import GridError
+
+    full = "cannot write RUNS/theta0.safetensors: No space left on device (errno 28)"
+    failed = {Job("TGT", m, k): full for m in ("abmil", "steph") for k in (0, 1)}
+    failed[Job("RELA", "abmil", 0)] = "RELA/labels.csv: not found"
+    text = str(GridError(failed, 6))
+    assert text.splitlines() == [
+        "5 of 6 run(s) failed:",
+        f"  TGT/abmil/fold0, TGT/abmil/fold1, TGT/steph/fold0 and 1 more: {full}",
+        "  RELA/abmil/fold0: RELA/labels.csv: not found"]

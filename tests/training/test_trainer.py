@@ -139,6 +139,20 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
     _same_result(ref, ref_res, resumed, res)
 
 
+def test_resume_after_the_last_epoch_completes_its_log(tmp_path):
+    """Killed after the last checkpoint, before the log of that epoch was written: the rerun
+    trains nothing more but writes the log of every epoch (the kill harness, tests/faults,
+    found the last row missing)."""
+    cfg = TrainConfig(epochs=2, bags_per_step=3, eval_every=1)
+    bags = make_bags(10)
+    fit(small_model(), bags, cfg, tmp_path, progress=False)
+    log = tmp_path / "log.jsonl"
+    full = log.read_text()
+    log.write_text(full.splitlines(keepends=True)[0])  # the state the kill left
+    res = fit(small_model(), bags, cfg, tmp_path, progress=False)
+    assert res.resumed_from == 2 and log.read_text() == full
+
+
 def test_same_seed_same_weights_different_seed_differs(tmp_path):
     bags = make_bags(8)
     out = []

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from steph.utils.faults import _parse
+from steph.errors import RunError
+from steph.utils.faults import _parse, read_trace
 
 CODE = """
 from steph.utils.io import write_text
@@ -34,6 +35,30 @@ def test_kill_at_the_nth_write_once(tmp_path):
 def test_prefix_and_count(tmp_path):
     assert _run(tmp_path, "write:f*@3") == -9
     assert (tmp_path / "f1.txt").exists() and not (tmp_path / "f2.txt").exists()
+
+
+def test_trace_lists_every_point_reached_and_kills_nothing(tmp_path):
+    trace = tmp_path / "trace"
+    assert _run(tmp_path, f"trace:{trace}") == 0
+    assert read_trace(trace) == [("write:f0.txt", 1), ("write:f1.txt", 1), ("write:f2.txt", 1)]
+    assert _run(tmp_path, f"trace:{trace}") == 0  # appended: the counts are the process's
+    assert read_trace(trace)[3:] == [("write:f0.txt", 1), ("write:f1.txt", 1), ("write:f2.txt", 1)]
+
+
+def test_enospc_fails_that_write_as_a_full_disk_would(tmp_path, monkeypatch):
+    from steph.utils import faults
+    from steph.utils.io import write_text
+
+    monkeypatch.setenv("STEPH_FAULT", "enospc:write:b.txt@2")
+    monkeypatch.setattr(faults, "_counts", {})
+    write_text(tmp_path / "b.txt", "first")  # the first time: written
+    with pytest.raises(RunError, match=r"cannot write .*b\.txt: No space left on device "
+                                       r"\(errno 28\); the previous version, if any, is unchanged"):
+        write_text(tmp_path / "b.txt", "second")
+    assert (tmp_path / "b.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]  # no temporary file left
+    write_text(tmp_path / "b.txt", "third")  # only the n-th time
+    assert (tmp_path / "b.txt").read_text() == "third"
 
 
 def test_bad_spec():

@@ -206,3 +206,17 @@ def test_metadata_from_the_header_and_packed_metadata(tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2]  ")
     with pytest.raises(CorruptFileError, match="damaged safetensors header"):
         load_tensor_metadata(path)
+
+
+def test_remove_temporaries_clears_what_killed_writes_left(tmp_path):
+    run = tmp_path / "run"
+    (run / "search").mkdir(parents=True)
+    for name in (".model.safetensors.ab12.tmp", "search/.score.json.cd34.tmp", "keep.tmp",
+                 "model.safetensors"):
+        (run / name).write_text("x")
+    assert [p.name for p in sio.remove_temporaries(run)] == [".model.safetensors.ab12.tmp"]
+    assert (run / "search" / ".score.json.cd34.tmp").exists()
+    assert [p.name for p in sio.remove_temporaries(run, recursive=True)] == [
+        ".score.json.cd34.tmp"]
+    assert sorted(p.name for p in run.rglob("*") if p.is_file()) == ["keep.tmp",
+                                                                     "model.safetensors"]

@@ -196,20 +196,33 @@ def create_splits(patients: Any, k: int = DEFAULT_K, seed: int = 0,
 # --------------------------------------------------------------------------------------------
 
 
+def _split_frame(s: Split) -> pd.DataFrame:
+    return pd.DataFrame({
+        "patient_id": list(s.train_ids) + list(s.test_ids),
+        "split": ["train"] * len(s.train_ids) + ["test"] * len(s.test_ids),
+    })
+
+
 def write_splits(splits: Sequence[Split], out_dir: str | os.PathLike) -> list[Path]:
     """Write ``out_dir/fold_{k}.csv`` (``patient_id,split``) for each split, atomically."""
     out_dir = Path(out_dir)
     check_splits(splits, source=out_dir)
     paths = []
     for s in splits:
-        df = pd.DataFrame({
-            "patient_id": list(s.train_ids) + list(s.test_ids),
-            "split": ["train"] * len(s.train_ids) + ["test"] * len(s.test_ids),
-        })
         path = out_dir / f"fold_{s.fold}.csv"
-        write_csv(path, df)
+        write_csv(path, _split_frame(s))
         paths.append(path)
     return paths
+
+
+def _interrupted_write(out_dir: Path, splits: Sequence[Split]) -> bool:
+    """Whether ``out_dir`` holds part of what :func:`write_splits` writes for ``splits``, and
+    nothing else: the fold files of a process that stopped before the last one (or before
+    ``splits_meta.json``, written last), each with the content it would write again."""
+    expected = {f"fold_{s.fold}.csv": _split_frame(s).to_csv(index=False).encode()
+                for s in splits}
+    found = [p for p in out_dir.iterdir() if p.is_file() and _is_split_file(p.name)]
+    return all(p.name in expected and p.read_bytes() == expected[p.name] for p in found)
 
 
 def _read_str_table(path: Path) -> pd.DataFrame:
@@ -395,13 +408,17 @@ def check_split_overlap(split: Split, source: Any = None) -> None:
                         f"test: {_listing(both)}")
 
 
+def _is_split_file(name: str) -> bool:
+    """Whether a file of this name is a split file steph can read."""
+    return bool(_NATIVE_RE.match(name) or _MCAT_RE.match(name) or _PERFOLD_RE.match(name))
+
+
 def has_split_files(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds split files steph can read (a cohort's own ``splits/``)."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    return any(_NATIVE_RE.match(p.name) or _MCAT_RE.match(p.name) or _PERFOLD_RE.match(p.name)
-               for p in folder.iterdir() if p.is_file())
+    return any(_is_split_file(p.name) for p in folder.iterdir() if p.is_file())
 
 
 def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFAULT_K,
@@ -411,7 +428,9 @@ def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFA
     1. The cohort's own ``splits/`` folder when it holds split files (read against the
        cohort's patients; its fold count wins over `k`, with a warning if they differ).
     2. Else ``out_dir/fold_*.csv`` written by an earlier call (re-read; they must have been
-       made for the same `k` and `seed` and cover the cohort's patients exactly).
+       made for the same `k` and `seed` and cover the cohort's patients exactly). Fold files
+       without ``splits_meta.json`` (written last) that hold what this call would write are
+       those of a process that stopped while writing them: they are written again.
     3. Else create them (:func:`create_splits`), write them to `out_dir` with a small
        ``splits_meta.json``, and return what was written, re-read."""
     ids = list(cohort.patient_ids)
@@ -429,28 +448,42 @@ def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFA
 
     out_dir = Path(out_dir)
     meta_path = out_dir / META_FILE
+    splits = None
     if has_split_files(out_dir):
-        meta = read_json(meta_path) if meta_path.is_file() else {}
-        if meta and (meta.get("k") != k or meta.get("seed") != seed):
-            raise DataError(f"{out_dir}: holds splits made with k={meta.get('k')}, "
-                            f"seed={meta.get('seed')}; asked for k={k}, seed={seed}. Delete "
-                            "the folder or choose another one")
-        splits = read_splits(out_dir, ids)
-        if len(splits) != k:
-            raise DataError(f"{out_dir}: holds {len(splits)} fold(s), asked for k={k}; delete "
-                            "the folder or choose another one")
-        try:
-            check_splits(splits, ids, partition=True, source=out_dir)
-        except DataError as e:
-            raise DataError(f"{e}. The splits in {out_dir} do not match cohort "
-                            f"{cohort.name!r} any more; delete them to recreate") from e
-        logger.info("cohort %s: re-using the %d fold(s) in %s", cohort.name, k, out_dir)
-        return splits
-
-    splits = create_splits(cohort, k=k, seed=seed)
+        if not meta_path.is_file():
+            fresh = create_splits(cohort, k=k, seed=seed)
+            if _interrupted_write(out_dir, fresh):
+                logger.warning("cohort %s: %s holds the folds of a write that stopped before "
+                               "it finished; writing them again", cohort.name, out_dir)
+                splits = fresh
+        if splits is None:
+            return _reuse_splits(cohort, out_dir, ids, k, seed)
+    splits = splits or create_splits(cohort, k=k, seed=seed)
     write_splits(splits, out_dir)
     write_json(meta_path, {"cohort": cohort.name, "k": k, "seed": seed,
                            "n_patients": len(ids), "stratified_by": "event x time quantile"})
     logger.info("cohort %s: created %d stratified fold(s) (seed %d) in %s", cohort.name, k,
                 seed, out_dir)
     return read_splits(out_dir, ids)
+
+
+def _reuse_splits(cohort: Any, out_dir: Path, ids: list[str], k: int, seed: int
+                  ) -> list[Split]:
+    """The folds an earlier call wrote to ``out_dir``, checked against the request."""
+    meta_path = out_dir / META_FILE
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if meta and (meta.get("k") != k or meta.get("seed") != seed):
+        raise DataError(f"{out_dir}: holds splits made with k={meta.get('k')}, "
+                        f"seed={meta.get('seed')}; asked for k={k}, seed={seed}. Delete "
+                        "the folder or choose another one")
+    splits = read_splits(out_dir, ids)
+    if len(splits) != k:
+        raise DataError(f"{out_dir}: holds {len(splits)} fold(s), asked for k={k}; delete "
+                        "the folder or choose another one")
+    try:
+        check_splits(splits, ids, partition=True, source=out_dir)
+    except DataError as e:
+        raise DataError(f"{e}. The splits in {out_dir} do not match cohort "
+                        f"{cohort.name!r} any more; delete them to recreate") from e
+    logger.info("cohort %s: re-using the %d fold(s) in %s", cohort.name, k, out_dir)
+    return splits

@@ -62,7 +62,8 @@ from steph.survival.bins import TimeBins
 from steph.survival.metrics import concordance_index
 from steph.training.trainer import CHECKPOINT, fit, predict
 from steph.utils.device import check_precision, device_description, resolve_device
-from steph.utils.io import read_json, save_tensors, write_csv, write_json
+from steph.utils.faults import fault_point
+from steph.utils.io import read_json, remove_temporaries, save_tensors, write_csv, write_json
 
 log = logging.getLogger("steph.experiments")
 
@@ -320,6 +321,8 @@ class Experiment:
         if done is not None:
             return done
         started_at = time.time()
+        if path.is_dir():  # held under its lease: what a killed process left is ours to clear
+            remove_temporaries(path, recursive=True)
         method: Method = get_method(job.method)
         cohort = self.cohort(job.cohort)
         split = self.split(job.cohort, job.fold, job.repeat)
@@ -405,6 +408,7 @@ class Experiment:
                 fit(built.module, train, self.cfg.train, run, progress=False,
                     desc=f"{job} search target {j}", **self._pipeline())
                 save_tensors(run / weights, built.module.state_dict())
+                fault_point("search:target")
                 (run / CHECKPOINT).unlink(missing_ok=True)
             return run / weights
 

@@ -60,7 +60,9 @@ class GridOutcome:
 
 class GridError(RunError):
     """Some runs of the grid failed; ``failed`` maps each to its one-line error and ``summary``
-    is the summary of the runs that finished (when it was written)."""
+    is the summary of the runs that finished (when it was written). The message has a line
+    per distinct error, naming the runs it stopped (e.g. a full disk while theta_0 was
+    written stops every run of the network: one line, not one per run)."""
 
     def __init__(self, failed: Mapping[Job, str], total: int, summary: Any = None,
                  where: str | Path | None = None):
@@ -69,8 +71,16 @@ class GridError(RunError):
         head = f"{len(self.failed)} of {total} run(s) failed"
         if where is not None:
             head += f" (the summary of the {total - len(self.failed)} finished is in {where})"
-        lines = [f"{head}:"] + [f"  {job}: {err}" for job, err in self.failed.items()]
+        runs_of: dict[str, list[str]] = {}
+        for job, err in self.failed.items():
+            runs_of.setdefault(err, []).append(str(job))
+        lines = [f"{head}:"] + [f"  {_some(runs)}: {err}" for err, runs in runs_of.items()]
         super().__init__("\n".join(lines))
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 class Executor(Protocol):

@@ -32,6 +32,7 @@ import yaml
 from steph.config import ModelConfig, without_performance_keys
 from steph.errors import RunError
 from steph.models import create_model
+from steph.utils.faults import fault_point
 from steph.utils.io import load_tensors, read_json, save_tensors, write_json, write_text
 
 THETA0 = "theta0.safetensors"  # ABMIL's; theta0-<arch>.safetensors for the other networks
@@ -178,10 +179,12 @@ def start_over(path: Path, restart: Any, n_before: int) -> dict[str, Any]:
     log_path = path / LOG_FILE
     if log_path.exists():
         history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    for ckpt in path.glob(CHECKPOINT.replace(".safetensors", "*.safetensors")):
+    for ckpt in sorted(path.glob(CHECKPOINT.replace(".safetensors", "*.safetensors"))):
         ckpt.unlink()
+        fault_point("restart:checkpoint")
     if log_path.exists():
         os.replace(log_path, path / f"log.attempt{n_before}.jsonl")
+        fault_point("restart:log")
     entry = {"reason": restart.reason, "overrides": restart.overrides,
              "stopped_after_epoch": history[-1]["epoch"] if history else 0}
     write_json(path / ATTEMPTS, [*read_attempts(path), entry])

@@ -24,9 +24,10 @@ last, ``selection.json``. An interrupted search resumes where it stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ from steph.config import ExperimentConfig
 from steph.data.splits import create_splits
 from steph.errors import RunError
 from steph.methods.registry import SearchSpec
+from steph.utils.faults import fault_point
 from steph.utils.io import read_json, write_json
 
 log = logging.getLogger("steph.experiments")
@@ -110,6 +112,7 @@ def run_search(spec: SearchSpec, root: Path, patients: pd.DataFrame, split_seed:
                 c = train_candidate(j, value, split.train_ids, split.test_ids, target, cand)
                 write_json(score_path, {"c_index": c, "n_train": len(split.train_ids),
                                         "n_val": len(split.test_ids)})
+                fault_point("search:candidate")
             per_fold[str(value)].append(c)
             log.info("search %s inner fold %d/%d: %s=%s -> C %.4f", root.parent.name, j + 1,
                      len(inner), spec.key, value, c)

@@ -72,7 +72,13 @@ from steph.utils.device import (
     set_rng_state,
 )
 from steph.utils.faults import fault_point
-from steph.utils.io import load_tensor_metadata, read_safetensors, save_tensors, write_text
+from steph.utils.io import (
+    load_tensor_metadata,
+    read_safetensors,
+    remove_temporaries,
+    save_tensors,
+    write_text,
+)
 
 log = logging.getLogger("steph.training")
 
@@ -270,8 +276,7 @@ def _load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
 def _start(cfg: TrainConfig, run_dir: Path, desc: str) -> dict[str, Any]:
     """Pin the thread count (resumed runs keep their recorded one) and the determinism
     switches; remove temporary files left by a killed process; return what is in effect."""
-    for stale in run_dir.glob(".checkpoint*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_temporaries(run_dir)
     threads = cfg.threads
     for path in (run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV):
         if path.exists():
@@ -475,6 +480,9 @@ def fit(
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: cosine_with_warmup(s, warmup_steps, total_steps), last_epoch=step - 1
             )
+            # the log as of the checkpoint: a process killed between the two writes left it an
+            # epoch short (after the last epoch nothing would write it again)
+            _write_log(run_dir / LOG_FILE, history)
             log.info("%s: resuming after epoch %d", desc, start_epoch)
         else:
             torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
@@ -515,6 +523,7 @@ def fit(
                     loss = surv if out.aux_loss is None else surv + out.aux_loss.float()
                     scaler.scale(loss / cfg.bags_per_step).backward()
                     totals.add(item, surv, out, logits)
+                    fault_point("train:bag")
                 if end_step is not None:
                     end_step()
                 scaler.step(opt)  # opt.step() unless fp16 (unscaled, skipped on inf / NaN)

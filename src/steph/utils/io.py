@@ -84,6 +84,7 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
         if backup is not None and path.exists():
             os.replace(path, backup)
             moved_to_backup = True
+            fault_point(f"backup:{path.name}")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except OSError as e:
@@ -93,6 +94,19 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files (``.<name>.<random>.tmp``) that the atomic writes of a
+    process killed while writing left in `folder` (and its subfolders with `recursive`);
+    return them. Only for a folder that no other process writes to meanwhile (a run directory
+    under its lease): a live writer's temporary file would go too."""
+    folder = Path(folder)
+    found = sorted(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
+    for tmp in found:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return found
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
