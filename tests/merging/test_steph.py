@@ -217,7 +217,7 @@ def test_needs_a_source():
 def test_complete_start_sets_w_near_one_over_k():
     pool = make_pool(m=6)
     torch.manual_seed(7)
-    model = STEPH(pool.stack(), HP, StephConfig(embed_dim=10, top_k=5))
+    model = STEPH(pool.stack(), HP, StephConfig(embed_dim=10, top_k=5, w_init="complete"))
     with torch.no_grad():  # remove the random part of H_agg's output: what is left is the bias
         model.h_agg[-1].weight.zero_()
     w, _ = model.weights(torch.randn(5, HP["in_dim"]))

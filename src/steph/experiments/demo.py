@@ -35,8 +35,10 @@ def demo_methods() -> list[str]:
 
 def source_weights(runs_root: str | Path, target: str = DEMO_TARGET,
                    method: str = "steph") -> pd.DataFrame:
-    """Mean merge weight w of every source over the last epoch, per fold (rows) and source
-    (columns), from the STEPH runs' log.jsonl."""
+    """Coefficient of every source's own task vector in STEPH's merge, w (1 - lambda), mean over
+    the last epoch's bags, per fold (rows) and source (columns), from the runs' log.jsonl (a log
+    written before steph logged it: mean w x (1 - mean lambda)). w alone would also count the
+    target's share: a source slot with lambda = 1 merges tau_t only."""
     rows = {}
     for run in sorted(Path(runs_root, target, method).glob("fold*")):
         log_path, manifest = run / "log.jsonl", run / "model.json"
@@ -44,8 +46,11 @@ def source_weights(runs_root: str | Path, target: str = DEMO_TARGET,
             continue
         last = json.loads(log_path.read_text().splitlines()[-1])
         sources = json.loads(manifest.read_text())["settings"]["sources"]
-        if "mean_w" in last:
-            rows[run.name] = dict(zip(sources, last["mean_w"]))
+        if "mean_source_coef" in last:
+            rows[run.name] = dict(zip(sources, last["mean_source_coef"]))
+        elif "mean_w" in last:
+            rows[run.name] = {s: w * (1 - lam) for s, w, lam in
+                              zip(sources, last["mean_w"], last["mean_lambda"])}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -64,12 +69,13 @@ def top_sources_text(runs_root: str | Path, data_root: str | Path,
         return ""
     fam = family_of(data_root)
     mean = w.mean().sort_values(ascending=False)
-    lines = [f"Sources STEPH weighted most on {target} (mean last-epoch w over {len(w)} folds):"]
+    lines = [f"Sources STEPH weighted most on {target}: coefficient w (1 - lambda) of each "
+             f"source's task vector (last epoch, mean over {len(w)} folds):"]
     for name, value in mean.items():
         tag = ""
         if fam:
             tag = " (related)" if fam.get(name) == fam.get(target) else " (unrelated)"
-        lines.append(f"  {name:8s} w = {value:.3f}{tag}")
+        lines.append(f"  {name:8s} {value:.3f}{tag}")
     return "\n".join(lines)
 
 

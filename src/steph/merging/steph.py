@@ -257,7 +257,10 @@ class STEPH(nn.Module):
         l_agg, l_mix = self.aux_losses(w, lam, mask)
         aux = self.gamma() * l_agg + self.cfg.beta * l_mix
         alive = ((w.detach() * mask) > 0).any().float()  # 1 if a selected source contributes
-        stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach(), "alive": alive}
+        # source_coef: the coefficient of each source's own task vector, w (1 - lambda) if
+        # selected (w alone also carries tau_t's share when lambda is near 1)
+        stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach(), "alive": alive,
+                 "source_coef": (w * (1 - lam) * mask).detach()}
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
     def on_epoch_end(self, row: dict[str, Any]) -> None:
