@@ -346,7 +346,8 @@ def _config(train: dict[str, Any] | None = None, steph: dict[str, Any] | None = 
 MAIN = Grid("main", "abmil,steph,adamerging", _config())
 # a STEPH that collapses (huge gamma and learning rate): its guard restarts it with gamma 0
 GUARD = Grid("guard", "abmil,steph", _config(train={"lr": 0.05, "head_init": "baseline"},
-                                              steph={"gamma": 1000.0, "gamma_grid": [0.0, 1000.0]}),
+                                              steph={"gamma": 1000.0, "gamma_grid": [0.0, 1000.0],
+                                                     "w_init": "complete"}),
              folds="0", sources="RELA")
 # STEPH's gamma chosen by an inner 2-fold search over 2 values
 SEARCH = Grid("search", "abmil,steph", _config(train={"epochs": 1},

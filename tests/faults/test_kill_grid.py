@@ -20,17 +20,20 @@ import harness as H
 
 # (point, which occurrence, what moment it is[, faults of the reruns that follow])
 DEFAULT = [
-    ("write:fold_1.csv", "first", "the splits half written"),
     ("write:theta0.safetensors", "first", "theta_0 being written"),
     ("train:bag", "middle", "between the bags of an optimiser step"),
-    ("train:step", "last", "after the last optimiser step of the grid"),
     ("train:epoch", "middle", "after an epoch; killed again twice while resuming",
      ("write:log.jsonl@1", "train:step@2")),
-    ("write:checkpoint.safetensors", "middle", "a checkpoint being written"),
     ("backup:checkpoint.safetensors", "last", "between a checkpoint's two renames"),
+    ("write:metrics.json", "last", "the last run's metrics being written"),
+]
+# more moments, each a kill and a rerun of the grid (about 10 s each): with -m slow
+MORE = [
+    ("write:fold_1.csv", "first", "the splits half written"),
+    ("train:step", "last", "after the last optimiser step of the grid"),
+    ("write:checkpoint.safetensors", "middle", "a checkpoint being written"),
     ("write:log.jsonl", "last", "the last epoch's log being written"),
     ("write:predictions.csv", "middle", "predictions being written"),
-    ("write:metrics.json", "last", "the last run's metrics being written"),
     ("write:summary.csv", "first", "the summary being written"),
 ]
 
@@ -46,6 +49,12 @@ def _run(h: H.Harness, kills: list[H.KillPoint], verdicts: dict, scenario: str) 
 def test_kill_points_of_the_grid(main_grid, verdicts):
     kills = [main_grid.at(*spec) for spec in DEFAULT]
     _run(main_grid, kills, verdicts, "ABMIL + STEPH + AdaMerging grid")
+
+
+@pytest.mark.slow
+def test_more_kill_points_of_the_grid(main_grid, verdicts):
+    kills = [main_grid.at(*spec) for spec in MORE]
+    _run(main_grid, kills, verdicts, "ABMIL + STEPH + AdaMerging grid, more moments")
 
 
 def test_kill_during_a_collapse_guard_restart(guard_grid, verdicts):

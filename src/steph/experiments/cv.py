@@ -252,6 +252,23 @@ class Experiment:
         ordered = first + [j for j in jobs if get_method(j.method).needs_pool]
         return list(dict.fromkeys(ordered))
 
+    def _prepare_one(self, job: Job, arch: str, unwritable: dict[str, str]) -> str:
+        """Splits of ``job``'s cohort and its network's theta_0; the one-line error or ''. A
+        theta_0 that could not be written (a full disk) stops every run of its network, with
+        one error, instead of being retried cohort after cohort."""
+        try:
+            self.splits(job.cohort, job.repeat)
+        except StephError as err:
+            return one_line(err)
+        try:
+            self.theta0(self.cohort(job.cohort).feature_dim, arch)
+        except RunError as err:
+            unwritable[arch] = one_line(err)
+            return unwritable[arch]
+        except StephError as err:  # this cohort's input (e.g. its feature dimension)
+            return one_line(err)
+        return ""
+
     def prepare(self, jobs: Sequence[Job]) -> dict[Job, str]:
         """Create what runs share before any of them starts: the splits of every cohort and
         repeat in ``jobs`` and the theta_0 of each network they train (from the first cohort that
@@ -259,16 +276,12 @@ class Experiment:
         (their runs cannot start)."""
         failed: dict[Job, str] = {}
         errors: dict[tuple[str, int, str], str] = {}
+        unwritable: dict[str, str] = {}  # arch -> why its theta_0 could not be written
         for job in jobs:
             arch = get_method(job.method).network(self.cfg)  # the network's own theta_0
             key = (job.cohort, job.repeat, arch)
             if key not in errors:
-                try:
-                    self.splits(job.cohort, job.repeat)
-                    self.theta0(self.cohort(job.cohort).feature_dim, arch)
-                    errors[key] = ""
-                except StephError as err:
-                    errors[key] = one_line(err)
+                errors[key] = unwritable.get(arch) or self._prepare_one(job, arch, unwritable)
             if errors[key]:
                 failed[job] = errors[key]
         return failed
