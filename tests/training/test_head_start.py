@@ -130,3 +130,31 @@ def test_fitted_start_ranks_training_patients_before_any_step():
 def test_unknown_mode():
     with pytest.raises(ValueError):
         initialize_head(_model(), _bags(), "bogus", 0.5)
+
+
+class _SmallSpread(torch.nn.Module):
+    """An embedding whose spread between bags (0.01 x the mean of the first feature) is far
+    smaller than what training mode adds (noise of sd ``noise``), as Patch-GCN's."""
+
+    def __init__(self, noise: float):
+        super().__init__()
+        self.survival_head = torch.nn.Linear(6, 4)
+        self.noise = noise
+
+    def head_input(self, x):
+        z = 1.0 + 0.01 * x.mean(0)
+        return z + self.noise * torch.randn(6) if self.training else z
+
+
+def test_a_head_too_sensitive_to_training_noise_is_refitted_on_training_mode_embeddings():
+    bags = _bags(n=60)
+    quiet = _SmallSpread(noise=0.0)
+    info_quiet = initialize_head(quiet, bags, "fit", 0.0)
+    assert info_quiet["head_noise_ratio"] == pytest.approx(1.0) and "head_fit_on" not in info_quiet
+    noisy = _SmallSpread(noise=0.5)
+    rng_before = torch.random.get_rng_state()
+    info = initialize_head(noisy, bags, "fit", 0.0)
+    assert info["head_noise_ratio"] > 3 and info["head_fit_on"] == "training-mode embeddings"
+    # fitted to the noisy embeddings, the head is far less steep than the eval-mode fit
+    assert noisy.survival_head.weight.abs().max() < 0.2 * quiet.survival_head.weight.abs().max()
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # training's draws unchanged

@@ -42,6 +42,9 @@ log = logging.getLogger("steph.training")
 
 HEAD_INITS = ("reference", "baseline", "null", "fit")
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# A fitted head whose logits spread this many times wider on training-mode embeddings than on
+# the eval-mode ones it was fitted to is refitted on the training-mode ones.
+NOISE_RATIO_LIMIT = 3.0
 
 
 def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str,
@@ -68,6 +71,19 @@ def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str
         return {}
     z = head_inputs(model, train if items is None else items())
     weight, bias, info = fit_ph_head(z, bins, events, times, base, loss_alpha, seed=seed)
+    # Training runs the network in training mode (dropout). A head fitted to an embedding whose
+    # spread between patients is small next to that noise (Patch-GCN's) would see logits many
+    # times wider than the fit's and diverge at the first step: then refit it on the
+    # training-mode embeddings it will see (the RNG forked: training's own draws are unchanged).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        noisy = head_inputs(model, train if items is None else items(), training=True)
+    w = weight[0].double()
+    ratio = float((noisy @ w).std() / (z @ w).std().clamp_min(1e-12))
+    info["head_noise_ratio"] = round(ratio, 3)
+    if ratio > NOISE_RATIO_LIMIT:
+        weight, bias, refit = fit_ph_head(noisy, bins, events, times, base, loss_alpha, seed=seed)
+        info.update(refit, head_fit_on="training-mode embeddings")
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         head.bias.copy_(bias.to(head.bias))
@@ -85,11 +101,13 @@ def _labels(train: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, data: Iterable[dict[str, Any]]) -> torch.Tensor:
+def head_inputs(model: nn.Module, data: Iterable[dict[str, Any]],
+                training: bool = False) -> torch.Tensor:
     """What enters the head for every bag, in eval mode (n, d), float64 on the CPU (computed
-    where the model and the items are; copied to the host once)."""
+    where the model and the items are; copied to the host once). ``training``: in training
+    mode instead (dropout on)."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         rows = [model.head_input(item["features"], **module_bag_inputs(model, item)).reshape(-1)
                 for item in data]
@@ -131,8 +149,14 @@ def fit_ph_head(z: torch.Tensor, bins: np.ndarray, events: np.ndarray, times: np
     The ridge is chosen by ``n_folds``-fold cross-validation of Harrell's C on the given
     (training) patients, ties to the larger ridge; then refitted on all of them."""
     z = z.double()
-    mu, sd = z.mean(0), z.std(0).clamp_min(1e-6)
-    x = (z - mu) / sd
+    mu, sd = z.mean(0), z.std(0)
+    # Features (almost) constant over the training patients get no weight: standardised, their
+    # tiny spread would become a huge weight, and in training (dropout on) or on new patients
+    # they vary far more than here (Patch-GCN's embedding has such features: the head start
+    # then diverged at the first step).
+    keep = sd > 1e-3 * float(sd.median().clamp_min(1e-12))
+    sd = torch.where(keep, sd, torch.ones_like(sd))
+    x = (z - mu) / sd * keep
     b = torch.as_tensor(bins, dtype=torch.int64)
     e = torch.as_tensor(events, dtype=torch.int64)
     scores = []
@@ -150,6 +174,7 @@ def fit_ph_head(z: torch.Tensor, bins: np.ndarray, events: np.ndarray, times: np
     ridge = max(finite)[1] if finite else max(grid)  # ties: larger ridge (max of (s, r))
     v, c = _fit_v(x, b, e, base_logits, alpha, ridge)
     n_bins = base_logits.numel()
+    v = v * keep
     weight = (v / sd).float().expand(n_bins, -1).clone()
     bias = (c - (v / sd) @ mu).float()
     info = {"head_ridge": ridge, "head_cv_cindex": dict(zip(map(str, grid), scores))}
