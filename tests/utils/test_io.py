@@ -220,3 +220,19 @@ def test_remove_temporaries_clears_what_killed_writes_left(tmp_path):
         ".score.json.cd34.tmp"]
     assert sorted(p.name for p in run.rglob("*") if p.is_file()) == ["keep.tmp",
                                                                      "model.safetensors"]
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    import os
+    import stat
+
+    from steph.utils.io import write_text
+
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o640

@@ -59,6 +59,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = None
                 ) -> Iterator[Path]:
@@ -71,7 +77,10 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:  # mkstemp makes the file 0600: give it the mode a plain open() would
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise RunError(f"cannot write {path}: {_reason(e)}") from e
     tmp_path = Path(tmp)
