@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness as H
+import pytest
 
 from steph.training.trainer import _read_checkpoint
 
@@ -50,6 +51,7 @@ def test_full_disk_while_writing_a_checkpoint(main_grid, tmp_path):
     _rerun_equals_reference(main_grid, out)
 
 
+@pytest.mark.slow  # the checkpoint and theta_0 cases run in make test
 def test_full_disk_while_writing_metrics(main_grid, tmp_path):
     out = tmp_path / "runs"
     _, path = _full_disk(main_grid, "write:metrics.json@3", out)
@@ -59,6 +61,7 @@ def test_full_disk_while_writing_metrics(main_grid, tmp_path):
     _rerun_equals_reference(main_grid, out)
 
 
+@pytest.mark.slow  # the checkpoint and theta_0 cases run in make test
 def test_full_disk_while_writing_the_summary(main_grid, tmp_path):
     out = tmp_path / "runs"
     shutil.copytree(main_grid.reference_dir, out)  # a finished grid, summarised once

@@ -20,15 +20,15 @@ import harness as H
 
 # (point, which occurrence, what moment it is[, faults of the reruns that follow])
 DEFAULT = [
-    ("write:theta0.safetensors", "first", "theta_0 being written"),
     ("train:bag", "middle", "between the bags of an optimiser step"),
     ("train:epoch", "middle", "after an epoch; killed again twice while resuming",
      ("write:log.jsonl@1", "train:step@2")),
     ("backup:checkpoint.safetensors", "last", "between a checkpoint's two renames"),
-    ("write:metrics.json", "last", "the last run's metrics being written"),
 ]
-# more moments, each a kill and a rerun of the grid (about 10 s each): with -m slow
+# more moments, each a kill and a rerun of the grid (about 10-20 s each): with -m slow
 MORE = [
+    ("write:theta0.safetensors", "first", "theta_0 being written"),
+    ("write:metrics.json", "last", "the last run's metrics being written"),
     ("write:fold_1.csv", "first", "the splits half written"),
     ("train:step", "last", "after the last optimiser step of the grid"),
     ("write:checkpoint.safetensors", "middle", "a checkpoint being written"),
@@ -65,6 +65,7 @@ def test_kill_during_a_collapse_guard_restart(guard_grid, verdicts):
     _run(guard_grid, kills, verdicts, "STEPH collapse-guard restart")
 
 
+@pytest.mark.slow  # a search grid of its own (about 80 s on 2 cores)
 def test_kill_inside_a_gamma_search(search_grid, verdicts):
     kills = [search_grid.at("search:candidate", "middle", "between two candidates"),
              search_grid.at("search:target", "last", "an inner target model written")]
