@@ -222,12 +222,14 @@ def test_remove_temporaries_clears_what_killed_writes_left(tmp_path):
                                                                      "model.safetensors"]
 
 
-def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, monkeypatch):
     import os
     import stat
 
+    from steph.utils import io
     from steph.utils.io import write_text
 
+    monkeypatch.setattr(io, "_UMASK", 0o027)  # read at import; as if the process started so
     old = os.umask(0o027)
     try:
         write_text(tmp_path / "a.txt", "x")

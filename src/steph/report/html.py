@@ -396,6 +396,14 @@ def _dynamics_section(page: _Page, root: Path, data: Path | None, steph_runs: li
                                                        "mean_lambda"]))
 
 
+def _lacks_features(page: _Page, section: str, data: Path | None, analyze_args: str) -> bool:
+    """Without a data root, note in ``section`` how to get its figures; True if so."""
+    if data is None:
+        page.note(section, "Needs the features: run <code>steph report --data DATA</code> or "
+                  f"<code>steph analyze {analyze_args}</code>.")
+    return data is None
+
+
 def _first_fold_runs(steph_runs: list[R.RunRef]) -> list[R.RunRef]:
     """Per target cohort, the STEPH run of the lowest repeat and fold."""
     out: dict[str, R.RunRef] = {}
@@ -417,9 +425,7 @@ def _landscape_section(page: _Page, root: Path, data: Path | None, steph_runs: l
                 "C.2.3), on the test patients of the first fold, for the sources with the "
                 "largest final w. The dashed segment is task-vector mixup (C<sub>t</sub> = λ, "
                 "C<sub>s</sub> = 1 − λ); circles: STEPH's mean λ per epoch.</p>")
-    if data is None:
-        page.note(s, "Needs the features: run <code>steph report --data DATA</code> or "
-                  "<code>steph analyze landscape --out RUNS --data DATA --target T</code>.")
+    if _lacks_features(page, s, data, "landscape --out RUNS --data DATA --target T"):
         return
     for run in _first_fold_runs(steph_runs):
         arch = R.steph_arch(root, run)
@@ -482,9 +488,7 @@ def _attention_section(page: _Page, root: Path, data: Path | None, steph_runs: l
                 "patches of test slides (Figure S4), as percentiles within the slide; the "
                 "per-patch values (x, y and each model's attention weight) are written as CSV "
                 "beside the figures for viewers such as QuPath.</p>")
-    if data is None:
-        page.note(s, "Needs the features: run <code>steph report --data DATA</code> or "
-                  "<code>steph analyze attention --out RUNS --data DATA --slide SLIDE</code>.")
+    if _lacks_features(page, s, data, "attention --out RUNS --data DATA --slide SLIDE"):
         return
     chosen: list[tuple[R.RunRef, str]] = []
     if opts.slides:

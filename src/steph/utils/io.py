@@ -59,10 +59,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)  # the only portable way to read it is to set it
     os.umask(mask)
     return mask
+
+
+# read once at import: setting it briefly in every write would race with other threads' files
+_UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -78,7 +82,7 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:  # mkstemp makes the file 0600: give it the mode a plain open() would
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~_UMASK)
         finally:
             os.close(fd)
     except OSError as e:
