@@ -25,6 +25,7 @@ head). The trainer calls :func:`initialize_head` once, before the first epoch of
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 # A fitted head whose logits spread this many times wider on training-mode embeddings than on
 # the eval-mode ones it was fitted to is refitted on the training-mode ones.
 NOISE_RATIO_LIMIT = 3.0
+NOISE_CHECK_BAGS = 32  # bags the ratio is measured on (the first of the training order)
 
 
 def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str,
@@ -75,14 +77,20 @@ def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str
     # spread between patients is small next to that noise (Patch-GCN's) would see logits many
     # times wider than the fit's and diverge at the first step: then refit it on the
     # training-mode embeddings it will see (the RNG forked: training's own draws are unchanged).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        noisy = head_inputs(model, train if items is None else items(), training=True)
+    # The check needs a few bags (NOISE_CHECK_BAGS), not a second pass over all of them.
+    def noisy_inputs(limit: int | None) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            data = train if items is None else items()
+            return head_inputs(model, itertools.islice(data, limit), training=True)
+
+    noisy = noisy_inputs(NOISE_CHECK_BAGS)
     w = weight[0].double()
-    ratio = float((noisy @ w).std() / (z @ w).std().clamp_min(1e-12))
+    ratio = float((noisy @ w).std() / (z[:len(noisy)] @ w).std().clamp_min(1e-12))
     info["head_noise_ratio"] = round(ratio, 3)
     if ratio > NOISE_RATIO_LIMIT:
-        weight, bias, refit = fit_ph_head(noisy, bins, events, times, base, loss_alpha, seed=seed)
+        weight, bias, refit = fit_ph_head(noisy_inputs(None), bins, events, times, base,
+                                          loss_alpha, seed=seed)
         info.update(refit, head_fit_on="training-mode embeddings")
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
