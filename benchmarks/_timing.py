@@ -79,7 +79,7 @@ def train_step(model, x, bins, events, amp_dtype=None):
     autocast to ``amp_dtype``; returns when the device is done."""
     import torch
 
-    from steph.models.output import as_output
+    from steph.models.module import as_output
     from steph.survival.loss import nll_survival_loss
     from steph.utils.device import autocast
 

@@ -180,7 +180,7 @@ def section_epoch(r: dict[str, Any]) -> None:
                          f"{free / 1e9:.1f} GB free (use --tmpdir)")
     t_write, cdir = timed(lambda: write_epoch_cohort(r["tmp"], s["bags"], s["distinct_bags"],
                                                      s["instances"], s["dim"]))
-    t_pack, res = timed(lambda: write_pack(Cohort.load(cdir, use_pack=False), coords=False))
+    t_pack, res = timed(lambda: write_pack(Cohort.load(cdir, use_pack=False).pack_source(), coords=False))
     cohort = Cohort.load(cdir)
     assert cohort.pack is not None
     pack_file = res.folder / next(p.name for p in res.folder.glob("features-*.npy"))

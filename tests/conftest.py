@@ -44,7 +44,7 @@ def tiny_experiment_config(**train):
     of steph.data.loader and the worker-identity tests use them)."""
     return build_config({
         "data": {"workers": 0},
-        "model": {"hidden_dim": 16, "attn_dim": 8},
+        "model": {"options": {"abmil": {"hidden_dim": 16, "attn_dim": 8}}},
         "train": {"epochs": 2, "bags_per_step": 4, "eval_every": 1, "device": "cpu", **train},
         "steph": {"embed_dim": 16},
     })

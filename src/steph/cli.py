@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from steph.errors import ConfigError, StephError
+from steph.utils.logs import configure_logging
 
 log = logging.getLogger("steph")
 
@@ -60,7 +61,9 @@ def _print_comparisons(runs_root: str) -> None:
 
     from steph.experiments.compare import comparison_markdown
 
-    path = Path(runs_root) / "comparisons.csv"
+    from steph.runs import RunsFolder
+
+    path = RunsFolder(runs_root) / RunsFolder.COMPARISONS_CSV
     if path.exists():
         comp = pd.read_csv(path)
         if len(comp):
@@ -116,11 +119,9 @@ def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
     if not names:
         raise ConfigError(f"no cohort found under {root} (expected <cohort>/{cfg.data.labels})")
     d = cfg.data
-    return [Cohort.load(Path(root) / n, labels=d.labels, convention=d.convention, endpoint=d.endpoint,
-                        time_unit=d.time_unit,
-                        on_bad_slide="skip" if (skip if skip is not None else d.on_bad_slide == "skip")
-                        else "raise",
-                        check=check or d.check, use_pack=use_pack) for n in names]
+    bad = "skip" if (skip if skip is not None else d.on_bad_slide == "skip") else "raise"
+    return [Cohort.from_config(Path(root) / n, d, on_bad_slide=bad, check=check or d.check,
+                               use_pack=use_pack) for n in names]
 
 
 @data.command("summary")
@@ -184,7 +185,7 @@ def data_pack(data_root: str, cohorts: str | None, force: bool, no_coords: bool,
     cfg = _load_cfg(config, [])
     for c in _load_cohorts(data_root, cohorts, cfg, skip=skip_bad_slides or None,
                            use_pack=False):
-        r = write_pack(c, coords=not no_coords, force=force)
+        r = write_pack(c.pack_source(), coords=not no_coords, force=force)
         state = "packed" if r.written else "up to date"
         click.echo(f"{c.name}: {state}, {r.slides} slides, {r.rows} patches, {r.dtype}, "
                    f"{r.bytes / 1e6:,.1f} MB, {r.seconds:.1f} s -> {r.folder}")
@@ -204,15 +205,16 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
           sets: Sequence[str], config: str | None, epochs: int | None, seed: int | None,
           quiet: bool) -> None:
     """Train one cohort x fold (and, for transfer methods, the models it needs)."""
-    from steph.experiments.cv import Experiment, Job
+    from steph.experiments.cv import Experiment
+    from steph.runs import RunRef
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
     exp = Experiment(data_root, out, cfg, sources=_split_list(sources), progress=not quiet)
-    exp._check_cohorts([cohort], "target")
-    exp.split(cohort, fold)  # fails early on a bad fold
-    jobs = exp.plan([method], [cohort], [fold])
-    metrics = exp.run_all(jobs)[-1]
-    click.echo(f"{Job(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
+    exp.workspace.check_cohorts([cohort], "target")
+    exp.workspace.split(cohort, fold)  # fails early on a bad fold
+    refs = exp.plan([method], [cohort], [fold])
+    metrics = exp.run_all(refs)[-1]
+    click.echo(f"{RunRef(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
                f"(train {metrics['train_c_index']:.4f})")
 
 
@@ -383,8 +385,9 @@ def explain(model: str, slides: Sequence[str], device: str) -> None:
     import numpy as np
     import torch
 
+    from steph.data.bag_inputs import inputs_from_files
     from steph.data.features import read_features_stored
-    from steph.inference import bag_inputs_from_files, load_artefact
+    from steph.inference import load_artefact
     from steph.training.trainer import model_device
 
     module, manifest = load_artefact(model, device=device)
@@ -393,7 +396,8 @@ def explain(model: str, slides: Sequence[str], device: str) -> None:
     bag = torch.from_numpy(np.concatenate([read_features_stored(Path(s)) for s in slides]))
     where = model_device(module)
     ex = module.explain(bag.to(where).float(),
-                        **{k: v.to(where) for k, v in bag_inputs_from_files(module, slides).items()})
+                        **{k: v.to(where)
+                           for k, v in inputs_from_files(module.bag_inputs, slides).items()})
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):
@@ -596,34 +600,11 @@ def demo(out: str, methods: str | None, folds: str | None, epochs: int | None, q
              echo=click.echo)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (not the one current when it was created)."""
-
-    @property  # type: ignore[override]
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def _configure_logging(debug: bool) -> None:
-    """steph's own messages at INFO on stderr; other libraries stay at their WARNING default."""
-    logger = logging.getLogger("steph")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    logger.propagate = False
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    _configure_logging(debug)
+    configure_logging(logging.DEBUG if debug else logging.INFO)
     try:
         cli.main(args=args, prog_name="steph", standalone_mode=False)
     except click.exceptions.Abort:

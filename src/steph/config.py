@@ -35,24 +35,13 @@ from steph.utils.io import read_user_text
 # (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
 PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
 
-# Keys added after runs were first written, with the value those earlier runs had in effect:
-# a saved config without the key identifies the same run as one holding that value.
-ADDED_LATER = {"train": {"deterministic": True, "precision": "fp32"}}
-
-
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY,
-    and without the keys of ADDED_LATER that hold the value runs made before them had."""
+    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
     for section, keys in PERFORMANCE_ONLY.items():
         if isinstance(out.get(section), dict):
             for key in keys:
                 out[section].pop(key, None)
-    for section, defaults in ADDED_LATER.items():
-        if isinstance(out.get(section), dict):
-            for key, value in defaults.items():
-                if key in out[section] and out[section][key] == value:
-                    del out[section][key]
     return out
 
 
@@ -88,33 +77,108 @@ class BinsConfig(_Strict):
     max_time: float = Field(11680.0, gt=0)  # uniform bins: [0, max_time), last bin open
 
 
+class NetworkOptions(_Strict):
+    """Base of a network's typed hyper-parameters (besides ``in_dim`` and ``n_bins``, which the
+    data decide): the keyword arguments of its class, with the defaults of method.md."""
+
+
+class ABMILOptions(NetworkOptions):
+    hidden_dim: int = Field(512, ge=1)
+    attn_dim: int = Field(384, ge=1)
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+
+
+class TransMILOptions(NetworkOptions):
+    dim: int = Field(512, ge=1)
+    heads: int = Field(8, ge=1)
+    n_landmarks: int = Field(256, ge=1)
+    pinv_iterations: int = Field(6, ge=1)
+    residual_kernel: int = Field(33, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class ILRAOptions(NetworkOptions):
+    hidden_dim: int = Field(256, ge=1)
+    n_blocks: int = Field(2, ge=1)
+    heads: int = Field(8, ge=1)
+    rank: int = Field(1, ge=1)
+
+
+class R2TMILOptions(NetworkOptions):
+    dim: int = Field(512, ge=1)
+    heads: int = Field(8, ge=1)
+    region_num: int = Field(8, ge=1)
+    epeg_kernel: int = Field(15, ge=1)
+    crmsa_k: int = Field(3, ge=1)
+    attn_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    trans_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class PatchGCNOptions(NetworkOptions):
+    hidden_dim: int = Field(256, ge=1)
+    n_layers: int = Field(3, ge=1)
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    block_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class NetworksConfig(_Strict):
+    """Every registered network's options, by the network's registered name (a network's
+    registration names its options model; tests/models check that every registered network has
+    its field here, with its class's keyword arguments and defaults)."""
+
+    abmil: ABMILOptions = ABMILOptions()
+    transmil: TransMILOptions = TransMILOptions()
+    ilra: ILRAOptions = ILRAOptions()
+    r2t_mil: R2TMILOptions = R2TMILOptions()
+    patch_gcn: PatchGCNOptions = PatchGCNOptions()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_is_default(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+# ABMIL's options were top-level keys of ``model`` before every network's options were typed
+_LEGACY_ABMIL_KEYS = ("hidden_dim", "attn_dim", "dropout")
+
+
 class ModelConfig(_Strict):
     # The backbone of a runs folder (a registered network: abmil, transmil, ilra, r2t_mil,
     # patch_gcn): what the transfer methods (STEPH, the merging baselines) merge, i.e. which
     # cancer-specific runs they need. Configs written before it existed call it ``name``.
     arch: str = Field("abmil", validation_alias=AliasChoices("arch", "name"))
-    hidden_dim: int = Field(512, ge=1)  # ABMIL's
-    attn_dim: int = Field(384, ge=1)  # ABMIL's
-    dropout: float = Field(0.25, ge=0.0, lt=1.0)  # ABMIL's
     init_seed: int = 0  # seed of the shared initialisation theta_0 (one per architecture)
-    # Keyword arguments of the other networks by name, e.g. {transmil: {dim: 256}}; unset
-    # ones keep the configuration of method.md section 6 (Table S4's parameter counts).
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Every network's hyper-parameters, typed: model.options.<network>.<key>, e.g.
+    # model.options.abmil.hidden_dim or model.options.transmil.dim; unset ones keep the
+    # configuration of method.md (Table S4's parameter counts).
+    options: NetworksConfig = NetworksConfig()
 
-    @field_validator("options", mode="after")
+    @model_validator(mode="before")
     @classmethod
-    def _no_abmil_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if "abmil" in v:
-            raise ValueError("ABMIL's settings are model.hidden_dim, attn_dim and dropout")
-        return v
+    def _legacy_abmil_keys(cls, data: Any) -> Any:
+        """``model.hidden_dim / attn_dim / dropout`` (before every network's options were
+        typed) are ABMIL's options."""
+        if isinstance(data, dict) and any(k in data for k in _LEGACY_ABMIL_KEYS):
+            data = dict(data)
+            options = dict(data.get("options") or {})
+            abmil = dict(options.get("abmil") or {})
+            for key in _LEGACY_ABMIL_KEYS:
+                if key in data:
+                    if key in abmil and abmil[key] != data[key]:
+                        raise ValueError(f"model.{key} and model.options.abmil.{key} disagree")
+                    abmil[key] = data.pop(key)
+            options["abmil"] = abmil
+            data["options"] = options
+        return data
 
     def network_kwargs(self, arch: str | None = None) -> dict[str, Any]:
         """Keyword arguments (besides in_dim and n_bins) of network ``arch`` (default: arch)."""
         arch = arch or self.arch
-        if arch == "abmil":
-            return {"hidden_dim": self.hidden_dim, "attn_dim": self.attn_dim,
-                    "dropout": self.dropout}
-        return dict(self.options.get(arch, {}))
+        if arch not in NetworksConfig.model_fields:
+            raise ConfigError(f"model.options has no section for network {arch!r} (known: "
+                              f"{', '.join(NetworksConfig.model_fields)})")
+        return getattr(self.options, arch).model_dump()
 
 
 class TrainConfig(_Strict):
@@ -306,16 +370,20 @@ def _yaml_problem(err: Exception) -> str:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str = "config") -> None:
+    """Set ``section.key`` (or a deeper key, e.g. ``model.options.abmil.hidden_dim``)."""
     parts = key.split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {key!r} must look like section.key (e.g. train.epochs)")
-    if data.get(parts[0]) is None:  # absent, or an empty section: defaults
-        data[parts[0]] = {}
-    section = data[parts[0]]
-    if not isinstance(section, dict):
-        raise ConfigError(f"cannot apply override {key!r}: section {parts[0]!r} of {source} is "
-                          f"not a mapping (got {section!r:.60})")
-    section[parts[1]] = value
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty section: defaults
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            where = ".".join(parts[:depth + 1])
+            raise ConfigError(f"cannot apply override {key!r}: {where!r} of {source} is not a "
+                              f"mapping (got {node[part]!r:.60})")
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -328,7 +396,3 @@ def parse_override(text: str) -> tuple[str, Any]:
     except (yaml.YAMLError, ValueError):
         value = raw
     return key.strip(), value
-
-
-def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -20,3 +20,12 @@ class RunError(StephError):
 
 class CorruptFileError(RunError):
     """A file steph wrote is truncated or damaged (unreadable header, checksum mismatch)."""
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error as one line (its lines joined, at most ``limit`` characters): the message of
+    a steph error, else ``Type: message``."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    if not isinstance(err, StephError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

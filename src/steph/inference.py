@@ -17,16 +17,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+from steph.data.bag_inputs import inputs_from_files
 from steph.errors import CorruptFileError, DataError, RunError
-from steph.models.output import as_output
+from steph.models.module import SurvivalModule, as_output
 from steph.models.registry import artefact_kinds, build_artefact
+from steph.runs import RunDir, migrations
 from steph.survival.bins import TimeBins
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.training.trainer import model_device
 from steph.utils.device import resolve_device
 from steph.utils.io import file_sha256, load_tensors, read_json, save_tensors, write_json
 
-FORMAT = "steph-artefact/1"
+FORMAT = migrations.ARTEFACT_FORMAT
 
 
 def _kinds_registered() -> None:
@@ -36,14 +38,7 @@ def _kinds_registered() -> None:
     import steph.transfer  # noqa: F401  (ROUPKT, the expert read-outs)
 
 
-def encoders_per_bag(module: nn.Module) -> int:
-    """MIL encoders ``module`` runs on one bag at inference: its ``encoders_per_bag`` (a method
-    or a number) when it declares one, else 1 (a MIL network, STEPH after its merge)."""
-    n = getattr(module, "encoders_per_bag", 1)
-    return int(n() if callable(n) else n)
-
-
-def save_artefact(path: str | Path, module: nn.Module, kind: str, settings: dict[str, Any],
+def save_artefact(path: str | Path, module: SurvivalModule, kind: str, settings: dict[str, Any],
                   bins: TimeBins, feature_dim: int, info: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its manifest ``path.with_suffix('.json')``, which
     records the SHA-256 of the weights file (``weights_sha256``)."""
@@ -69,7 +64,7 @@ def resolve_artefact(path: str | Path) -> Path:
     """Accept a run directory, the .safetensors file or its .json manifest."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = RunDir(path).weights
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
     manifest = path.with_suffix(".json")
@@ -98,9 +93,11 @@ def _check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise RunError(f"{where}: not an artefact manifest (a JSON object expected, got "
                        f"{type(manifest).__name__})")
-    if manifest.get("format") != FORMAT:
-        raise RunError(f"{where}: unknown artefact format {manifest.get('format')!r} "
-                       f"(expected {FORMAT!r})")
+    try:
+        manifest = migrations.upgrade_manifest(manifest)
+    except ValueError as e:
+        raise RunError(f"{where}: unknown artefact format {manifest.get('format')!r} ({e})"
+                       ) from None
     for key, (types, what) in _MANIFEST_FIELDS.items():
         if key not in manifest:
             raise RunError(f"{where}: field {key!r} missing")
@@ -133,7 +130,8 @@ def load_artefact(path: str | Path, device: torch.device | str = "cpu"
         device = resolve_device(device, option="device")  # before anything is read
     path = resolve_artefact(path)
     where = path.with_suffix(".json")
-    manifest = _check_manifest(read_json(where), where)
+    written = read_json(where)
+    manifest = _check_manifest(written, where)
     kind = manifest["kind"]
     _kinds_registered()
     if kind not in artefact_kinds():
@@ -149,6 +147,7 @@ def load_artefact(path: str | Path, device: torch.device | str = "cpu"
     except Exception as e:  # noqa: BLE001 - any builder failure means settings it cannot use
         raise RunError(f"{where}: field 'settings' does not describe a {kind} model "
                        f"({type(e).__name__}: {e})") from None
+    state = migrations.upgrade_artefact_tensors(written, state)
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ
@@ -167,28 +166,12 @@ def load_artefact(path: str | Path, device: torch.device | str = "cpu"
 def predict_bag(module: nn.Module, bag: torch.Tensor, **bag_inputs: torch.Tensor
                 ) -> tuple[float, np.ndarray]:
     """Risk (higher = worse) and survival curve S_j at the end of each bin, for one bag (plus
-    the extra per-bag inputs the module declares, see :func:`bag_inputs_from_files`), moved to
+    the extra per-bag inputs the module declares, see :mod:`steph.data.bag_inputs`), moved to
     the module's device (the bag as float32)."""
     where = model_device(module)
     bag_inputs = {k: v.to(where) for k, v in bag_inputs.items()}
     logits = as_output(module(bag.to(where).float(), **bag_inputs)).logits.float()
     return float(risk_from_logits(logits)[0]), survival_from_logits(logits)[0].cpu().numpy()
-
-
-def bag_inputs_from_files(module: nn.Module, files: Sequence[str | Path],
-                          graph_cache: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The extra per-bag inputs ``module`` declares (its ``bag_inputs``) for a bag made of the
-    feature files ``files`` (in that order): ``edge_index``, the k-NN graph of each file's patch
-    coordinates (a disjoint union over the files; Patch-GCN and merges of it)."""
-    from steph.data.graphs import bag_graph
-
-    out: dict[str, torch.Tensor] = {}
-    for name in getattr(module, "bag_inputs", ()) or ():
-        if name != "edge_index":
-            raise RunError(f"the model needs the per-bag input {name!r}, which steph predict "
-                           "cannot build from feature files")
-        out[name] = bag_graph([Path(f) for f in files], cache_dir=graph_cache)
-    return out
 
 
 def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[str | Path]]],
@@ -222,9 +205,10 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
             if a.shape[1] != dim:
                 raise DataError(f"{f}: feature dimension {a.shape[1]}, the model expects {dim}")
         bag = torch.from_numpy(np.concatenate(arrays, axis=0))
-        risk, curve = predict_bag(module, bag, **bag_inputs_from_files(module, files, graph_cache))
+        extra = inputs_from_files(module.bag_inputs, files, graph_cache)
+        risk, curve = predict_bag(module, bag, **extra)
         rows.append([pid, bag.shape[0], risk, *curve.tolist()])
     cols = ["patient_id", "n_patches", "risk"] + [f"S@{int(t)}" for t in bins.end_times]
     table = pd.DataFrame(rows, columns=cols)
-    table.attrs["encoders_per_bag"] = encoders_per_bag(module)
+    table.attrs["encoders_per_bag"] = module.encoders_per_bag()
     return table

@@ -11,11 +11,11 @@ import pytest
 
 from steph.analysis.runs import MISSING, UNFINISHED, RunRef, run_inventory
 from steph.analysis.survival import HIGH, LOW, group_summary, logrank_p, risk_groups
-from steph.experiments.runs import run_dir
+from steph.runs import RunRef
 
 
 def _run(root, cohort, method, fold, train_risk, test, repeat=0, finished=True):
-    d = run_dir(root, cohort, method, fold, repeat)
+    d = RunRef(cohort, method, fold, repeat).path(root)
     d.mkdir(parents=True, exist_ok=True)
     rows = [{"patient_id": f"tr{fold}-{i}", "split": "train", "risk": r, "time": 100.0 + i,
              "event": 1} for i, r in enumerate(train_risk)]

@@ -50,7 +50,7 @@ def test_round_trip_is_bit_identical(make_cohort, layout, caplog):
     w = make_cohort("RT", SPECS, dim=6, layout=layout)
     source = Cohort.load(w.root)
     assert source.pack is None  # nothing packed yet, no message
-    r = P.write_pack(source)
+    r = P.write_pack(source.pack_source())
     assert r.written and r.dtype == "float16" and r.rows == sum(sum(s.patches) for s in SPECS)
     caplog.set_level(logging.INFO, logger="steph")
     packed = Cohort.load(w.root)
@@ -77,7 +77,7 @@ def test_round_trip_is_bit_identical(make_cohort, layout, caplog):
 
 def test_float32_and_mixed_sources_give_float32_packs(make_cohort, tmp_path):
     w = make_cohort("F32", SPECS, dim=5, dtype=np.float32)
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     packed = Cohort.load(w.root)
     assert packed.pack.dtype == np.float32
     assert_same_bags(packed, Cohort.load(w.root, use_pack=False))
@@ -89,7 +89,7 @@ def test_float32_and_mixed_sources_give_float32_packs(make_cohort, tmp_path):
                       rng.standard_normal((7, 5)).astype(np.float16))
     source = Cohort.load(w.root, use_pack=False)
     assert set(source.slides["dtype"]) == {"float16", "float32", "float64"}
-    assert P.write_pack(source).dtype == "float32"
+    assert P.write_pack(source.pack_source()).dtype == "float32"
     assert_same_bags(Cohort.load(w.root), source)
 
 
@@ -98,7 +98,7 @@ def test_pt_sources_including_bfloat16(make_cohort):
     sid = w.slide_ids["B"][0]
     torch.save(torch.randn(70, 4).to(torch.bfloat16), w.root / "features" / f"{sid}.pt")
     source = Cohort.load(w.root, use_pack=False)
-    assert P.write_pack(source).dtype == "float32"
+    assert P.write_pack(source.pack_source()).dtype == "float32"
     assert_same_bags(Cohort.load(w.root), source)
 
 
@@ -127,7 +127,7 @@ def _write_coords_cohort(root: Path) -> Path:
 def test_coords_are_packed_per_slide(tmp_path):
     cdir = _write_coords_cohort(tmp_path)
     source = Cohort.load(cdir, use_pack=False)
-    P.write_pack(source)
+    P.write_pack(source.pack_source())
     packed = Cohort.load(cdir)
     assert packed.pack is not None
     for pid in source.patient_ids:
@@ -144,7 +144,7 @@ def test_coords_are_packed_per_slide(tmp_path):
     with pytest.raises(DataError, match="unknown patient 'Z'"):
         packed.load_coords("Z")
     # without coords: no coords file, load_coords gives None per slide
-    P.write_pack(source, coords=False, force=True)
+    P.write_pack(source.pack_source(), coords=False, force=True)
     index = json.loads((P.pack_dir(cdir) / P.INDEX_NAME).read_text())
     assert index["coords"] is None
     assert not list(P.pack_dir(cdir).glob("coords-*"))
@@ -161,7 +161,7 @@ def _stale_warning(caplog, root: Path) -> str:
 
 def test_changed_sources_make_the_pack_stale(make_cohort, caplog):
     w = make_cohort("ST", SPECS, dim=6)
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     caplog.set_level(logging.INFO, logger="steph")
     fdir = w.root / "features"
     target = fdir / f"{w.slide_ids['C'][1]}.h5"
@@ -171,7 +171,7 @@ def test_changed_sources_make_the_pack_stale(make_cohort, caplog):
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     c = Cohort.load(w.root)
     assert c.pack is None and str(target) in _stale_warning(caplog, w.root)
-    assert P.write_pack(c).written  # refreshing makes it fresh again
+    assert P.write_pack(c.pack_source()).written  # refreshing makes it fresh again
     assert Cohort.load(w.root).pack is not None
     caplog.clear()
 
@@ -181,7 +181,7 @@ def test_changed_sources_make_the_pack_stale(make_cohort, caplog):
     c = Cohort.load(w.root)
     assert c.pack is None and str(target) in _stale_warning(caplog, w.root)
     np.testing.assert_array_equal(c.load_bag("C").numpy()[7:], new.astype(np.float32))
-    P.write_pack(c)
+    P.write_pack(c.pack_source())
     np.testing.assert_array_equal(Cohort.load(w.root).load_bag("C").numpy()[7:],
                                   new.astype(np.float32))
     caplog.clear()
@@ -196,7 +196,7 @@ def test_changed_sources_make_the_pack_stale(make_cohort, caplog):
     labels[labels["slide_id"] != w.slide_ids["A"][2]].to_csv(w.root / "labels.csv", index=False)
     assert Cohort.load(w.root).pack is None
     caplog.clear()
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     assert Cohort.load(w.root).pack is not None
 
     # add a slide to the label table
@@ -214,7 +214,7 @@ def test_changed_sources_make_the_pack_stale(make_cohort, caplog):
 
 def test_damaged_pack_files_are_not_used(make_cohort, caplog):
     w = make_cohort("ST", SPECS, dim=6)
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     index = json.loads((P.pack_dir(w.root) / P.INDEX_NAME).read_text())
     data = P.pack_dir(w.root) / index["features"]["file"]
     with open(data, "r+b") as fh:
@@ -225,7 +225,7 @@ def test_damaged_pack_files_are_not_used(make_cohort, caplog):
     (P.pack_dir(w.root) / P.INDEX_NAME).write_text("{not json")
     assert Cohort.load(w.root).pack is None
     assert "cannot be read" in _stale_warning(caplog, w.root)
-    assert P.write_pack(Cohort.load(w.root, use_pack=False)).written
+    assert P.write_pack(Cohort.load(w.root, use_pack=False).pack_source()).written
     assert_same_bags(Cohort.load(w.root), Cohort.load(w.root, use_pack=False))
 
 
@@ -243,12 +243,12 @@ def test_interrupted_pack_leaves_nothing_a_loader_uses(make_cohort, monkeypatch)
 
     monkeypatch.setattr(P, "read_features_stored", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        P.write_pack(Cohort.load(w.root))
+        P.write_pack(Cohort.load(w.root).pack_source())
     assert not (folder / P.INDEX_NAME).exists()
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # temp files removed
     assert Cohort.load(w.root).pack is None
     monkeypatch.setattr(P, "read_features_stored", real)
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     old_index = (folder / P.INDEX_NAME).read_text()
 
     # a crash after the new data file is in place but before the index: the old pack is used
@@ -257,12 +257,12 @@ def test_interrupted_pack_leaves_nothing_a_loader_uses(make_cohort, monkeypatch)
 
     monkeypatch.setattr(P, "write_json", no_index)
     with pytest.raises(OSError):
-        P.write_pack(Cohort.load(w.root), force=True)
+        P.write_pack(Cohort.load(w.root).pack_source(), force=True)
     monkeypatch.undo()
     assert (folder / P.INDEX_NAME).read_text() == old_index
     assert len(list(folder.glob("features-*.npy"))) == 2  # the orphan is ignored...
     assert_same_bags(Cohort.load(w.root), Cohort.load(w.root, use_pack=False))
-    P.write_pack(Cohort.load(w.root), force=True)
+    P.write_pack(Cohort.load(w.root).pack_source(), force=True)
     assert len(list(folder.glob("features-*.npy"))) == 1  # ...and removed by the next pack
 
 
@@ -284,7 +284,7 @@ def test_hard_crash_mid_write(make_cohort, monkeypatch):
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            P.write_pack(cohort)
+            P.write_pack(cohort.pack_source())
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -293,7 +293,7 @@ def test_hard_crash_mid_write(make_cohort, monkeypatch):
     left = sorted(p.name for p in folder.iterdir())
     assert any(n.endswith(".tmp") for n in left) and P.INDEX_NAME not in left
     assert Cohort.load(w.root).pack is None
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert_same_bags(Cohort.load(w.root), Cohort.load(w.root, use_pack=False))
 
@@ -305,7 +305,7 @@ def test_bad_slide_disk_space_and_concurrent_writer(make_cohort, monkeypatch):
     x[2, 3] = np.inf
     write_features_h5(w.root / "features" / f"{sid}.h5", x)
     with pytest.raises(DataError, match=rf"patient 'C'.*{sid}.*1 inf"):
-        P.write_pack(Cohort.load(w.root))
+        P.write_pack(Cohort.load(w.root).pack_source())
     assert not (P.pack_dir(w.root) / P.INDEX_NAME).exists()
     write_features_h5(w.root / "features" / f"{sid}.h5", np.ones((7, 6), np.float16))
 
@@ -314,19 +314,19 @@ def test_bad_slide_disk_space_and_concurrent_writer(make_cohort, monkeypatch):
 
     monkeypatch.setattr(P.shutil, "disk_usage", lambda _p: Usage)
     with pytest.raises(DataError, match="packing needs .* GB, only"):
-        P.write_pack(Cohort.load(w.root))
+        P.write_pack(Cohort.load(w.root).pack_source())
     monkeypatch.undo()
 
     fcntl = pytest.importorskip("fcntl")
     with open(P.pack_dir(w.root) / ".lock", "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         with pytest.raises(DataError, match="another `steph data pack`"):
-            P.write_pack(Cohort.load(w.root))
+            P.write_pack(Cohort.load(w.root).pack_source())
 
 
 def test_store_pickles_without_its_memory_map(make_cohort):
     w = make_cohort("PK", SPECS, dim=6)
-    P.write_pack(Cohort.load(w.root))
+    P.write_pack(Cohort.load(w.root).pack_source())
     c = Cohort.load(w.root)
     c.load_bag("A")
     blob = pickle.dumps(c)

@@ -11,12 +11,12 @@ import pandas as pd
 
 from steph.data.cohort import Cohort
 from steph.experiments.cv import run_cv
-from steph.experiments.runs import PREDICTIONS, run_dir
+from steph.runs import RunDir, RunRef
 from steph.inference import predict_patients
 
 BASELINES = ["model_avg", "task_arithmetic", "adamerging", "ties_am", "isoc_am", "isocts_am",
              "surgery_am"]
-KINDS = {"surgery_am": "abmil_surgery"}
+KINDS = {"surgery_am": "mil_surgery"}
 
 
 def test_every_baseline_end_to_end(tiny_data, tiny_cfg, tmp_path):
@@ -35,9 +35,9 @@ def _check_summary(runs, summary):
         assert math.isfinite(float(rows["c_index"].iloc[0])), name
     trained = {"adamerging", "ties_am", "isoc_am", "isocts_am", "surgery_am"}
     for name in BASELINES:
-        metrics = json.loads((run_dir(runs, "TGT", name, 0) / "metrics.json").read_text())
+        metrics = json.loads((RunRef("TGT", name, 0).path(runs) / "metrics.json").read_text())
         assert metrics["epochs"] == (2 if name in trained else 0), name
-        log = run_dir(runs, "TGT", name, 0) / "log.jsonl"
+        log = RunRef("TGT", name, 0).path(runs) / "log.jsonl"
         if name in trained:  # the coefficients (target + 2 sources) are logged every epoch
             rows = [json.loads(line) for line in log.read_text().splitlines()]
             assert len(rows) == 2 and all(len(r["mean_coef"]) == 3 for r in rows)
@@ -49,10 +49,10 @@ def _check_artefacts(runs, tiny_data):
     """Every artefact predicts through predict_patients, reproducing the run's test risks."""
     cohort = Cohort.load(tiny_data / "TGT")
     for name in BASELINES:
-        path = run_dir(runs, "TGT", name, 0)
+        path = RunRef("TGT", name, 0).path(runs)
         manifest = json.loads((path / "model.json").read_text())
         assert manifest["kind"] == KINDS.get(name, "abmil"), name
-        preds = pd.read_csv(path / PREDICTIONS, dtype={"patient_id": str})
+        preds = pd.read_csv(path / RunDir.PREDICTIONS, dtype={"patient_id": str})
         test = preds[preds["split"] == "test"].set_index("patient_id")
         patients = [(pid, cohort.slide_paths(pid)) for pid in test.index]
         table = predict_patients(path, patients).set_index("patient_id")

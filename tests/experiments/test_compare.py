@@ -12,7 +12,7 @@ import pytest
 from sksurv.metrics import concordance_index_censored
 
 from steph.experiments.compare import ALL, compare_methods
-from steph.experiments.runs import run_dir
+from steph.runs import RunRef
 from steph.experiments.summary import with_paired_difference
 
 
@@ -25,7 +25,7 @@ def _write_runs(root, cohort, method, risks, times, events, folds=3, repeat=0):
         pred = pd.DataFrame({"patient_id": [f"P{i:03d}" for i in range(n)],
                              "split": np.where(test, "test", "train"), "risk": risks,
                              "time": times, "event": events})
-        d = run_dir(root, cohort, method, k, repeat)
+        d = RunRef(cohort, method, k, repeat).path(root)
         d.mkdir(parents=True, exist_ok=True)
         pred.to_csv(d / "predictions.csv", index=False)
         c = concordance_index_censored(events[test].astype(bool), times[test], risks[test])[0]
@@ -51,7 +51,7 @@ def test_pooled_difference_and_interval(world):
     root, summary, times, events, truth = world
     comp = compare_methods(summary, root, n_resamples=300)
     good = comp[(comp["cohort"] == "A") & (comp["method"] == "good")].iloc[0]
-    base_risk = pd.read_csv(run_dir(root, "A", "abmil", 0) / "predictions.csv")["risk"].to_numpy()
+    base_risk = pd.read_csv(RunRef("A", "abmil", 0).path(root) / "predictions.csv")["risk"].to_numpy()
     expect = (concordance_index_censored(events.astype(bool), times, truth)[0]
               - concordance_index_censored(events.astype(bool), times, base_risk)[0])
     assert good["pooled_diff"] == pytest.approx(expect, abs=1e-12)
@@ -119,8 +119,8 @@ def test_repeats_are_paired_by_repeat(tmp_path):
     assert row["n_repeats"] == 2 and row["n_folds"] == 2
     expect = []
     for r in range(2):
-        cm = pd.concat(pd.read_csv(run_dir(tmp_path, "A", "m", k, r) / "predictions.csv").query("split == 'test'") for k in range(2)).sort_values("patient_id")
-        cb = pd.concat(pd.read_csv(run_dir(tmp_path, "A", "abmil", k, r) / "predictions.csv").query("split == 'test'") for k in range(2)).sort_values("patient_id")
+        cm = pd.concat(pd.read_csv(RunRef("A", "m", k, r).path(tmp_path) / "predictions.csv").query("split == 'test'") for k in range(2)).sort_values("patient_id")
+        cb = pd.concat(pd.read_csv(RunRef("A", "abmil", k, r).path(tmp_path) / "predictions.csv").query("split == 'test'") for k in range(2)).sort_values("patient_id")
         ev = cm["event"].astype(bool).to_numpy()
         expect.append(concordance_index_censored(ev, cm["time"].to_numpy(), cm["risk"].to_numpy())[0]
                       - concordance_index_censored(ev, cb["time"].to_numpy(), cb["risk"].to_numpy())[0])

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from steph.errors import ConfigError, RunError
-from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
+from steph.experiments.cv import Experiment, parse_folds, run_cv
 from steph.methods import MethodContext, get_method
-from steph.experiments.runs import ensure_theta0, load_theta0, run_dir
+from steph.experiments.workspace import ensure_theta0, load_theta0
+from steph.runs import RunRef, RunsFolder
 from steph.merging.task_vectors import task_vector
 
 
@@ -39,10 +40,10 @@ def test_parse_folds():
 def test_plan_orders_prerequisites_first(tiny_data, tmp_path, tiny_cfg):
     exp = Experiment(tiny_data, tmp_path, tiny_cfg)
     jobs = exp.plan(["steph"], ["TGT"], [1])
-    assert jobs == [Job("TGT", "abmil", 1), Job("RELA", "abmil", 0), Job("UNRB", "abmil", 0),
-                    Job("TGT", "steph", 1)]
+    assert jobs == [RunRef("TGT", "abmil", 1), RunRef("RELA", "abmil", 0), RunRef("UNRB", "abmil", 0),
+                    RunRef("TGT", "steph", 1)]
     exp2 = Experiment(tiny_data, tmp_path, tiny_cfg, sources=["RELA"])
-    assert Job("UNRB", "abmil", 0) not in exp2.plan(["steph"], ["TGT"], [0])
+    assert RunRef("UNRB", "abmil", 0) not in exp2.plan(["steph"], ["TGT"], [0])
 
 
 def test_summary_rows_and_files(tiny_runs):
@@ -61,7 +62,7 @@ def test_summary_rows_and_files(tiny_runs):
 
 def test_run_directory_contents(tiny_runs):
     out, _ = tiny_runs
-    d = run_dir(out, "TGT", "steph", 1)
+    d = RunRef("TGT", "steph", 1).path(out)
     for f in ["config.yaml", "log.jsonl", "model.safetensors", "model.json", "predictions.csv", "metrics.json"]:
         assert (d / f).exists(), f
     assert not (d / "checkpoint.safetensors").exists()
@@ -97,10 +98,10 @@ def test_finished_runs_are_skipped(tiny_runs, tiny_data):
 
 def test_task_vectors_are_relative_to_the_shared_theta0(tiny_runs):
     out, _ = tiny_runs
-    theta0, _ = load_theta0(out)
+    theta0, _ = load_theta0(RunsFolder(out))
     from steph.utils.io import load_tensors
 
-    tgt = load_tensors(run_dir(out, "TGT", "abmil", 1) / "model.safetensors")
+    tgt = load_tensors(RunRef("TGT", "abmil", 1).path(out) / "model.safetensors")
     tau = task_vector(tgt, theta0)
     assert any(v.abs().sum() > 0 for v in tau.values())
 
@@ -109,9 +110,9 @@ def test_two_cohorts_start_bit_identical(tiny_data, tmp_path, tiny_cfg):
     exp = Experiment(tiny_data, tmp_path, tiny_cfg)
     starts = []
     for cohort in ["TGT", "UNRB"]:
-        c = exp.cohort(cohort)
-        path = exp.theta0(c.feature_dim)
-        theta0, meta = load_theta0(tmp_path)
+        c = exp.workspace.cohort(cohort)
+        path = exp.workspace.theta0(c.feature_dim)
+        theta0, meta = load_theta0(RunsFolder(tmp_path))
         ctx = MethodContext(cfg=tiny_cfg, target=cohort, fold=0, hparams=meta["hparams"], theta0=theta0,
                             bins=None, n_patients=len(c), n_train=0)
         starts.append(get_method("abmil").build(ctx).module.state_dict())
@@ -121,10 +122,10 @@ def test_two_cohorts_start_bit_identical(tiny_data, tmp_path, tiny_cfg):
 
 
 def test_theta0_mismatch_is_refused(tmp_path, tiny_cfg):
-    ensure_theta0(tmp_path, tiny_cfg.model, 16, 32)
-    ensure_theta0(tmp_path, tiny_cfg.model, 16, 32)  # same: fine
+    ensure_theta0(RunsFolder(tmp_path), tiny_cfg.model, 16, 32)
+    ensure_theta0(RunsFolder(tmp_path), tiny_cfg.model, 16, 32)  # same: fine
     with pytest.raises(RunError, match="same theta_0"):
-        ensure_theta0(tmp_path, tiny_cfg.model, 24, 32)
+        ensure_theta0(RunsFolder(tmp_path), tiny_cfg.model, 24, 32)
 
 
 def test_unknown_cohorts_and_methods(tiny_data, tmp_path, tiny_cfg):
@@ -157,7 +158,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, tiny_cf
             run_cv(tiny_data, tmp_path / "run", ["abmil"], targets=["TGT"], folds="0", cfg=cfg, progress=False)
     finally:
         trainer._save_checkpoint = real_save
-    d = run_dir(tmp_path / "run", "TGT", "abmil", 0)
+    d = RunRef("TGT", "abmil", 0).path(tmp_path / "run")
     assert (d / "checkpoint.safetensors").exists() and not (d / "metrics.json").exists()
     again = run_cv(tiny_data, tmp_path / "run", ["abmil"], targets=["TGT"], folds="0", cfg=cfg, progress=False)
     a = ref[ref.method == "abmil"].iloc[0]
@@ -165,7 +166,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_data, tmp_path, tiny_cf
     assert a["c_index"] == b["c_index"] and a["train_c_index"] == b["train_c_index"]
     from steph.utils.io import load_tensors
 
-    wa = load_tensors(run_dir(tmp_path / "ref", "TGT", "abmil", 0) / "model.safetensors")
+    wa = load_tensors(RunRef("TGT", "abmil", 0).path(tmp_path / "ref") / "model.safetensors")
     wb = load_tensors(d / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     shutil.rmtree(tmp_path / "ref")
@@ -224,11 +225,11 @@ def test_repeats_use_other_split_seeds_and_share_source_models(tiny_data, tmp_pa
     cfg = tiny_experiment_config(epochs=1)
     exp = Experiment(tiny_data, tmp_path, cfg)
     jobs = exp.plan(["steph"], ["TGT"], [0], repeats=2)
-    assert Job("TGT", "steph", 0, 1) in jobs and Job("TGT", "abmil", 0, 1) in jobs
-    assert Job("RELA", "abmil", 0, 1) not in jobs  # sources: repeat 0's fold-0 models
-    assert [j.repeat for j in exp.prerequisites(Job("TGT", "steph", 0, 1))] == [1, 0, 0]
+    assert RunRef("TGT", "steph", 0, 1) in jobs and RunRef("TGT", "abmil", 0, 1) in jobs
+    assert RunRef("RELA", "abmil", 0, 1) not in jobs  # sources: repeat 0's fold-0 models
+    assert [j.repeat for j in exp.prerequisites(RunRef("TGT", "steph", 0, 1))] == [1, 0, 0]
     # a different split seed gives different folds
-    assert exp.split("TGT", 0, 1).test_ids != exp.split("TGT", 0, 0).test_ids
+    assert exp.workspace.split("TGT", 0, 1).test_ids != exp.workspace.split("TGT", 0, 0).test_ids
     summary = run_cv(tiny_data, tmp_path, ["abmil"], targets=["TGT"], folds="0", cfg=cfg,
                      progress=False, repeats=2)
     got = summary[summary["method"] == "abmil"]
@@ -248,9 +249,9 @@ def test_repeats_refuse_cohorts_with_their_own_splits(tiny_data, tmp_path, tiny_
     exp0 = Experiment(data, tmp_path / "r0", tiny_cfg)
     split_dir = data / "TGT" / "splits"
     split_dir.mkdir()
-    exp0.splits("TGT")  # writes RUNS/splits/TGT/fold_*.csv
+    exp0.workspace.splits("TGT")  # writes RUNS/splits/TGT/fold_*.csv
     for f in (tmp_path / "r0" / "splits" / "TGT").glob("fold_*.csv"):
         shutil.copy(f, split_dir / f.name)
     exp = Experiment(data, tmp_path / "r1", tiny_cfg)
     with pytest.raises(ConfigError, match="own splits"):
-        exp.splits("TGT", repeat=1)
+        exp.workspace.splits("TGT", repeat=1)

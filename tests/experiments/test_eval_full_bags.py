@@ -18,9 +18,9 @@ def test_test_dataset_is_never_subsampled(tiny_data, tmp_path):
     cfg = tiny_experiment_config()
     cfg.data.max_instances = 5
     exp = Experiment(tiny_data, tmp_path, cfg)
-    cohort = exp.cohort("TGT")
-    split = exp.split("TGT", 0)
-    train_ds, test_ds = exp.datasets(cohort, split, exp.bins_for(cohort, split))
+    cohort = exp.workspace.cohort("TGT")
+    split = exp.workspace.split("TGT", 0)
+    train_ds, test_ds = exp.workspace.datasets(cohort, split, exp.workspace.bins_for(cohort, split))
     assert train_ds.max_instances == 5  # training keeps its sampler
     assert test_ds.max_instances is None
     for i, pid in enumerate(test_ds.patient_ids):

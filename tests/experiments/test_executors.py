@@ -12,16 +12,16 @@ import pytest
 import yaml
 
 from steph.errors import ConfigError
-from steph.experiments.cv import Experiment, Job, run_cv
+from steph.experiments.cv import Experiment, run_cv
 from steph.experiments.executors import (
     GridError,
     LocalExecutor,
     RayExecutor,
     make_executor,
     parse_memory,
-    with_threads,
 )
-from steph.experiments.runs import RunLock, lock_path
+from steph.experiments.leases import RunLock
+from steph.runs import RunDir, RunRef
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_experiment_config
@@ -80,8 +80,8 @@ def test_a_run_held_by_a_live_process_fails_naming_it(tiny_data, tmp_path):
     cfg = tiny_experiment_config(epochs=1)
     exp = Experiment(tiny_data, tmp_path, cfg, progress=False)
     jobs = exp.plan(["steph"], ["TGT"], [0])
-    held = Job("RELA", "abmil", 0)
-    other = RunLock(lock_path(held.path(tmp_path)), heartbeat=0.05, stale_after=1.0)
+    held = RunRef("RELA", "abmil", 0)
+    other = RunLock(RunDir(held.path(tmp_path)).lease, heartbeat=0.05, stale_after=1.0)
     assert other.acquire()
     try:
         # a live lease is recognised at its first renewal, long before stale_after
@@ -90,11 +90,11 @@ def test_a_run_held_by_a_live_process_fails_naming_it(tiny_data, tmp_path):
             exp.run_all(jobs)  # the same through run_all (used by `steph train`)
     finally:
         other.release()
-    assert set(outcome.failed) == {held, Job("TGT", "steph", 0)}
+    assert set(outcome.failed) == {held, RunRef("TGT", "steph", 0)}
     holder = f"held by process {os.getpid()} on host {socket.gethostname()}, whose lease is alive"
     assert outcome.failed[held].startswith(holder)
-    assert "not run: needs RELA/abmil/fold0" in outcome.failed[Job("TGT", "steph", 0)]
-    assert set(outcome.metrics) == {Job("TGT", "abmil", 0), Job("UNRB", "abmil", 0)}
+    assert "not run: needs RELA/abmil/fold0" in outcome.failed[RunRef("TGT", "steph", 0)]
+    assert set(outcome.metrics) == {RunRef("TGT", "abmil", 0), RunRef("UNRB", "abmil", 0)}
     # once the holder is gone, the same call finishes the grid (the rest was kept)
     metrics = exp.run_all(jobs)
     assert [m["method"] for m in metrics] == ["abmil", "abmil", "abmil", "steph"]
@@ -105,7 +105,7 @@ def test_run_cv_raises_after_writing_the_summary(tiny_data, tmp_path):
     with pytest.raises(GridError) as exc:
         run_cv(data, tmp_path / "runs", ["abmil"], targets=["TGT", "RELA"], folds="0",
                cfg=tiny_experiment_config(epochs=1), progress=False, executor=LocalExecutor())
-    assert list(exc.value.failed) == [Job("RELA", "abmil", 0)]
+    assert list(exc.value.failed) == [RunRef("RELA", "abmil", 0)]
     assert list(exc.value.summary["cohort"].unique()) == ["TGT"]
     assert (tmp_path / "runs" / "summary.csv").exists()
 
@@ -124,11 +124,14 @@ def test_executor_choice_and_options():
             parse_memory(bad)
     with pytest.raises(ConfigError):
         RayExecutor(cpus_per_run=0)
-    cfg = tiny_experiment_config()
-    assert with_threads(cfg, 2.5).train.threads == 2
-    assert with_threads(cfg, 0.5).train.threads == 1
-    assert with_threads(cfg, None).train.threads is None
-    assert with_threads(tiny_experiment_config(threads=3), 1).train.threads == 3  # explicit wins
+def test_runs_use_the_cpus_they_get(tiny_data, tmp_path):
+    def threads(cpus, **train):
+        exp = Experiment(tiny_data, tmp_path, tiny_experiment_config(**train), progress=False)
+        exp.use_threads(cpus)
+        return exp.cfg.train.threads
+
+    assert threads(2.5) == 2 and threads(0.5) == 1 and threads(None) is None
+    assert threads(1, threads=3) == 3  # an explicit train.threads wins
 
 
 def test_ray_only_options_are_refused_with_the_local_executor(tiny_data, tmp_path, capsys):
@@ -159,7 +162,7 @@ class _FakeRay:
                 self.opts = opts
                 return self
 
-            def remote(self, spec, faults, job, token, *deps):
+            def remote(self, factory, spec, faults, job, token, *deps):
                 ref = f"ref-{len(fake.submitted)}"
                 fake.submitted[ref] = (job, deps, self.opts)
                 return ref
@@ -191,16 +194,16 @@ def test_each_run_depends_on_its_own_prerequisites_only(tiny_data, tmp_path):
         assert opts["num_cpus"] == 2 and opts["num_gpus"] == 0.25
         assert opts["memory"] == 2**30 and opts["max_retries"] == 3
         assert opts["retry_exceptions"] is False and opts["name"] == str(job)
-    assert len(fake.submitted[ref_of[Job("RELA", "steph", 1)]][1]) == 3  # not all 6 ABMIL runs
-    assert outcome.metrics[Job("TGT", "steph", 1)] == {"job": "TGT/steph/fold1"}
+    assert len(fake.submitted[ref_of[RunRef("RELA", "steph", 1)]][1]) == 3  # not all 6 ABMIL runs
+    assert outcome.metrics[RunRef("TGT", "steph", 1)] == {"job": "TGT/steph/fold1"}
 
 
 def test_grid_error_names_each_distinct_error_once():
     from steph.experiments.executors import GridError
 
     full = "cannot write RUNS/theta0.safetensors: No space left on device (errno 28)"
-    failed = {Job("TGT", m, k): full for m in ("abmil", "steph") for k in (0, 1)}
-    failed[Job("RELA", "abmil", 0)] = "RELA/labels.csv: not found"
+    failed = {RunRef("TGT", m, k): full for m in ("abmil", "steph") for k in (0, 1)}
+    failed[RunRef("RELA", "abmil", 0)] = "RELA/labels.csv: not found"
     text = str(GridError(failed, 6))
     assert text.splitlines() == [
         "5 of 6 run(s) failed:",

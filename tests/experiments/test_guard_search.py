@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from steph.experiments.cv import Experiment, Job, run_cv
+from steph.experiments.cv import Experiment, run_cv
+from steph.runs import RunRef
 from steph.experiments.search import choose
 from steph.merging.steph import STEPH
-from steph.models.output import TrainingRestart
+from steph.methods.steph import CollapseGuard
+from steph.training import TrainingRestart
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_experiment_config  # noqa: E402
@@ -32,17 +34,18 @@ def _steph(gamma, guard=True, grid=(0.0, 0.0025, 0.005, 0.01, 0.05)):
 
 
 def test_guard_asks_for_the_next_smaller_gamma(caplog):
-    model = _steph(0.05)
-    model.on_epoch_end({"epoch": 3, "mean_alive": 0.4})  # alive: nothing happens
+    """The collapse guard is the STEPH recipe's on_epoch_end callback (not a module hook)."""
+    guard = CollapseGuard(_steph(0.05))
+    guard({"epoch": 3, "mean_alive": 0.4})  # alive: nothing happens
     with pytest.raises(TrainingRestart) as info:
-        model.on_epoch_end({"epoch": 3, "mean_alive": 0.0})
+        guard({"epoch": 3, "mean_alive": 0.0})
     assert info.value.overrides == {"steph.gamma": 0.01} and "epoch 3" in info.value.reason
     with pytest.raises(TrainingRestart) as info:
-        _steph(0.003).on_epoch_end({"epoch": 1, "mean_alive": 0.0})  # between grid values
+        CollapseGuard(_steph(0.003))({"epoch": 1, "mean_alive": 0.0})  # between grid values
     assert info.value.overrides == {"steph.gamma": 0.0025}
-    with caplog.at_level("WARNING", logger="steph.merging"):
-        _steph(0.0).on_epoch_end({"epoch": 2, "mean_alive": 0.0})  # nothing smaller: warn
-        _steph(0.05, guard=False).on_epoch_end({"epoch": 2, "mean_alive": 0.0})
+    with caplog.at_level("WARNING", logger="steph.methods"):
+        CollapseGuard(_steph(0.0))({"epoch": 2, "mean_alive": 0.0})  # nothing smaller: warn
+        CollapseGuard(_steph(0.05, guard=False))({"epoch": 2, "mean_alive": 0.0})
     assert sum("merge weight was 0" in r.message for r in caplog.records) == 2
     assert "guard is off" in caplog.text
 
@@ -107,7 +110,7 @@ def test_gamma_search_inner_cv(tiny_data, tmp_path, monkeypatch):
     assert (run / "search" / "inner0" / "target" / "model.safetensors").exists()
     # the search reads only the outer training patients: no outer test patient is part of any
     # inner dataset (inner target models, candidates, validation sets)
-    outer_train, outer_test = set(exp.split("TGT", 0).train_ids), set(exp.split("TGT", 0).test_ids)
+    outer_train, outer_test = set(exp.workspace.split("TGT", 0).train_ids), set(exp.workspace.split("TGT", 0).test_ids)
     inner = [set(ids) for _, ids in seen if set(ids) not in (outer_train, outer_test)]
     assert len(inner) >= 2 * 2 + 2  # per inner fold: target train, candidates' train + val
     assert all(ids <= outer_train for ids in inner)
@@ -120,24 +123,20 @@ def test_gamma_search_resumes(tiny_data, tmp_path, monkeypatch):
         update={"gamma": "search", "gamma_grid": (0.0, 0.05), "search_folds": 2})})
     exp = Experiment(tiny_data, tmp_path, cfg, progress=False)
     exp.run_all(exp.plan(["abmil"], ["TGT"], [0]) + exp.plan(["abmil"], ["RELA", "UNRB"], [0]))
-    import steph.experiments.search as S
-
     calls = []
-    real = S.run_search
+    real = exp.runner.score_candidate
 
-    def counting(spec, root, patients, seed, train_target, train_candidate, outer_target=None):
-        def cand(*a):
-            calls.append(a[:2])
-            if len(calls) == 3:
-                raise KeyboardInterrupt  # interrupted in the middle of the search
-            return train_candidate(*a)
-        return real(spec, root, patients, seed, train_target, cand, outer_target)
+    def counting(*a, **kw):
+        calls.append(a[4:6])  # (key, value)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted in the middle of the search
+        return real(*a, **kw)
 
-    monkeypatch.setattr("steph.experiments.cv.run_search", counting)
+    monkeypatch.setattr(exp.runner, "score_candidate", counting)
     with pytest.raises(KeyboardInterrupt):
-        exp.run(Job("TGT", "steph", 0))
+        exp.run(RunRef("TGT", "steph", 0))
     done_before = len(list((tmp_path / "TGT/steph/fold0/search").glob("*/*/score.json")))
     assert done_before == 2
     calls.clear()
-    exp.run(Job("TGT", "steph", 0))
+    exp.run(RunRef("TGT", "steph", 0))
     assert len(calls) == 2  # only the two candidates not scored before

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from steph.experiments.cv import run_cv
-from steph.experiments.runs import run_dir
+from steph.runs import RunRef
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import tiny_experiment_config
@@ -30,9 +30,9 @@ def test_zero_or_two_workers_write_the_same_results(tiny_data, tmp_path):
     assert len(files) == 3 * 3
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[2] / f).read_bytes(), f
-    record = json.loads((run_dir(outs[2], "TGT", "steph", 0) / "run.json").read_text())
+    record = json.loads((RunRef("TGT", "steph", 0).path(outs[2]) / "run.json").read_text())
     assert record["device"] == "cpu" and record["epoch_devices"] == ["cpu", "cpu"]
-    log = (run_dir(outs[2], "TGT", "steph", 0) / "log.jsonl").read_text().splitlines()
+    log = (RunRef("TGT", "steph", 0).path(outs[2]) / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["device"] for line in log] == ["cpu", "cpu"]
 
     # device and workers are not part of a run's identity: nothing is redone

@@ -13,7 +13,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'steph[ray]'")
 
 from steph.errors import ConfigError
-from steph.experiments.cv import Experiment, Job, run_cv
+from steph.runs import RunRef
+from steph.experiments.cv import Experiment, run_cv
 from steph.experiments.executors import (
     CHECK_PREFIX,
     GridError,
@@ -81,7 +82,7 @@ def test_every_transfer_run_started_after_its_prerequisites_finished(tiny_data, 
         rec = json.loads((job.path(ray_runs) / "run.json").read_text())
         return datetime.fromisoformat(rec["started_at"]), datetime.fromisoformat(rec["finished_at"])
 
-    transfer = [Job("TGT", "steph", k) for k in (0, 1)]
+    transfer = [RunRef("TGT", "steph", k) for k in (0, 1)]
     for job in transfer:
         started, _ = times(job)
         prereqs = exp.prerequisites(job)
@@ -122,8 +123,8 @@ def test_without_retries_a_killed_worker_fails_its_run(tiny_data, tmp_path, monk
     with pytest.raises(GridError) as exc:
         run_cv(tiny_data, tmp_path / "runs", ["abmil"], targets=["TGT"], folds="0",
                cfg=grid_cfg(), progress=False, executor=RayExecutor(retries=0))
-    assert list(exc.value.failed) == [Job("TGT", "abmil", 0)]
-    assert "given up after 0 retries" in exc.value.failed[Job("TGT", "abmil", 0)]
+    assert list(exc.value.failed) == [RunRef("TGT", "abmil", 0)]
+    assert "given up after 0 retries" in exc.value.failed[RunRef("TGT", "abmil", 0)]
 
 
 def test_bad_input_fails_only_its_dependants(tiny_data, tmp_path, capsys):
@@ -143,18 +144,18 @@ def test_an_input_error_inside_a_task_is_not_retried(tiny_data, tmp_path):
     retry (retrying cannot help), only the runs that need it fail."""
     runs = tmp_path / "runs"
     cfg = tiny_experiment_config(epochs=1)
-    unrb = Job("UNRB", "abmil", 0).path(runs)
+    unrb = RunRef("UNRB", "abmil", 0).path(runs)
     unrb.mkdir(parents=True)
     (unrb / "config.yaml").write_text("run: {cohort: UNRB}\n")
     with pytest.raises(GridError) as exc:
         run_cv(tiny_data, runs, ["abmil", "steph"], targets=["TGT"], folds="0", cfg=cfg,
                progress=False, executor=RayExecutor(retries=2))
     failed = exc.value.failed
-    assert list(failed) == [Job("UNRB", "abmil", 0), Job("TGT", "steph", 0)]
-    assert failed[Job("UNRB", "abmil", 0)].startswith(f"{unrb} was started with other settings")
-    assert failed[Job("TGT", "steph", 0)] == "not run: needs UNRB/abmil/fold0, which failed"
+    assert list(failed) == [RunRef("UNRB", "abmil", 0), RunRef("TGT", "steph", 0)]
+    assert failed[RunRef("UNRB", "abmil", 0)].startswith(f"{unrb} was started with other settings")
+    assert failed[RunRef("TGT", "steph", 0)] == "not run: needs UNRB/abmil/fold0, which failed"
     assert "2 of 4 run(s) failed" in str(exc.value)
-    assert (Job("RELA", "abmil", 0).path(runs) / "metrics.json").exists()
+    assert (RunRef("RELA", "abmil", 0).path(runs) / "metrics.json").exists()
 
 
 def test_the_node_check_names_a_node_that_does_not_see_the_paths(tiny_data, tmp_path):

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from steph.experiments.runs import RunLock, lock_path
+from steph.experiments.leases import RunLock
+from steph.runs import RunDir
 
 BEAT, STALE = 0.05, 0.6
 LIVE = 10.0  # judging a live lease returns at its first renewal: a long limit costs nothing
@@ -34,7 +35,7 @@ def elapsed(fn):
 
 def test_lock_path_is_beside_the_run(tmp_path):
     run = tmp_path / "TGT" / "abmil" / "fold0"
-    assert lock_path(run) == tmp_path / "TGT" / "abmil" / ".fold0.lock"
+    assert RunDir(run).lease == tmp_path / "TGT" / "abmil" / ".fold0.lock"
 
 
 def test_a_free_lease_is_taken_renewed_and_released(tmp_path):

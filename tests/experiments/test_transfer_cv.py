@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from steph.data.cohort import Cohort
-from steph.experiments.cv import Experiment, Job, run_cv
-from steph.experiments.runs import PREDICTIONS, load_theta0, run_dir
+from steph.experiments.cv import Experiment, run_cv
+from steph.experiments.workspace import load_theta0
+from steph.runs import RunDir, RunRef, RunsFolder
 from steph.inference import predict_patients
 from steph.methods import get_method
 from steph.transfer import CACHE_FILE
@@ -47,7 +48,7 @@ def world(tiny_data, tmp_path_factory):
 
 
 def _metrics(runs, method):
-    return json.loads((run_dir(runs, "TGT", method, 0) / "metrics.json").read_text())
+    return json.loads((RunRef("TGT", method, 0).path(runs) / "metrics.json").read_text())
 
 
 def test_every_row_end_to_end(world):
@@ -55,14 +56,14 @@ def test_every_row_end_to_end(world):
     for name in METHODS:
         rows = summary[(summary["method"] == name) & (summary["cohort"] == "TGT")]
         assert len(rows) == 1 and math.isfinite(float(rows["c_index"].iloc[0])), name
-        path = run_dir(runs, "TGT", name, 0)
+        path = RunRef("TGT", name, 0).path(runs)
         assert (path / CACHE_FILE).exists(), name
         assert json.loads((path / "model.json").read_text())["kind"] == KINDS[name]
     m = _metrics(runs, "roupkt")
     assert m["epochs"] == 2 and m["experts"] == ["TGT", "RELA", "UNRB"]
     p = m["router_p_last_epoch"]
     assert set(p) == {"TGT", "RELA", "UNRB"} and abs(sum(p.values()) - 1) < 1e-5
-    log = [json.loads(line) for line in (run_dir(runs, "TGT", "roupkt", 0) / "log.jsonl")
+    log = [json.loads(line) for line in (RunRef("TGT", "roupkt", 0).path(runs) / "log.jsonl")
            .read_text().splitlines()]
     assert all(len(r["mean_p"]) == 3 and r["train_aux_loss"] > 0 for r in log)
 
@@ -81,8 +82,8 @@ def test_every_row_end_to_end(world):
 def test_artefacts_reproduce_the_runs_risks(world):
     cohort = Cohort.load(world["data"] / "TGT")
     for name in METHODS:
-        path = run_dir(world["runs"], "TGT", name, 0)
-        preds = pd.read_csv(path / PREDICTIONS, dtype={"patient_id": str})
+        path = RunRef("TGT", name, 0).path(world["runs"])
+        preds = pd.read_csv(path / RunDir.PREDICTIONS, dtype={"patient_id": str})
         test = preds[preds["split"] == "test"].set_index("patient_id")
         table = predict_patients(path, [(pid, cohort.slide_paths(pid)) for pid in test.index])
         assert table.attrs["encoders_per_bag"] == ENCODERS[name], name
@@ -94,12 +95,12 @@ def test_served_roupkt_in_a_fresh_process_without_the_runs(world, tmp_path):
     """The artefact alone (copied out, the runs directory moved away) predicts the risks the
     training-time module gave, with `steph predict` in another process."""
     runs, data = world["runs"], world["data"]
-    path = run_dir(runs, "TGT", "roupkt", 0)
+    path = RunRef("TGT", "roupkt", 0).path(runs)
     served = tmp_path / "served"
     served.mkdir()
     for f in ("model.safetensors", "model.json"):
         shutil.copy(path / f, served / f)
-    preds = pd.read_csv(path / PREDICTIONS, dtype={"patient_id": str})
+    preds = pd.read_csv(path / RunDir.PREDICTIONS, dtype={"patient_id": str})
     hidden = runs.with_name("runs-hidden")
     runs.rename(hidden)
     try:
@@ -121,7 +122,7 @@ def test_served_roupkt_in_a_fresh_process_without_the_runs(world, tmp_path):
 def test_resume_reuses_the_cache(world):
     """An unfinished run (metrics.json gone) trains again from the same cached embeddings, to
     the same weights."""
-    path = run_dir(world["runs"], "TGT", "roupkt", 0)
+    path = RunRef("TGT", "roupkt", 0).path(world["runs"])
     cache = path / CACHE_FILE
     stamp = cache.stat().st_mtime_ns
     weights = load_tensors(path / "model.safetensors")
@@ -152,13 +153,14 @@ class LabelFree:
 def test_building_never_reads_a_test_label(world):
     exp = Experiment(world["data"], world["runs"], world["cfg"], progress=False)
     for name in METHODS:
-        job = Job("TGT", name, 0)
-        cohort, split = exp.cohort("TGT"), exp.split("TGT", 0)
-        bins = exp.bins_for(cohort, split)
-        train, test = exp.datasets(cohort, split, bins)
-        theta0, meta = load_theta0(exp.runs_root)
-        ctx = exp._context(job, world["cfg"], cohort, bins, theta0, meta, train, LabelFree(test),
-                           job.path(world["runs"]), pool_loader=lambda j=job: exp.pool_for(j))
+        job = RunRef("TGT", name, 0)
+        cohort, split = exp.workspace.cohort("TGT"), exp.workspace.split("TGT", 0)
+        bins = exp.workspace.bins_for(cohort, split)
+        train, test = exp.workspace.datasets(cohort, split, bins)
+        theta0, meta = load_theta0(RunsFolder(exp.runs_root))
+        ctx = exp.runner.context(job, world["cfg"], cohort, bins, theta0, meta, train,
+                                 LabelFree(test), job.path(world["runs"]),
+                                 pool=lambda j=job: exp.workspace.pool(j))
         built = get_method(name).build(ctx)  # the choices and the cache: no test label read
         assert built.module is not None
 
@@ -184,20 +186,20 @@ def test_permuted_test_labels_change_nothing_but_the_scores(world):
     runs, data = world["runs"], world["data"]
     before = {}
     for name in METHODS:
-        path = run_dir(runs, "TGT", name, 0)
+        path = RunRef("TGT", name, 0).path(runs)
         before[name] = (_metrics(runs, name), load_tensors(path / "model.safetensors"),
-                        pd.read_csv(path / PREDICTIONS, dtype={"patient_id": str}))
+                        pd.read_csv(path / RunDir.PREDICTIONS, dtype={"patient_id": str}))
     test_ids = before["roupkt"][2].query("split == 'test'")["patient_id"]
     _permute_test_labels(data, test_ids)
     for name in METHODS:
-        shutil.rmtree(run_dir(runs, "TGT", name, 0))
+        shutil.rmtree(RunRef("TGT", name, 0).path(runs))
     run_cv(data, runs, methods=METHODS, targets=["TGT"], folds=[0], cfg=world["cfg"],
            progress=False)
     for name in METHODS:
         m0, w0, p0 = before[name]
-        path = run_dir(runs, "TGT", name, 0)
+        path = RunRef("TGT", name, 0).path(runs)
         m1, w1 = _metrics(runs, name), load_tensors(path / "model.safetensors")
-        p1 = pd.read_csv(path / PREDICTIONS, dtype={"patient_id": str})
+        p1 = pd.read_csv(path / RunDir.PREDICTIONS, dtype={"patient_id": str})
         assert set(w0) == set(w1) and all(np.array_equal(w0[k].numpy(), w1[k].numpy())
                                           for k in w0), name
         np.testing.assert_array_equal(p0["risk"], p1["risk"])

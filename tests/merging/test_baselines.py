@@ -23,7 +23,9 @@ from steph.merging import baselines as B
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import iso_c_pair, iso_cts_pair, ties_pair
 from steph.methods import MethodContext, get_method
-from steph.models.abmil import ABMIL, ENCODER_PREFIXES
+from steph.models.abmil import ABMIL
+
+ENCODER_PREFIXES = ABMIL.ENCODER_PREFIXES
 from steph.survival.bins import TimeBins
 from steph.survival.loss import nll_survival_loss
 from steph.training.trainer import fit
@@ -390,7 +392,7 @@ def _trained_surgery(pool: ModelPool) -> B.AdaMerging:
 def test_surgery_export_round_trips_through_load_artefact(tmp_path):
     pool = _pool()
     model = _trained_surgery(pool)
-    built_kind = "abmil_surgery"
+    built_kind = model.export_kind  # "mil_surgery"
     exported = model.export()
     assert isinstance(exported, B.SurgeryMIL)
     bins = TimeBins.uniform(HP["n_bins"], 1000.0)
@@ -412,7 +414,7 @@ def test_surgery_artefact_loads_in_a_fresh_process(tmp_path):
     """``steph predict`` never imports the baselines itself: load_artefact must find the kind."""
     pool = _pool()
     model = _trained_surgery(pool)
-    path = save_artefact(tmp_path / "model.safetensors", model.export(), "abmil_surgery",
+    path = save_artefact(tmp_path / "model.safetensors", model.export(), model.export_kind,
                          model.export_settings(), TimeBins.uniform(HP["n_bins"], 1000.0),
                          HP["in_dim"])
     x = _bag(4)

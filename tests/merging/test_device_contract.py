@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from steph.methods import CostSpec, get_method, list_methods
-from steph.models.output import as_output
+from steph.models.module import as_output
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import TINY_NETWORKS  # tests/conftest.py

@@ -141,20 +141,34 @@ def test_steph_artefact_rebuilds_the_network(arch, tmp_path):
         torch.testing.assert_close(loaded(x, **extra).logits, model(x, **extra).logits)
 
 
-def test_steph_artefacts_written_before_networks_still_load():
-    """Old STEPH artefacts: settings {"abmil": hparams} and tensors "abmil.<name>"."""
+def test_steph_artefacts_written_before_networks_still_load(tmp_path):
+    """Version-1 STEPH artefacts (before any network could be merged): settings
+    {"abmil": hparams} without arch or n_patients, tensors "abmil.<name>"; load_artefact
+    reads them through steph.runs.migrations."""
+    import json
+
+    from steph.inference import load_artefact, save_artefact
+    from steph.survival.bins import TimeBins
+    from steph.utils.io import save_tensors
+
     model, _ = make_steph("abmil")
-    model.eval()
-    settings = model.settings()
+    model = model.float().eval()
+    path = save_artefact(tmp_path / "model.safetensors", model, "steph", model.settings(),
+                         TimeBins.uniform(model.network.n_bins, 1000.0), model.network.in_dim)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    settings = manifest["settings"]
     settings["abmil"] = settings.pop("network")
-    del settings["arch"]
+    del settings["arch"], settings["n_patients"]
     state = {(k.replace("network.", "abmil.", 1) if k.startswith("network.") else k): v
              for k, v in model.state_dict().items()}
-    old = STEPH.from_settings(settings).double().eval()
-    old.load_state_dict(state)
+    save_tensors(path, state)
+    manifest.update(format="steph-artefact/1", weights_sha256=None)
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    old, upgraded = load_artefact(path)
+    assert upgraded["format"] == "steph-artefact/2" and upgraded["settings"]["arch"] == "abmil"
     x, _ = bag("abmil")
     with torch.no_grad():
-        torch.testing.assert_close(old(x).logits, model(x).logits)
+        torch.testing.assert_close(old(x.float()).logits, model(x.float()).logits)
 
 
 @pytest.mark.parametrize("arch", NETS)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from steph.errors import ConfigError
-from steph.models import ABMIL, create_model, encoder_parameter_names, list_models
+from steph.models import ABMIL, create_model, list_models
 
 
 def expected_params(d, h=512, a=384, nb=32):
@@ -31,7 +31,7 @@ def test_flops_on_10k_bag():
 
 def test_encoder_and_head_are_addressable():
     model = ABMIL(64, 8)
-    enc = encoder_parameter_names(model)
+    enc = model.encoder_names()
     assert len(enc) == 8
     assert all(n.startswith(("feat_proj.", "attention.")) for n in enc)
     names = [n for n, _ in model.named_parameters()]

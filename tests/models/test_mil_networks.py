@@ -6,7 +6,7 @@ from torch import nn
 
 from steph.models import MILNetwork, create_model, list_models
 
-NETS = ["abmil", "transmil", "ilra", "r2t_mil", "patch_gcn"]
+NETS = list_models()  # every registered network
 
 # method.md section 6 / Table S4, at in_dim=1536 and n_bins=32
 PARAMS = {"abmil": 1_197_729, "transmil": 2_949_680, "ilra": 4_214_560,
@@ -23,8 +23,26 @@ INERT = {
 }
 
 
-def test_every_network_is_registered():
-    assert set(NETS) <= set(list_models())
+def test_the_networks_of_the_paper_are_registered():
+    assert {"abmil", "transmil", "ilra", "r2t_mil", "patch_gcn"} <= set(NETS)
+    assert set(PARAMS) == set(NETS)  # a new network needs its parameter count here
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_every_network_has_typed_options_matching_its_class(name):
+    """model.options.<name> is typed (steph.config.NetworksConfig) with exactly the class's
+    keyword arguments besides in_dim, n_bins and the performance setting chunk_size, and the
+    same defaults."""
+    import inspect
+
+    from steph.config import NetworksConfig
+    from steph.models import model_class
+
+    assert name in NetworksConfig.model_fields, f"add model.options.{name} to NetworksConfig"
+    options = NetworksConfig.model_fields[name].annotation
+    params = {p.name: p.default for p in inspect.signature(model_class(name)).parameters.values()
+              if p.name not in ("self", "in_dim", "n_bins", "chunk_size")}
+    assert {k: f.default for k, f in options.model_fields.items()} == params
 
 
 @pytest.mark.parametrize("name", NETS)

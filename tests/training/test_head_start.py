@@ -9,7 +9,7 @@ import torch
 from scipy.optimize import minimize
 
 from steph.config import TrainConfig
-from steph.models import ABMIL
+from steph.models import ABMIL, SurvivalModule
 from steph.survival.baseline import baseline_hazard_logits
 from steph.survival.metrics import concordance_index
 from steph.training.head_start import _fit_v, fit_ph_head, initialize_head
@@ -132,14 +132,18 @@ def test_unknown_mode():
         initialize_head(_model(), _bags(), "bogus", 0.5)
 
 
-class _SmallSpread(torch.nn.Module):
+class _SmallSpread(SurvivalModule):
     """An embedding whose spread between bags (0.01 x the mean of the first feature) is far
     smaller than what training mode adds (noise of sd ``noise``), as Patch-GCN's."""
 
     def __init__(self, noise: float):
         super().__init__()
-        self.survival_head = torch.nn.Linear(6, 4)
+        self.head = torch.nn.Linear(6, 4)
         self.noise = noise
+
+    @property
+    def survival_head(self):
+        return self.head
 
     def head_input(self, x):
         z = 1.0 + 0.01 * x.mean(0)

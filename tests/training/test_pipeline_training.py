@@ -18,14 +18,8 @@ from steph.data.features import read_features_stored, write_features_h5
 from steph.errors import DataError
 from steph.models import ABMIL
 from steph.survival import TimeBins
-from steph.training.trainer import (
-    CHECKPOINT,
-    LOG_FILE,
-    _load_checkpoint,
-    _save_checkpoint,
-    fit,
-    parameter_groups,
-)
+from steph.training.trainer import _load_checkpoint, _save_checkpoint, fit, parameter_groups
+from steph.runs import RunDir
 from steph.utils.io import load_tensor_metadata
 
 from .test_trainer import make_bags, small_model
@@ -90,7 +84,7 @@ def test_checkpoint_restores_onto_the_devices_of_the_model(tmp_path):
     bag = make_bags(1)[0]
     model(bag["features"]).sum().backward()
     opt.step()
-    path = tmp_path / CHECKPOINT
+    path = tmp_path / RunDir.CHECKPOINT
     _save_checkpoint(path, model, opt, epoch=1, step=1, history=[{"epoch": 1}])
     with torch.device("meta"):
         elsewhere = small_model()
@@ -141,7 +135,7 @@ def test_fp16_keeps_its_gradient_scaler_across_a_resume(tmp_path):
 
     with pytest.raises(Stop):
         fit(small_model(), bags, cfg, tmp_path / "run", progress=False, on_epoch_end=stop)
-    meta = load_tensor_metadata(tmp_path / "run" / CHECKPOINT)
+    meta = load_tensor_metadata(tmp_path / "run" / RunDir.CHECKPOINT)
     scaler = json.loads(meta["grad_scaler"])
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 4  # 2 epochs x 2 clean steps
     resumed = small_model(seed=9)
@@ -176,8 +170,8 @@ def test_corrupt_file_in_a_worker_stops_the_run_cleanly_and_it_resumes_once_fixe
     msg = str(err.value)
     assert f"cohort 'TGT', patient '{pid}'" in msg and slide.name in msg and "NaN" in msg
     assert "\n" not in msg and "DataLoader" not in msg
-    assert load_tensor_metadata(run / CHECKPOINT)["epoch"] == "1"  # the last epoch intact
-    assert len((run / LOG_FILE).read_text().splitlines()) == 1
+    assert load_tensor_metadata(run / RunDir.CHECKPOINT)["epoch"] == "1"  # the last epoch intact
+    assert len((run / RunDir.LOG).read_text().splitlines()) == 1
 
     slide.write_bytes(pristine)  # the file is fixed: the same command resumes and finishes
     resumed = _model(seed=4)

@@ -164,10 +164,11 @@ def test_deterministic_on_cpu_only_touches_torch_algorithms(monkeypatch):
 
 def test_deterministic_is_part_of_a_runs_identity_and_old_runs_stay_valid():
     from steph.config import build_config, without_performance_keys
+    from steph.runs.migrations import upgrade_settings
 
     on = build_config().to_dict()
     off = build_config({"train": {"deterministic": False}}).to_dict()
     old = build_config().to_dict()
     del old["train"]["deterministic"]  # a config.yaml written before the setting existed
-    assert without_performance_keys(on) == without_performance_keys(old)
+    assert without_performance_keys(on) == without_performance_keys(upgrade_settings(old))
     assert without_performance_keys(on) != without_performance_keys(off)

@@ -5,8 +5,9 @@ import torch
 
 from steph.config import TrainConfig
 from steph.errors import RunError
-from steph.models import ABMIL
-from steph.training.trainer import CHECKPOINT, cosine_with_warmup, fit, parameter_groups
+from steph.models import ABMIL, SurvivalModule
+from steph.training.trainer import cosine_with_warmup, fit, parameter_groups
+from steph.runs import RunDir
 
 
 def make_bags(n=10, d=6, seed=0, n_bins=4):
@@ -43,7 +44,7 @@ def test_cosine_with_warmup_hand_values():
     assert cosine_with_warmup(3, 0, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
 
 
-class Counting(torch.nn.Module):
+class Counting(SurvivalModule):
     """Wraps a model, records which bags it saw and the step hooks."""
 
     def __init__(self, inner):
@@ -90,7 +91,7 @@ def test_step_is_mean_of_bag_gradients(tmp_path):
 
     captured = {}
 
-    class Capture(torch.nn.Module):
+    class Capture(SurvivalModule):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -131,7 +132,7 @@ def test_resume_gives_identical_weights_and_metrics(tmp_path):
 
     with pytest.raises(Interrupt):
         fit(small_model(), bags, cfg, run, test=test, progress=False, on_epoch_end=stop)
-    assert (run / CHECKPOINT).exists()
+    assert (run / RunDir.CHECKPOINT).exists()
     torch.manual_seed(12345)  # a different global RNG state must not matter after resume
     resumed = small_model(seed=99)  # the fresh process builds its model again
     res = fit(resumed, bags, cfg, run, test=test, progress=False)
@@ -165,7 +166,7 @@ def test_same_seed_same_weights_different_seed_differs(tmp_path):
     assert not torch.equal(out[0], out[2])
 
 
-class _NeedsMask(torch.nn.Module):
+class _NeedsMask(SurvivalModule):
     """A toy MIL module that takes an extra per-bag input: a 0/1 mask over its instances."""
 
     bag_inputs = ("mask",)
@@ -277,51 +278,51 @@ def _damage(path, how):
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_damaged_checkpoint_resumes_from_the_previous_one(how, tmp_path, steph_log):
-    from steph.training.trainer import CHECKPOINT_PREV
+    from steph.runs import RunDir
 
     bags, test, ref, ref_res = _reference(tmp_path)
     run = tmp_path / "run"
     _killed_after(3, bags, test, run)
-    assert (run / CHECKPOINT_PREV).exists()
-    _damage(run / CHECKPOINT, how)
+    assert (run / RunDir.CHECKPOINT_PREV).exists()
+    _damage(run / RunDir.CHECKPOINT, how)
     again = small_model(seed=7)
     res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
     assert res.resumed_from == 2
     warned = [r.getMessage() for r in steph_log.records if r.levelname == "WARNING"]
-    assert any(str(run / CHECKPOINT) in m and ("truncated" if how == "truncate" else "checksum") in m
+    assert any(str(run / RunDir.CHECKPOINT) in m and ("truncated" if how == "truncate" else "checksum") in m
                and "trying the previous checkpoint" in m for m in warned), warned
     assert any("resuming from the previous checkpoint" in m for m in warned), warned
     _same_result(ref, ref_res, again, res)
-    assert not (run / CHECKPOINT_PREV).exists()  # removed once the last epoch is written
+    assert not (run / RunDir.CHECKPOINT_PREV).exists()  # removed once the last epoch is written
 
 
 def test_both_checkpoints_damaged_restarts_from_scratch(tmp_path, steph_log):
-    from steph.training.trainer import CHECKPOINT_PREV
+    from steph.runs import RunDir
 
     bags, test, ref, ref_res = _reference(tmp_path)
     run = tmp_path / "run"
     _killed_after(3, bags, test, run)
-    _damage(run / CHECKPOINT, "flip")
-    _damage(run / CHECKPOINT_PREV, "truncate")
+    _damage(run / RunDir.CHECKPOINT, "flip")
+    _damage(run / RunDir.CHECKPOINT_PREV, "truncate")
     again = small_model()  # a fresh process builds the same initial model
     res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
     assert res.resumed_from == 0
     warned = " | ".join(r.getMessage() for r in steph_log.records if r.levelname == "WARNING")
-    assert str(run / CHECKPOINT_PREV) in warned and "starting from scratch" in warned
+    assert str(run / RunDir.CHECKPOINT_PREV) in warned and "starting from scratch" in warned
     _same_result(ref, ref_res, again, res)
 
 
 def test_killed_between_the_renames_resumes_from_the_previous_one(tmp_path, steph_log):
-    from steph.training.trainer import CHECKPOINT_PREV
+    from steph.runs import RunDir
 
     bags, test, ref, ref_res = _reference(tmp_path)
     run = tmp_path / "run"
     _killed_after(3, bags, test, run)
-    (run / CHECKPOINT).unlink()  # the old one was renamed, the new one not yet in place
+    (run / RunDir.CHECKPOINT).unlink()  # the old one was renamed, the new one not yet in place
     again = small_model(seed=3)
     res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
     assert res.resumed_from == 2
-    assert any("is missing" in r.getMessage() and CHECKPOINT_PREV in r.getMessage()
+    assert any("is missing" in r.getMessage() and RunDir.CHECKPOINT_PREV in r.getMessage()
                for r in steph_log.records)
     _same_result(ref, ref_res, again, res)
 
@@ -350,9 +351,9 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     with pytest.raises(RunError) as err:
         fit(small_model(), bags, CKPT_CFG, run, test=test, progress=False, on_epoch_end=fill_disk)
     monkeypatch.undo()
-    assert str(run / CHECKPOINT) in str(err.value) and "No space left" in str(err.value)
-    assert read_safetensors(run / CHECKPOINT)[1]["epoch"] == "2"  # the last good one, intact
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.prev.safetensors", CHECKPOINT,
+    assert str(run / RunDir.CHECKPOINT) in str(err.value) and "No space left" in str(err.value)
+    assert read_safetensors(run / RunDir.CHECKPOINT)[1]["epoch"] == "2"  # the last good one, intact
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.prev.safetensors", RunDir.CHECKPOINT,
                                                      "log.jsonl"]  # no temporary file left
     again = small_model()
     res = fit(again, bags, CKPT_CFG, run, test=test, progress=False)
@@ -372,9 +373,28 @@ def test_thread_count_is_recorded_and_kept_on_resume(tmp_path, restore_threads):
 
     with pytest.raises(Interrupt):
         fit(small_model(), bags, cfg, tmp_path, progress=False, on_epoch_end=stop)
-    assert read_safetensors(tmp_path / CHECKPOINT)[1]["threads"] == "1"
+    assert read_safetensors(tmp_path / RunDir.CHECKPOINT)[1]["threads"] == "1"
     torch.set_num_threads(2)
     res = fit(small_model(), bags, cfg.model_copy(update={"threads": None}), tmp_path,
               progress=False)
     assert res.resumed_from == 1
     assert res.extra["reproducibility"]["threads"] == 1 and torch.get_num_threads() == 1
+
+
+def test_a_module_must_keep_the_trainers_contract(tmp_path):
+    """fit() refuses a module that is not a SurvivalModule, and one with a hook-like method
+    the trainer never calls (a misspelt begin_step would silently do nothing)."""
+    from steph.models import check_module
+
+    with pytest.raises(TypeError, match="not a steph.models.SurvivalModule"):
+        fit(torch.nn.Linear(3, 4), make_bags(4), TrainConfig(bags_per_step=4), tmp_path,
+            progress=False)
+
+    class Misspelt(Counting):
+        def begin_steps(self):  # one letter too many
+            pass
+
+    with pytest.raises(TypeError, match=r"begin_steps\(\), which the trainer never calls"):
+        fit(Misspelt(small_model()), make_bags(4), TrainConfig(bags_per_step=4), tmp_path,
+            progress=False)
+    assert check_module(Counting(small_model())) is not None

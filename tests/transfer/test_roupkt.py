@@ -8,7 +8,7 @@ import torch
 
 from steph.methods import CostSpec, get_method
 from steph.models import ABMIL
-from steph.models.output import ModelOutput
+from steph.models.module import ModelOutput
 from steph.transfer import ROUPKT, ExpertBank, ExpertReadout
 
 HP = {"in_dim": 12, "n_bins": 5, "hidden_dim": 8, "attn_dim": 6}

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import torch
 
-from steph.analysis.runs import RunRef, read_predictions, run_config
+from steph.analysis.runs import read_predictions, run_config
+from steph.config import DataConfig
+from steph.data.bag_inputs import cohort_providers
 from steph.data.cohort import Cohort
 from steph.errors import DataError
-from steph.experiments.runs import graph_cache
+from steph.runs import RunRef, RunsFolder
 
 
 @functools.lru_cache(maxsize=8)
-def _cohort(folder: Path, labels: str, convention, endpoint, time_unit, on_bad_slide: str,
-            check: str) -> Cohort:
+def _cohort(folder: Path, data: str) -> Cohort:
     """A cohort loaded once per process and data settings (an analysis visits many runs of
-    one cohort)."""
-    return Cohort.load(folder, labels=labels, convention=convention, endpoint=endpoint,
-                       time_unit=time_unit, on_bad_slide=on_bad_slide, check=check)
+    one cohort); ``data``: the ``data`` settings as JSON (hashable)."""
+    return Cohort.from_config(folder, DataConfig.model_validate_json(data))
 
 
 class RunBags:
@@ -34,10 +34,9 @@ class RunBags:
         if not folder.is_dir():
             raise DataError(f"cohort {run.cohort!r} not found under the data root "
                             f"{self.data_root} (the run {run} needs its features)")
-        self.cohort = _cohort(folder.resolve(), d.labels, d.convention, d.endpoint, d.time_unit,
-                              d.on_bad_slide, d.check)
+        self.cohort = _cohort(folder.resolve(), d.model_dump_json())
         self.loss_alpha = cfg.train.loss_alpha
-        self._graphs = None
+        self._providers: dict = {}
 
     def test_ids(self) -> list[str]:
         """The run's test patients, in its predictions' order."""
@@ -55,17 +54,12 @@ class RunBags:
     def bag_inputs(self, patient_id: str, names: tuple[str, ...] | list[str]
                    ) -> dict[str, torch.Tensor]:
         """The extra per-bag inputs ``names`` a network declares (Patch-GCN's edge_index)."""
-        out = {}
-        for name in names:
-            if name != "edge_index":
-                raise DataError(f"cannot build the per-bag input {name!r} for an analysis")
-            if self._graphs is None:
-                from steph.data.graphs import PatchGraphs
-
-                self._graphs = PatchGraphs(self.cohort,
-                                           cache_dir=graph_cache(self.runs_root, self.cohort.name))
-            out[name] = self._graphs(patient_id)
-        return out
+        missing = [n for n in names if n not in self._providers]
+        if missing:
+            self._providers.update(cohort_providers(
+                missing, self.cohort, RunsFolder(self.runs_root).graphs(self.cohort.name),
+                who=f"the analysis of {self.run}"))
+        return {name: self._providers[name](patient_id) for name in names}
 
     def label(self, patient_id: str) -> tuple[float, int]:
         row = self.cohort.patient(patient_id)

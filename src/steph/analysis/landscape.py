@@ -218,7 +218,7 @@ def loss_landscape(runs_root: str | Path, data_root: str | Path, target: RunRef,
     and ``source`` (a cohort whose fold-0 run of the same network is finished), computed or read
     from the cache; with ``steph_run``, the path its lambda took for this source."""
     from steph.analysis.bags import RunBags
-    from steph.experiments.runs import theta0_path
+    from steph.runs import RunsFolder
     from steph.inference import load_artefact
     from steph.survival.bins import TimeBins
     from steph.utils.io import load_tensors
@@ -238,7 +238,7 @@ def loss_landscape(runs_root: str | Path, data_root: str | Path, target: RunRef,
         network, manifest = load_artefact(target.path(runs_root))
         source_net, _ = load_artefact(src.path(runs_root))
         theta0 = {k: v.float() if v.is_floating_point() else v
-                  for k, v in load_tensors(theta0_path(runs_root, arch)).items()}
+                  for k, v in load_tensors(RunsFolder(runs_root).theta0(arch)).items()}
         theta_t, theta_s = network.state_dict(), source_net.state_dict()
         tau_t = {n: theta_t[n].float() - theta0[n] for n in theta0 if theta0[n].is_floating_point()}
         tau_s = {n: theta_s[n].float() - theta0[n] for n in theta0 if theta0[n].is_floating_point()}

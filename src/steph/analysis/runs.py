@@ -11,58 +11,18 @@ where another method has folds 0-1 has three missing runs).
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from steph.config import ExperimentConfig, build_config
 from steph.errors import RunError
-from steph.experiments.runs import (
-    CONFIG,
-    MANIFEST,
-    METRICS,
-    PREDICTIONS,
-    WEIGHTS,
-    lock_path,
-    read_run_record,
-    run_dir,
-    theta0_path,
-)
-from steph.training.trainer import LOG_FILE
-from steph.utils.io import read_json
+from steph.runs import RunDir, RunRef, RunsFolder
 
 FINISHED, UNFINISHED, MISSING = "finished", "unfinished", "missing"
 INVENTORY_COLUMNS = ["cohort", "method", "repeat", "fold", "state", "lease", "path"]
-_FOLD = re.compile(r"fold(\d+)$")
-_REP = re.compile(r"rep(\d+)$")
-# top-level folders of a runs folder that are not cohorts
-_NOT_COHORTS = {"splits", "graphs", "analysis", "search"}
-
-
-def _run_dirs(root: Path):
-    for cohort in sorted(p for p in root.iterdir() if p.is_dir()):
-        if cohort.name.startswith(".") or cohort.name in _NOT_COHORTS:
-            continue
-        for method in sorted(p for p in cohort.iterdir() if p.is_dir()):
-            if method.name.startswith("."):
-                continue
-            for child in sorted(method.iterdir()):
-                if not child.is_dir():
-                    continue
-                fold = _FOLD.match(child.name)
-                if fold:
-                    yield cohort.name, method.name, 0, int(fold.group(1)), child
-                rep = _REP.match(child.name)
-                if rep:
-                    for sub in sorted(child.iterdir()):
-                        fold = _FOLD.match(sub.name)
-                        if sub.is_dir() and fold:
-                            yield cohort.name, method.name, int(rep.group(1)), int(fold.group(1)), sub
 
 
 def run_inventory(runs_root: str | Path) -> pd.DataFrame:
@@ -72,10 +32,11 @@ def run_inventory(runs_root: str | Path) -> pd.DataFrame:
     if not root.is_dir():
         raise RunError(f"runs folder not found: {root}")
     rows = []
-    for cohort, method, repeat, fold, path in _run_dirs(root):
-        state = FINISHED if (path / METRICS).exists() else UNFINISHED
-        rows.append({"cohort": cohort, "method": method, "repeat": repeat, "fold": fold,
-                     "state": state, "lease": lock_path(path).exists(), "path": str(path)})
+    for ref, run in RunsFolder(root).walk():
+        state = FINISHED if run.is_finished() else UNFINISHED
+        rows.append({"cohort": ref.cohort, "method": ref.method, "repeat": ref.repeat,
+                     "fold": ref.fold, "state": state, "lease": run.lease.exists(),
+                     "path": str(run.path)})
     found = pd.DataFrame(rows, columns=INVENTORY_COLUMNS)
     missing = []
     for (cohort, repeat), sub in found.groupby(["cohort", "repeat"]):
@@ -84,84 +45,61 @@ def run_inventory(runs_root: str | Path) -> pd.DataFrame:
             for fold in sorted(folds - set(msub["fold"])):
                 missing.append({"cohort": cohort, "method": method, "repeat": repeat,
                                 "fold": fold, "state": MISSING, "lease": False,
-                                "path": str(run_dir(root, cohort, method, fold, repeat))})
+                                "path": str(RunRef(cohort, method, fold, repeat).path(root))})
     out = pd.concat([found, pd.DataFrame(missing, columns=INVENTORY_COLUMNS)], ignore_index=True)
     return out.sort_values(["cohort", "method", "repeat", "fold"]).reset_index(drop=True)
 
 
 # -- readers of one run ------------------------------------------------------------------------
 
+# readers of one run, by its directory (the records' owner is steph.runs.RunDir)
+
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The per-epoch rows of a run's ``log.jsonl`` ([] when there is none)."""
-    p = Path(path) / LOG_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return RunDir(path).read_log()
 
 
 def read_settings(path: str | Path) -> dict[str, Any]:
-    """A run's ``config.yaml`` as a dict ({} when there is none)."""
-    p = Path(path) / CONFIG
-    if not p.exists():
-        return {}
-    return yaml.safe_load(p.read_text()) or {}
+    """A run's ``config.yaml`` in today's format ({} when there is none)."""
+    return RunDir(path).read_settings()
 
 
 def run_config(path: str | Path) -> ExperimentConfig:
     """The experiment settings a run was made with (its config.yaml without ``run``)."""
     settings = read_settings(path)
     return build_config({k: v for k, v in settings.items() if k != "run"},
-                        source=str(Path(path) / CONFIG))
+                        source=str(RunDir(path).config))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return read_json(Path(path) / MANIFEST)
+    from steph.runs import migrations
+
+    return migrations.upgrade_manifest(RunDir(path).read_manifest())
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    return read_json(Path(path) / METRICS)
+    return RunDir(path).read_metrics()
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
     """``predictions.csv`` of a run (patient_id, split, risk, time, event)."""
-    p = Path(path) / PREDICTIONS
-    if not p.exists():
-        raise RunError(f"{p}: file not found (is the run finished?)")
-    return pd.read_csv(p, dtype={"patient_id": str})
+    return RunDir(path).read_predictions()
 
 
 def weights_digest(path: str | Path) -> str:
     """The SHA-256 its manifest records for a run's weights (what a cache key names)."""
-    manifest = read_manifest(path)
-    digest = manifest.get("weights_sha256")
+    digest = read_manifest(path).get("weights_sha256")
     if not digest:
         from steph.utils.io import file_sha256
 
-        digest = file_sha256(Path(path) / WEIGHTS)
+        digest = file_sha256(RunDir(path).weights)
     return str(digest)
 
 
 def theta0_digest(runs_root: str | Path, arch: str = "abmil") -> str:
     from steph.utils.io import file_sha256
 
-    return file_sha256(theta0_path(runs_root, arch))
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """A finished run of the grid."""
-
-    cohort: str
-    method: str
-    fold: int
-    repeat: int = 0
-
-    def path(self, runs_root: str | Path) -> Path:
-        return run_dir(runs_root, self.cohort, self.method, self.fold, self.repeat)
-
-    def __str__(self) -> str:
-        rep = f"rep{self.repeat}/" if self.repeat else ""
-        return f"{self.cohort}/{self.method}/{rep}fold{self.fold}"
+    return file_sha256(RunsFolder(runs_root).theta0(arch))
 
 
 def finished_runs(inventory: pd.DataFrame, method: str | None = None,
@@ -189,9 +127,7 @@ def load_steph(runs_root: str | Path, run: RunRef):
 
 def steph_arch(runs_root: str | Path, run: RunRef) -> str:
     """The network a STEPH run merged (its artefact's settings)."""
-    from steph.merging.networks import network_settings
-
-    return network_settings(read_manifest(run.path(runs_root))["settings"])[0]
+    return read_manifest(run.path(runs_root))["settings"]["arch"]
 
 
 def target_run(run: RunRef, arch: str) -> RunRef:
@@ -210,7 +146,7 @@ def provenance(runs_root: str | Path, inventory: pd.DataFrame) -> pd.DataFrame:
     combination with the number of runs and the methods that ran with it."""
     rows = []
     for run in finished_runs(inventory):
-        rec = read_run_record(run.path(runs_root))
+        rec = RunDir(run.path(runs_root)).read_record()
         rows.append({"python": rec.get("python", "?"), "torch": rec.get("torch", "?"),
                      "steph": rec.get("steph", "?"), "host": rec.get("host", "?"),
                      "threads": rec.get("threads", np.nan), "method": run.method})
@@ -231,7 +167,7 @@ def epoch_seconds(runs_root: str | Path, inventory: pd.DataFrame) -> pd.DataFram
     the hosts (the paper's Table S6 measures this, on one machine)."""
     rows = []
     for run in finished_runs(inventory):
-        rec = read_run_record(run.path(runs_root))
+        rec = RunDir(run.path(runs_root)).read_record()
         for s in rec.get("epoch_seconds") or []:
             if s is not None:
                 rows.append({"method": run.method, "run": str(run), "seconds": float(s),

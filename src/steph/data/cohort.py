@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from steph.config import DataConfig
 from steph.data.features import (
     FeatureIndex,
     read_coords,
@@ -35,7 +36,7 @@ from steph.data.features import (
     read_features_stored,
 )
 from steph.data.labels import read_labels
-from steph.data.pack import PackedStore, attach_pack
+from steph.data.pack import PackedStore, PackSource, SlideRecord, attach_pack
 from steph.errors import DataError
 
 logger = logging.getLogger("steph.data.cohort")
@@ -47,8 +48,6 @@ ON_BAD_SLIDE = ("raise", "skip")
 CHECKS = ("shape", "full")
 _MAX_LISTED = 20
 
-PATIENT_COLUMNS = ["patient_id", "time", "event", "slides", "n_patches"]
-SLIDE_COLUMNS = ["slide_id", "patient_id", "path", "n_patches", "dtype"]
 SKIPPED_COLUMNS = ["patient_id", "slide_id", "path", "reason"]
 
 
@@ -90,6 +89,17 @@ class Cohort:
             self._paths.setdefault(pid, []).append(Path(path))
 
     # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cohort_dir: str | os.PathLike, data: DataConfig, **overrides: Any
+                    ) -> Cohort:
+        """:meth:`load` with the ``data`` section of an experiment's settings (labels file,
+        convention, endpoint, time unit, what to do with a bad slide, how far to check);
+        ``overrides``: keyword arguments of :meth:`load` that replace them."""
+        kwargs: dict[str, Any] = {
+            "labels": data.labels, "convention": data.convention, "endpoint": data.endpoint,
+            "time_unit": data.time_unit, "on_bad_slide": data.on_bad_slide, "check": data.check}
+        return cls.load(cohort_dir, **{**kwargs, **overrides})
+
     @classmethod
     def load(cls, cohort_dir: str | os.PathLike, *, labels: str | os.PathLike = DEFAULT_LABELS,
              convention: str | None = None, endpoint: str | None = None,
@@ -199,7 +209,7 @@ class Cohort:
                      skipped=skipped, labels_path=labels_path,
                      label_info=dict(table.attrs, lost_patients=lost))
         if use_pack:
-            cohort.pack = attach_pack(cohort)
+            cohort.pack = attach_pack(cohort.pack_source())
         return cohort
 
     # ---------------------------------------------------------------------------------------
@@ -231,6 +241,19 @@ class Cohort:
         """Feature files of the patient's slides, in concatenation order."""
         self._check_patient(patient_id)
         return list(self._paths[patient_id])
+
+    def pack_source(self) -> PackSource:
+        """The cohort's slides in concatenation order (patients sorted by id, each patient's
+        slides in label-table order), as the packed store takes them."""
+        info = {(pid, sid): (int(n), str(dt)) for pid, sid, n, dt in zip(
+            self.slides["patient_id"], self.slides["slide_id"], self.slides["n_patches"],
+            self.slides["dtype"])}
+        records = []
+        for pid, sids in zip(self.patients["patient_id"], self.patients["slides"]):
+            for sid, path in zip(sids, self.slide_paths(pid)):
+                n, dtype = info[(pid, sid)]
+                records.append(SlideRecord(sid, pid, path, n, dtype))
+        return PackSource(self.name, self.root, self.feature_dim, tuple(records))
 
     @property
     def splits_dir(self) -> Path:

@@ -39,6 +39,7 @@ replaces it. One writer per cohort at a time (an advisory lock on ``.steph-pack/
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -48,16 +49,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from steph.data.features import read_coords, read_features_stored
 from steph.errors import DataError
-from steph.utils.io import write_json
-
-if TYPE_CHECKING:  # pragma: no cover
-    from steph.data.cohort import Cohort
+from steph.utils.io import AtomicFile, fsync_dir, write_json
 
 logger = logging.getLogger("steph.data.pack")
 
@@ -81,12 +79,30 @@ def pack_dtype(dtypes: Any) -> np.dtype:
     return np.dtype("<f2") if names == {"float16"} else np.dtype("<f4")
 
 
-def _slide_plan(cohort: Cohort) -> list[tuple[str, str, Path]]:
-    """(slide id, patient id, path) in concatenation order (patients sorted, slides in order)."""
-    out = []
-    for pid, sids in zip(cohort.patients["patient_id"], cohort.patients["slides"]):
-        out += [(sid, pid, path) for sid, path in zip(sids, cohort.slide_paths(pid))]
-    return out
+@dataclass(frozen=True)
+class SlideRecord:
+    slide_id: str
+    patient_id: str
+    path: Path  # the feature file
+    n_patches: int
+    dtype: str  # the stored dtype of its features
+
+
+@dataclass(frozen=True)
+class PackSource:
+    """What a pack is made of: one cohort's slides in the order its bags concatenate them
+    (patients sorted by id, each patient's slides in label-table order); a
+    :class:`~steph.data.cohort.Cohort` gives it with ``pack_source()``."""
+
+    name: str
+    root: Path  # the cohort folder
+    feature_dim: int
+    slides: tuple[SlideRecord, ...]
+
+
+def _slide_plan(source: PackSource) -> list[tuple[str, str, Path]]:
+    """(slide id, patient id, path) in concatenation order."""
+    return [(s.slide_id, s.patient_id, s.path) for s in source.slides]
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -94,24 +110,6 @@ def _rel(path: Path, root: Path) -> str:
         return Path(path).relative_to(root).as_posix()
     except ValueError:  # a slide outside the cohort folder: keep it absolute
         return Path(path).as_posix()
-
-
-def _readable(path: Path) -> None:
-    """Give a file written through a private temp file the permissions the umask allows
-    (a shared data root must stay readable by everyone who reads the features)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~umask)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform / file system allows it
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +221,7 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def check_pack(cohort: Cohort) -> tuple[PackedStore | None, str | None]:
+def check_pack(cohort: PackSource) -> tuple[PackedStore | None, str | None]:
     """``(store, None)`` if the cohort's pack is fresh, ``(None, why)`` if it is stale or
     unreadable, ``(None, None)`` if there is none. Only stats files (and reads the index and the
     ``.npy`` headers of the pack)."""
@@ -245,7 +243,7 @@ def check_pack(cohort: Cohort) -> tuple[PackedStore | None, str | None]:
     return store, None
 
 
-def _stale_reason(index: dict[str, Any], cohort: Cohort, folder: Path) -> str | None:
+def _stale_reason(index: dict[str, Any], cohort: PackSource, folder: Path) -> str | None:
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         return (f"it was written in format {index.get('format')!r} version "
                 f"{index.get('version')!r}, this steph reads {FORMAT!r} version {FORMAT_VERSION}")
@@ -285,7 +283,7 @@ def _stale_reason(index: dict[str, Any], cohort: Cohort, folder: Path) -> str | 
     return None
 
 
-def attach_pack(cohort: Cohort) -> PackedStore | None:
+def attach_pack(cohort: PackSource) -> PackedStore | None:
     """The cohort's pack when fresh (INFO once: the loader reads from it), else None (WARNING
     when a pack exists but is stale or unreadable)."""
     store, why = check_pack(cohort)
@@ -351,42 +349,36 @@ def _remove_unreferenced(folder: Path, index: dict[str, Any] | None) -> None:
 
 
 class _NpyWriter:
-    """Sequential writer of one ``.npy`` array under a temporary name (renamed by finish)."""
+    """Sequential writer of one ``.npy`` array, written atomically (utils.io.AtomicFile)."""
 
     def __init__(self, folder: Path, final: str, shape: tuple[int, int], dtype: np.dtype):
         self.final = folder / final
-        self.tmp = folder / f".{final}.tmp"
         self.dtype, self.shape = dtype, shape
-        self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed by finish() or discard()
+        self.out = AtomicFile(self.final)
+        header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            self.fh, {"descr": dtype.str, "fortran_order": False, "shape": shape})
-        self.header = self.fh.tell()
+            header, {"descr": dtype.str, "fortran_order": False, "shape": shape})
+        self.out.write(header.getvalue())
+        self.header = self.out.tell()
         self.rows = 0
 
     def write(self, arr: np.ndarray) -> None:
         block = np.ascontiguousarray(arr, dtype=self.dtype)
-        self.fh.write(memoryview(block).cast("B"))
+        self.out.write(memoryview(block).cast("B"))
         self.rows += block.shape[0]
 
     def finish(self) -> int:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        size = self.fh.tell()
-        self.fh.close()
         expected = self.header + self.shape[0] * self.shape[1] * self.dtype.itemsize
-        if self.rows != self.shape[0] or size != expected:  # pragma: no cover - a bug
-            raise RuntimeError(f"{self.tmp}: wrote {self.rows} rows / {size} bytes, expected "
-                               f"{self.shape[0]} / {expected}")
-        os.replace(self.tmp, self.final)
-        return size
+        if self.rows != self.shape[0] or self.out.tell() != expected:  # pragma: no cover - a bug
+            raise RuntimeError(f"{self.final}: wrote {self.rows} rows / {self.out.tell()} bytes, "
+                               f"expected {self.shape[0]} / {expected}")
+        return self.out.commit()
 
     def discard(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+        self.out.discard()
 
 
-def write_pack(cohort: Cohort, *, coords: bool = True, force: bool = False) -> PackResult:
+def write_pack(cohort: PackSource, *, coords: bool = True, force: bool = False) -> PackResult:
     """Pack the cohort's feature files (and coords) unless its pack is already fresh.
 
     Raises :class:`DataError` for a slide that cannot be read (naming it), a file that changes
@@ -408,8 +400,6 @@ def write_pack(cohort: Cohort, *, coords: bool = True, force: bool = False) -> P
         _remove_unreferenced(folder, _safe_index(folder))
         index = _write_data(cohort, folder, coords)
         write_json(folder / INDEX_NAME, index)  # last: from here on loaders use the new pack
-        _readable(folder / INDEX_NAME)
-        _fsync_dir(folder)
         _remove_unreferenced(folder, index)
     nbytes = index["features"]["bytes"] + (index["coords"]["bytes"] if index["coords"] else 0)
     logger.info("cohort %s: packed %d slide(s), %d rows (%s, %.1f MB) into %s", cohort.name,
@@ -425,14 +415,13 @@ def _safe_index(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_data(cohort: Cohort, folder: Path, coords: bool) -> dict[str, Any]:
+def _write_data(cohort: PackSource, folder: Path, coords: bool) -> dict[str, Any]:
     """Write the data files (fsynced, renamed to their final names); return the index."""
     plan = _slide_plan(cohort)
-    n_of = {(pid, sid): int(n) for pid, sid, n in zip(
-        cohort.slides["patient_id"], cohort.slides["slide_id"], cohort.slides["n_patches"])}
+    n_of = {(s.patient_id, s.slide_id): int(s.n_patches) for s in cohort.slides}
     rows = sum(n_of[pid, sid] for sid, pid, _ in plan)
     dim = int(cohort.feature_dim)
-    dtype = pack_dtype(cohort.slides["dtype"])
+    dtype = pack_dtype([s.dtype for s in cohort.slides])
     need = rows * dim * dtype.itemsize + (rows * 2 * _COORDS_DTYPE.itemsize if coords else 0)
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -485,7 +474,7 @@ def _write_data(cohort: Cohort, folder: Path, coords: bool) -> dict[str, Any]:
         if cw is not None:
             cw.discard()
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "cohort": cohort.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -434,7 +434,7 @@ def load_or_create_splits(cohort: Any, out_dir: str | os.PathLike, k: int = DEFA
     3. Else create them (:func:`create_splits`), write them to `out_dir` with a small
        ``splits_meta.json``, and return what was written, re-read."""
     ids = list(cohort.patient_ids)
-    own = Path(cohort.root) / "splits"
+    own = cohort.splits_dir
     if has_split_files(own):
         splits = read_splits(own, ids)
         if len(splits) != k:

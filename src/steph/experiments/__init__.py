@@ -1,17 +1,18 @@
-"""The cohort x fold x method grid, its executors (local, Ray), run directories, summary tables
-and plots, the demo."""
+"""The cohort x fold x method grid (plan, workspace, runner, writer, inner search), its
+executors (local, Ray), leases, summary tables and plots, the demo."""
 
-from steph.experiments.cv import Experiment, Job, parse_folds, run_cv
+from steph.experiments.cv import Experiment, parse_folds, run_cv
 from steph.experiments.executors import GridError, LocalExecutor, RayExecutor
 from steph.experiments.summary import collect, markdown_table, write_summary
 from steph.methods import get_method, list_methods, register_method
+from steph.runs import RunRef
 
 __all__ = [
     "Experiment",
     "GridError",
-    "Job",
     "LocalExecutor",
     "RayExecutor",
+    "RunRef",
     "collect",
     "get_method",
     "list_methods",

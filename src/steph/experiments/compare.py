@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from steph.experiments.runs import PREDICTIONS, run_dir
-from steph.survival.metrics import concordance_index
+from steph.runs import RunRef, RunsFolder
+from steph.survival.metrics import concordance_index_or_nan
 from steph.utils.io import write_json
 
 TIE = 5e-4
@@ -44,17 +44,9 @@ def _pooled_test(runs_root: Path, cohort: str, method: str, keys: Sequence[tuple
     """repeat -> test predictions of the folds ``keys`` ((repeat, fold) pairs), pooled."""
     out: dict[int, list[pd.DataFrame]] = {}
     for repeat, fold in keys:
-        pred = pd.read_csv(run_dir(runs_root, cohort, method, fold, repeat) / PREDICTIONS,
-                           dtype={"patient_id": str})
+        pred = RunsFolder(runs_root).run(RunRef(cohort, method, fold, repeat)).read_predictions()
         out.setdefault(repeat, []).append(pred[pred["split"] == "test"])
     return {r: pd.concat(frames).set_index("patient_id").sort_index() for r, frames in out.items()}
-
-
-def _cindex(t: np.ndarray, e: np.ndarray, r: np.ndarray) -> float:
-    try:
-        return concordance_index(t, e, r)
-    except ValueError:
-        return float("nan")
 
 
 def bootstrap_difference(method: dict[int, pd.DataFrame], baseline: dict[int, pd.DataFrame],
@@ -73,8 +65,8 @@ def bootstrap_difference(method: dict[int, pd.DataFrame], baseline: dict[int, pd
                        m["risk"].to_numpy(float), b["risk"].to_numpy(float)))
 
     def pooled(idx: np.ndarray) -> tuple[float, float]:
-        cm = [_cindex(t[idx], e[idx], rm[idx]) for t, e, rm, _ in arrays]
-        cb = [_cindex(t[idx], e[idx], rb[idx]) for t, e, _, rb in arrays]
+        cm = [concordance_index_or_nan(t[idx], e[idx], rm[idx]) for t, e, rm, _ in arrays]
+        cb = [concordance_index_or_nan(t[idx], e[idx], rb[idx]) for t, e, _, rb in arrays]
         return float(np.mean(cm)), float(np.mean(cb))
 
     def diff(idx: np.ndarray) -> float:
@@ -104,7 +96,7 @@ def _cache_key(method: dict[int, pd.DataFrame], baseline: dict[int, pd.DataFrame
 
 
 def _cache_read(runs_root: Path, key: str) -> tuple | None:
-    path = runs_root / ".cache" / "comparisons" / f"{key}.json"
+    path = RunsFolder(runs_root).cache("comparisons") / f"{key}.json"
     try:
         return tuple(float(v) for v in json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
@@ -112,7 +104,8 @@ def _cache_read(runs_root: Path, key: str) -> tuple | None:
 
 
 def _cache_write(runs_root: Path, key: str, values: tuple) -> None:
-    write_json(runs_root / ".cache" / "comparisons" / f"{key}.json", [float(v) for v in values])
+    write_json(RunsFolder(runs_root).cache("comparisons") / f"{key}.json",
+               [float(v) for v in values])
 
 
 def compare_methods(summary: pd.DataFrame, runs_root: str | Path, baseline: str = "abmil",

@@ -16,6 +16,7 @@ from steph.config import ExperimentConfig, build_config
 from steph.data import synthetic
 from steph.experiments.cv import run_cv
 from steph.methods import resolve_methods
+from steph.runs import RunsFolder
 
 DEMO_TARGET = "ALPHA"
 
@@ -42,16 +43,18 @@ def source_weights(runs_root: str | Path, target: str = DEMO_TARGET,
     written before steph logged it: mean w x (1 - mean lambda)). w alone would also count the
     target's share: a source slot with lambda = 1 merges tau_t only."""
     rows = {}
-    for run in sorted(Path(runs_root, target, method).glob("fold*")):
-        log_path, manifest = run / "log.jsonl", run / "model.json"
-        if not (log_path.exists() and manifest.exists()):
+    for ref, run in RunsFolder(runs_root).walk():
+        if (ref.cohort, ref.method, ref.repeat) != (target, method, 0):
             continue
-        last = json.loads(log_path.read_text().splitlines()[-1])
-        sources = json.loads(manifest.read_text())["settings"]["sources"]
+        history = run.read_log()
+        if not (history and run.manifest.exists()):
+            continue
+        last = history[-1]
+        sources = run.read_manifest()["settings"]["sources"]
         if "mean_source_coef" in last:
-            rows[run.name] = dict(zip(sources, last["mean_source_coef"]))
+            rows[run.path.name] = dict(zip(sources, last["mean_source_coef"]))
         elif "mean_w" in last:
-            rows[run.name] = {s: w * (1 - lam) for s, w, lam in
+            rows[run.path.name] = {s: w * (1 - lam) for s, w, lam in
                               zip(sources, last["mean_w"], last["mean_lambda"])}
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -102,7 +105,7 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
                      progress=progress)
     echo("")
     echo(markdown_table(summary, names))
-    comparisons = runs_root / "comparisons.csv"
+    comparisons = RunsFolder(runs_root) / RunsFolder.COMPARISONS_CSV
     if comparisons.exists():
         echo(comparison_markdown(pd.read_csv(comparisons)))
     text = top_sources_text(runs_root, data_root)

@@ -1,9 +1,9 @@
 """Executors: who runs the runs of a planned grid.
 
-An executor gets the :class:`~steph.experiments.cv.Experiment` and its planned jobs
-(prerequisites first; ``Experiment.prerequisites(job)`` says what each one needs) and returns a
-:class:`GridOutcome`: the metrics of every finished run and a one-line error for every run that
-failed. A run that fails fails the runs that need it, never the others. The run directories
+An executor gets a :class:`Grid` (what it needs of an experiment, declared here:
+:class:`steph.experiments.cv.Experiment` is one) and its planned runs (prerequisites first;
+``grid.prerequisites(ref)`` says what each one needs) and returns a :class:`GridOutcome`: the
+metrics of every finished run and a one-line error for every run that failed. A run that fails fails the runs that need it, never the others. The run directories
 stay the record whatever the executor: a run is finished when its ``metrics.json`` exists.
 
 - :class:`LocalExecutor` (the default): this process, one run after another in dependency
@@ -13,7 +13,7 @@ stay the record whatever the executor: a run is finished when its ``metrics.json
   run starts as soon as its own prerequisites are finished. Workers that die are retried and
   the retry resumes from the run's last checkpoint; a run failing on its input is not retried.
 
-Both hold each run with a lease (:class:`~steph.experiments.runs.RunLock`) while it trains, so
+Both hold each run with a lease (:class:`~steph.experiments.leases.RunLock`) while it trains, so
 processes that share a runs folder never train one run twice, and a lease left by a dead
 process is taken over.
 """
@@ -26,33 +26,66 @@ import logging
 import os
 import re
 import socket
-import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from steph.config import ExperimentConfig, build_config
-from steph.errors import ConfigError, RunError, StephError
-from steph.experiments.cv import Experiment, Job, one_line
-from steph.experiments.runs import RunLock, is_finished, lock_path
+from steph.errors import ConfigError, RunError, StephError, one_line
+from steph.experiments.leases import RunLock
+from steph.runs import RunRef
 from steph.utils.faults import adopt as adopt_faults
 from steph.utils.faults import settings as fault_settings
+from steph.utils.logs import configure_logging
 
 log = logging.getLogger("steph.experiments")
 
 EXECUTORS = ("local", "ray")
 
 
+class Grid(Protocol):
+    """What an executor needs of an experiment."""
+
+    data_root: Path
+    runs_root: Path
+    progress: bool
+
+    def prerequisites(self, ref: RunRef) -> list[RunRef]:
+        """The runs that must be finished before ``ref`` starts."""
+
+    def prepare(self, refs: Sequence[RunRef]) -> dict[RunRef, str]:
+        """Make what runs share (splits, theta_0) before any starts; the runs that cannot
+        start, with their one-line error."""
+
+    def is_finished(self, ref: RunRef) -> bool: ...
+
+    def lease_path(self, ref: RunRef) -> Path: ...
+
+    def finished_metrics(self, ref: RunRef) -> dict[str, Any] | None:
+        """A finished run's metrics (None: unfinished); an error for other settings."""
+
+    def run(self, ref: RunRef) -> dict[str, Any]:
+        """Train and record one run in this process; its metrics."""
+
+    def use_threads(self, cpus_per_run: float | None) -> None:
+        """Runs use this many CPU threads (performance only)."""
+
+    def spec(self) -> dict[str, Any]:
+        """Small picklable arguments that rebuild the grid in a worker (``from_spec``)."""
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Grid: ...
+
+
 @dataclass
 class GridOutcome:
     """What an executor did: metrics of finished runs, one-line errors of failed ones."""
 
-    metrics: dict[Job, dict[str, Any]] = field(default_factory=dict)
-    failed: dict[Job, str] = field(default_factory=dict)
+    metrics: dict[RunRef, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[RunRef, str] = field(default_factory=dict)
 
-    def in_order(self, jobs: Sequence[Job]) -> GridOutcome:
+    def in_order(self, jobs: Sequence[RunRef]) -> GridOutcome:
         """The failures listed in plan order (a prerequisite before the runs that need it)."""
         self.failed = {job: self.failed[job] for job in jobs if job in self.failed}
         return self
@@ -64,7 +97,7 @@ class GridError(RunError):
     per distinct error, naming the runs it stopped (e.g. a full disk while theta_0 was
     written stops every run of the network: one line, not one per run)."""
 
-    def __init__(self, failed: Mapping[Job, str], total: int, summary: Any = None,
+    def __init__(self, failed: Mapping[RunRef, str], total: int, summary: Any = None,
                  where: str | Path | None = None):
         self.failed = dict(failed)
         self.summary = summary
@@ -84,9 +117,8 @@ def _some(names: Sequence[str], shown: int = 3) -> str:
 
 
 class Executor(Protocol):
-    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
+    def run(self, exp: Grid, jobs: Sequence[RunRef]) -> GridOutcome:
         """Run ``jobs`` (prerequisites listed before the runs that need them)."""
-        ...
 
 
 def make_executor(spec: str | Executor) -> Executor:
@@ -105,29 +137,20 @@ def make_executor(spec: str | Executor) -> Executor:
 
 # -- shared by the executors -----------------------------------------------------------------------
 
-def with_threads(cfg: ExperimentConfig, cpus_per_run: float | None) -> ExperimentConfig:
-    """``cfg`` with ``train.threads`` following the CPUs a run gets (performance only: a run's
-    identity and result do not change); an explicit ``train.threads`` is kept."""
-    if cpus_per_run is None or cfg.train.threads is not None:
-        return cfg
-    threads = max(1, int(cpus_per_run))
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
-
-
-def blocked_by(exp: Experiment, job: Job, failed: Mapping[Job, str]) -> str | None:
+def blocked_by(exp: Grid, job: RunRef, failed: Mapping[RunRef, str]) -> str | None:
     """Why ``job`` cannot run: a prerequisite failed (None: it can)."""
     bad = [str(p) for p in exp.prerequisites(job) if p in failed]
     return f"not run: needs {', '.join(bad)}, which failed" if bad else None
 
 
-def run_held(exp: Experiment, job: Job, owner: str | None = None,
+def run_held(exp: Grid, job: RunRef, owner: str | None = None,
              lease: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Run one job under its lease (a finished run is only read). ``owner``: the lease token;
     a lease of the same token left by an attempt that died is taken over at once."""
     done = exp.finished_metrics(job)
     if done is not None:
         return done
-    lock = RunLock(lock_path(job.path(exp.runs_root)), owner=owner, **(lease or {}))
+    lock = RunLock(exp.lease_path(job), owner=owner, **(lease or {}))
     if not lock.acquire():
         raise RunError(f"held by {lock.describe_holder()}, whose lease is alive (another steph "
                        f"process is training {job}); run the command again when it has finished")
@@ -152,7 +175,7 @@ class GridProgress:
                         disable=None if enabled else True, dynamic_ncols=True)
         self.bar.set_postfix(failed=0)
 
-    def update(self, job: Job, error: str | None = None) -> None:
+    def update(self, job: RunRef, error: str | None = None) -> None:
         self.done += 1
         self.failed += error is not None
         self.bar.update(1)
@@ -167,11 +190,11 @@ class GridProgress:
         self.bar.close()
 
 
-def _unfinished(exp: Experiment, jobs: Sequence[Job], outcome: GridOutcome) -> list[Job]:
+def _unfinished(exp: Grid, jobs: Sequence[RunRef], outcome: GridOutcome) -> list[RunRef]:
     """Read the finished runs into ``outcome``; return the others."""
     todo = []
     for job in jobs:
-        if not is_finished(job.path(exp.runs_root)):
+        if not exp.is_finished(job):
             todo.append(job)
             continue
         try:
@@ -197,8 +220,8 @@ class LocalExecutor:
         self.cpus_per_run = cpus_per_run
         self.lease = dict(lease or {})
 
-    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
-        exp.cfg = with_threads(exp.cfg, self.cpus_per_run)
+    def run(self, exp: Grid, jobs: Sequence[RunRef]) -> GridOutcome:
+        exp.use_threads(self.cpus_per_run)
         outcome = GridOutcome()
         todo = _unfinished(exp, jobs, outcome)
         outcome.failed.update(exp.prepare(todo))
@@ -325,7 +348,7 @@ class RayExecutor:
         log.warning("%s. Runs wait until such a node joins the cluster.", message)
 
     # -- the grid ----------------------------------------------------------------------------
-    def run(self, exp: Experiment, jobs: Sequence[Job]) -> GridOutcome:
+    def run(self, exp: Grid, jobs: Sequence[RunRef]) -> GridOutcome:
         ray = import_ray()
         outcome = GridOutcome()
         todo = _unfinished(exp, jobs, outcome)
@@ -345,17 +368,16 @@ class RayExecutor:
                 ray.shutdown()
         return outcome.in_order(jobs)
 
-    def _submit_and_wait(self, ray, exp: Experiment, todo: Sequence[Job], outcome: GridOutcome,
+    def _submit_and_wait(self, ray, exp: Grid, todo: Sequence[RunRef], outcome: GridOutcome,
                          progress: GridProgress) -> None:
-        spec = {"data_root": str(exp.data_root.resolve()),
-                "runs_root": str(exp.runs_root.resolve()),
-                "config": with_threads(exp.cfg, self.cpus_per_run).to_dict(),
-                "sources": exp._sources, "progress": exp.progress, "lease": self.lease}
+        exp.use_threads(self.cpus_per_run)
+        spec = {"grid": exp.spec(), "lease": self.lease}
+        factory = type(exp)
         # the driver's fault-injection settings (steph.utils.faults) hold in its tasks
         faults = fault_settings()
         task = ray.remote(_run_task)
         opts = self._run_options()
-        refs: dict[Job, Any] = {}
+        refs: dict[RunRef, Any] = {}
         for job in todo:  # prerequisites come first, so their refs exist
             error = outcome.failed.get(job) or blocked_by(exp, job, outcome.failed)
             if error is not None:
@@ -364,7 +386,7 @@ class RayExecutor:
                 continue
             deps = [refs[p] for p in exp.prerequisites(job) if p in refs]
             # the lease token travels with the task's arguments: its retries hold the same
-            refs[job] = task.options(name=str(job), **opts).remote(spec, faults, job,
+            refs[job] = task.options(name=str(job), **opts).remote(factory, spec, faults, job,
                                                                    uuid.uuid4().hex, *deps)
         pending = {ref: job for job, ref in refs.items()}
         try:
@@ -400,38 +422,26 @@ class RayExecutor:
 
 # -- inside Ray tasks ------------------------------------------------------------------------------
 
-_EXPERIMENTS: dict[str, Experiment] = {}
+_GRIDS: dict[str, Grid] = {}
 
 
-def _experiment(spec: Mapping[str, Any]) -> Experiment:
-    """The experiment a task runs in, rebuilt from small arguments (kept for the worker's next
-    task of the same grid)."""
-    key = json.dumps(spec, sort_keys=True)
-    if key not in _EXPERIMENTS:
-        _EXPERIMENTS.clear()
-        _EXPERIMENTS[key] = Experiment(spec["data_root"], spec["runs_root"],
-                                       build_config(spec["config"]), sources=spec["sources"],
-                                       progress=spec["progress"])
-    return _EXPERIMENTS[key]
+def _grid(factory: type[Grid], spec: Mapping[str, Any]) -> Grid:
+    """The grid a task runs in, rebuilt from small arguments (kept for the worker's next task
+    of the same grid)."""
+    key = json.dumps([factory.__module__, factory.__qualname__, spec], sort_keys=True)
+    if key not in _GRIDS:
+        _GRIDS.clear()
+        _GRIDS[key] = factory.from_spec(spec)
+    return _GRIDS[key]
 
 
-def _worker_logging(progress: bool) -> None:
-    logger = logging.getLogger("steph")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if progress else logging.WARNING)
-
-
-def _run_task(spec: Mapping[str, Any], faults: Mapping[str, str], job: Job, owner: str,
-              *prerequisites: Any) -> dict[str, Any]:
+def _run_task(factory: type[Grid], spec: Mapping[str, Any], faults: Mapping[str, str],
+              job: RunRef, owner: str, *prerequisites: Any) -> dict[str, Any]:
     """One run as a Ray task; ``prerequisites`` are the metrics of the runs it needs (Ray
     starts it only once they exist). Returns the run's small metrics dict."""
     adopt_faults(faults)  # a worker runs task after task: each counts its fault points afresh
-    _worker_logging(spec["progress"])
-    exp = _experiment(spec)
+    configure_logging(logging.INFO if spec["grid"]["progress"] else logging.WARNING)
+    exp = _grid(factory, spec["grid"])
     lease = spec.get("lease") or {}
     return run_held(exp, job, owner=owner, lease=lease)
 

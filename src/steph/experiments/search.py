@@ -24,18 +24,18 @@ last, ``selection.json``. An interrupted search resumes where it stopped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 
 from steph.config import ExperimentConfig
-from steph.data.splits import create_splits
+from steph.data.cohort import Cohort
+from steph.data.splits import Split, create_splits
 from steph.errors import RunError
-from steph.methods.registry import SearchSpec
+from steph.methods.registry import Method, SearchSpec
+from steph.runs import RunRef, RunsFolder
 from steph.utils.faults import fault_point
 from steph.utils.io import read_json, write_json
 
@@ -77,41 +77,55 @@ def choose(scores: dict[Any, float], prefer: str = "larger") -> Any:
     return max(tied) if prefer == "larger" else min(tied)
 
 
-def run_search(spec: SearchSpec, root: Path, patients: pd.DataFrame, split_seed: int,
-               train_target: Callable[[int, tuple[str, ...], Path], Path],
-               train_candidate: Callable[[int, Any, tuple[str, ...], tuple[str, ...], Path, Path],
-                                         float],
-               outer_target: Path | None = None) -> SearchResult:
-    """Run (or resume) the search in ``root``.
+class InnerTrainer(Protocol):
+    """What the search needs from the run runner (``steph.experiments.runner.RunRunner``)."""
 
-    ``patients``: the outer training patients (``patient_id, time, event``).
-    ``train_target(j, train_ids, run_dir) -> weights path``: trains inner fold j's target model.
-    ``train_candidate(j, value, train_ids, val_ids, target_weights, run_dir) -> C-index`` trains
-    one candidate on the inner training ids and scores it on the validation ids."""
+    cfg: ExperimentConfig
+
+    @property
+    def runs(self) -> RunsFolder: ...
+
+    def train_inner_target(self, ref: RunRef, cohort: Cohort, fold: int, train_ids,
+                           path: Path) -> Path: ...
+
+    def score_candidate(self, ref: RunRef, method: Method, cohort: Cohort, key: str, value: Any,
+                        fold: int, train_ids, val_ids, target_weights: Path,
+                        path: Path) -> float: ...
+
+
+def run_search(trainer: InnerTrainer, ref: RunRef, method: Method, spec: SearchSpec,
+               cohort: Cohort, split: Split) -> SearchResult:
+    """Run (or resume) the search of outer run ``ref`` on its training patients ``split``,
+    in ``<run>/search``."""
+    root = trainer.runs.run(ref).search
+    outer_target = trainer.runs.run(RunRef(ref.cohort, trainer.cfg.model.arch, ref.fold,
+                                           ref.repeat)).weights
+    patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+                .reset_index()[["patient_id", "time", "event"]])
     done = root / SELECTION
     if done.exists():
         found = read_json(done)
         if found.get("key") == spec.key and [str(v) for v in spec.grid] == found.get("grid"):
             return SearchResult(found["key"], found["value"], found["scores"], found["per_fold"])
-    inner = create_splits(patients, k=spec.folds, seed=split_seed)
+    inner = create_splits(patients, k=spec.folds, seed=trainer.cfg.data.split_seed)
     per_fold: dict[str, list[float]] = {str(v): [] for v in spec.grid}
-    for j, split in enumerate(inner):
+    for j, part in enumerate(inner):
         fold_dir = root / f"inner{j}"
         if spec.target_model == "outer":
-            if outer_target is None:
-                raise RunError("inner search with target_model 'outer' needs the outer target model")
             target = outer_target
         else:
-            target = train_target(j, split.train_ids, fold_dir / "target")
+            target = trainer.train_inner_target(ref, cohort, j, part.train_ids,
+                                                fold_dir / "target")
         for value in spec.grid:
             cand = fold_dir / f"{spec.key}={value}"
             score_path = cand / "score.json"
             if score_path.exists():
                 c = float(read_json(score_path)["c_index"])
             else:
-                c = train_candidate(j, value, split.train_ids, split.test_ids, target, cand)
-                write_json(score_path, {"c_index": c, "n_train": len(split.train_ids),
-                                        "n_val": len(split.test_ids)})
+                c = trainer.score_candidate(ref, method, cohort, spec.key, value, j,
+                                            part.train_ids, part.test_ids, target, cand)
+                write_json(score_path, {"c_index": c, "n_train": len(part.train_ids),
+                                        "n_val": len(part.test_ids)})
                 fault_point("search:candidate")
             per_fold[str(value)].append(c)
             log.info("search %s inner fold %d/%d: %s=%s -> C %.4f", root.parent.name, j + 1,

@@ -9,14 +9,13 @@ C-index of the true log-hazard on the same test patients: the ceiling any model 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from steph.experiments.runs import METRICS, PREDICTIONS, read_run_record, run_dir
+from steph.runs import RunRef, RunsFolder
 from steph.survival.metrics import concordance_index
 from steph.utils.io import atomic_path, write_csv, write_text
 
@@ -31,12 +30,9 @@ def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
             repeats: int | None = None) -> pd.DataFrame:
     """Rows of every finished run matching the filters (all finished runs when None);
     ``repeats``: only repeats 0 .. repeats - 1."""
-    root = Path(runs_root)
     rows = []
-    paths = sorted([*root.glob(f"*/*/fold*/{METRICS}"), *root.glob(f"*/*/rep*/fold*/{METRICS}")])
-    for metrics_path in paths:
-        m = json.loads(metrics_path.read_text())
-        m.setdefault("repeat", 0)  # runs written before repeats existed
+    for _, run in RunsFolder(runs_root).finished():
+        m = run.read_metrics()
         if targets is not None and m["cohort"] not in targets:
             continue
         if methods is not None and m["method"] not in methods:
@@ -62,11 +58,11 @@ def collect_timing(runs_root: str | Path, summary: pd.DataFrame) -> pd.DataFrame
     for cohort, method, fold, repeat in summary[cols].itertuples(index=False):
         if method == ORACLE:
             continue
-        path = run_dir(runs_root, cohort, method, int(fold), int(repeat))
-        rec = read_run_record(path)
+        run = RunsFolder(runs_root).run(RunRef(cohort, method, int(fold), int(repeat)))
+        rec = run.read_record()
         seconds = rec.get("train_seconds")
-        if seconds is None:
-            seconds = json.loads((path / METRICS).read_text()).get("train_seconds", np.nan)
+        if seconds is None:  # runs written before run.json kept it in metrics.json
+            seconds = run.read_metrics().get("train_seconds", np.nan)
         rows.append({"cohort": cohort, "method": method, "repeat": int(repeat), "fold": int(fold),
                      "train_seconds": seconds, "host": rec.get("host", "")})
     return pd.DataFrame(rows, columns=TIMING_COLUMNS)
@@ -80,8 +76,8 @@ def oracle_rows(runs_root: str | Path, data_root: str | Path, summary: pd.DataFr
         if not truth_path.exists():
             continue
         truth = pd.read_csv(truth_path, dtype={"patient_id": str}).set_index("patient_id")
-        pred = pd.read_csv(run_dir(runs_root, cohort, group["method"].iloc[0], fold, repeat) / PREDICTIONS,
-                           dtype={"patient_id": str})
+        ref = RunRef(cohort, group["method"].iloc[0], fold, repeat)
+        pred = RunsFolder(runs_root).run(ref).read_predictions()
         test = pred[pred["split"] == "test"]
         risk = truth.loc[test["patient_id"], "true_risk"].to_numpy()
         c = concordance_index(test["time"].to_numpy(), test["event"].to_numpy(), risk)
@@ -221,22 +217,22 @@ def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
     """Write summary.csv, comparisons.csv, timing.csv, summary.md and summary.png."""
     from steph.experiments.compare import compare_methods, comparison_markdown
 
-    root = Path(runs_root)
-    summary = collect(root, targets, methods, folds, repeats)
+    root = RunsFolder(runs_root)
+    summary = collect(root.root, targets, methods, folds, repeats)
     if data_root is not None and not summary.empty:
-        oracle = oracle_rows(root, data_root, summary)
+        oracle = oracle_rows(root.root, data_root, summary)
         if not oracle.empty:
             summary = pd.concat([summary, oracle], ignore_index=True)
     summary = with_paired_difference(summary, baseline)
-    write_csv(root / "summary.csv", summary)
-    comparisons = compare_methods(summary, root, baseline=baseline)
-    write_csv(root / "comparisons.csv", comparisons)
-    timing = collect_timing(root, summary)
-    write_csv(root / "timing.csv", timing)
+    write_csv(root / root.SUMMARY_CSV, summary)
+    comparisons = compare_methods(summary, root.root, baseline=baseline)
+    write_csv(root / root.COMPARISONS_CSV, comparisons)
+    timing = collect_timing(root.root, summary)
+    write_csv(root / root.TIMING_CSV, timing)
     text = ["# Test C-index (cross-validation: mean ± std over folds)", "",
             markdown_table(summary, methods), "", f"## Compared with {baseline}", "",
             comparison_markdown(comparisons), "", "## Training time", "", timing_table(timing)]
-    write_text(root / "summary.md", "\n".join(text))
+    write_text(root / root.SUMMARY_MD, "\n".join(text))
     if plot and summary["c_index"].notna().any():
-        plot_summary(summary, root / "summary.png")
+        plot_summary(summary, root / root.SUMMARY_PNG)
     return summary

@@ -9,7 +9,7 @@ Where things live:
   analysis.py      subspace alignment ratio (appendix A)
 """
 
-from steph.merging import baselines  # noqa: F401  (registers the abmil_surgery artefact kind)
+from steph.merging import baselines  # noqa: F401  (registers the mil_surgery artefact kind)
 from steph.merging.analysis import subspace_alignment_ratio, subspace_alignment_ratios
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import (

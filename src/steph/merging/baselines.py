@@ -77,8 +77,8 @@ Choices (method.md is silent on these; each is deliberate)
   enters the head).
 * **Export**: AdaMerging and its TIES / Iso-C / Iso-CTS variants become a plain network of the
   pool's architecture (merged encoder + trained head, artefact kind = the network's name, e.g.
-  ``"abmil"``); Surgery AM becomes a :class:`SurgeryMIL` (artefact kind ``"mil_surgery"``;
-  ``"abmil_surgery"`` for ABMIL, as before): the merged network plus the surgery module.
+  ``"abmil"``); Surgery AM becomes a :class:`SurgeryMIL` (artefact kind ``"mil_surgery"``): the merged
+  network plus the surgery module.
   Neither needs theta_0, a task vector or a source checkpoint at inference.
 * **Run configuration**: the trained methods record the ``train`` and ``merge`` sections; the two
   untrained ones record ``merge`` but not ``train`` (training settings cannot change them;
@@ -97,17 +97,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.errors import ConfigError
-from steph.merging.networks import (
-    load_frozen_encoder,
-    merged_embedding,
-    network_settings,
-    renamed_prefix,
-)
+from steph.merging.networks import OverNetwork
 from steph.merging.pool import ModelPool
 from steph.merging.preprocess import preprocess_pairwise
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
-from steph.models.output import ModelOutput
+from steph.models.base import MILNetwork
+from steph.models.module import ModelOutput, SurvivalModule
 from steph.models.registry import create_model, register_artefact
 from steph.utils.device import autocast_off
 
@@ -181,52 +176,30 @@ class RepresentationSurgery(nn.Module):
         return z - self.up(F.relu(self.down(z)))
 
 
-class SurgeryMIL(nn.Module):
+class SurgeryMIL(OverNetwork):
     """A (merged) MIL network whose bag embedding passes Representation Surgery before the
     head."""
 
     def __init__(self, hparams: dict[str, Any], rank: int, arch: str = "abmil"):
         super().__init__()
-        self.arch = arch
-        self.network: MILNetwork = create_model(arch, **hparams)
-        self.bag_inputs = tuple(self.network.bag_inputs)
-        self.eval_in_pieces = self.network.eval_in_pieces
+        self.attach_network(arch, hparams)
         self.surgery = RepresentationSurgery(self.network.head.in_features, rank)
-        # artefacts written before any network could be merged hold "abmil.<name>" tensors
-        self._register_load_state_dict_pre_hook(renamed_prefix("abmil.", "network."))
 
     def forward(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
         z, _ = self.network.embed(x, **bag_inputs)
         return self.network.head(self.surgery(z))
 
-    @property
-    def kind(self) -> str:
-        return surgery_kind(self.arch)
+    kind = "mil_surgery"  # its artefact kind, whatever the network
 
     def settings(self) -> dict[str, Any]:
-        return surgery_settings(self.arch, self.network.hparams(), self.surgery.rank)
+        return {"arch": self.arch, "network": self.network.hparams(), "rank": self.surgery.rank}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> SurgeryMIL:
-        arch, hparams = network_settings(settings)
-        return cls(hparams, int(settings["rank"]), arch)
+        return cls(settings["network"], int(settings["rank"]), settings["arch"])
 
 
-def surgery_kind(arch: str) -> str:
-    """Artefact kind of a :class:`SurgeryMIL`: ``abmil_surgery`` for ABMIL (as before any
-    other network could be merged), else ``mil_surgery``."""
-    return "abmil_surgery" if arch == "abmil" else "mil_surgery"
-
-
-def surgery_settings(arch: str, hparams: dict[str, Any], rank: int) -> dict[str, Any]:
-    """What :meth:`SurgeryMIL.from_settings` takes (ABMIL's in the older form)."""
-    if arch == "abmil":
-        return {"abmil": hparams, "rank": rank}
-    return {"arch": arch, "network": hparams, "rank": rank}
-
-
-register_artefact("abmil_surgery")(SurgeryMIL.from_settings)
-register_artefact("mil_surgery")(SurgeryMIL.from_settings)
+register_artefact(SurgeryMIL.kind)(SurgeryMIL.from_settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +222,7 @@ def adamerging_stack(pool: ModelPool, preprocessing: str = "none",
     return TaskVectorStack.from_dicts(theta0, [tau_t, *taus], labels, names)
 
 
-class AdaMerging(nn.Module):
+class AdaMerging(OverNetwork):
     """Task-wise AdaMerging on the MIL encoder of network ``arch`` with a fresh head (and
     optional surgery).
 
@@ -274,21 +247,16 @@ class AdaMerging(nn.Module):
         self.register_buffer("tau", stack.vectors.detach().float().clone())  # (T, P)
         self.coef = nn.Parameter(torch.full((len(self.labels),), float(init_coef)))
 
-        self.arch = arch
-        self.network: MILNetwork = create_model(arch, **hparams)
-        self.bag_inputs = tuple(self.network.bag_inputs)  # e.g. Patch-GCN's ("edge_index",)
-        self.eval_in_pieces = self.network.eval_in_pieces  # (see steph.models.base)
+        g = torch.Generator().manual_seed(int(head_seed))  # fresh head, not copied
         try:  # the module is complete on its own: the encoder holds theta_0
-            load_frozen_encoder(self.network, self.layout, self.theta0_flat)
+            self.attach_network(arch, hparams, frozen=(self.layout, self.theta0_flat),
+                                head_generator=g, head_bias=head_bias)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        g = torch.Generator().manual_seed(int(head_seed))  # fresh head, not copied
-        init_fresh_head(self.network.head, g, head_bias)  # surgery draws from g after the head
+        # surgery draws from g after the head
         self.surgery = (RepresentationSurgery(self.network.head.in_features, int(surgery_rank),
                                               generator=g)
                         if surgery_rank is not None else None)
-        # Not registered (it would duplicate ``network`` in the state dict).
-        object.__setattr__(self, "_embedder", EmbedCall(self.network))
         self._step_params: TensorDict | None = None
         self._step_coef_version: int | None = None
         self._eval_cache: tuple[tuple, torch.Tensor, TensorDict] | None = None
@@ -361,16 +329,12 @@ class AdaMerging(nn.Module):
                   **bag_inputs: torch.Tensor) -> torch.Tensor:
         """Bag embedding (1, d) of the merged encoder, after surgery when there is one."""
         params = self._params() if params is None else params
-        z = merged_embedding(self._embedder, dict(params), x, bag_inputs)
+        z = self.merged_embedding(x, dict(params), bag_inputs)
         return self.surgery(z) if self.surgery is not None else z
 
     def forward(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> ModelOutput:
         logits = self.network.head(self.embedding(x, **bag_inputs))
         return ModelOutput(logits=logits, stats={"coef": self.coef.detach()})
-
-    @property
-    def survival_head(self) -> nn.Linear:
-        return self.network.head
 
     def head_input(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
         return self.embedding(x, **bag_inputs)
@@ -396,14 +360,14 @@ class AdaMerging(nn.Module):
     @property
     def export_kind(self) -> str:
         """Artefact kind of :meth:`export`'s module."""
-        return self.arch if self.surgery is None else surgery_kind(self.arch)
+        return self.arch if self.surgery is None else SurgeryMIL.kind
 
     def export_settings(self) -> dict[str, Any]:
         """Settings of the exported artefact (what its builder takes)."""
         if self.surgery is None:
             return self.network.hparams()
-        settings = surgery_settings(self.arch, self.network.hparams(), self.surgery.rank)
+        settings = {"arch": self.arch, "network": self.network.hparams(),
+                    "rank": self.surgery.rank}
         return {**settings, "coefficients": self.coefficients()}  # the last key: informative
 
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+

@@ -30,7 +30,6 @@ network.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.config import StephConfig
-from steph.merging.networks import (
-    load_frozen_encoder,
-    merged_embedding,
-    network_settings,
-    renamed_prefix,
-)
+from steph.merging.networks import OverNetwork
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
-from steph.models.base import DEFAULT_CHUNK_SIZE, EmbedCall, MILNetwork, init_fresh_head
-from steph.models.output import ModelOutput, TrainingRestart
-from steph.models.registry import create_model, register_artefact
+from steph.models.base import DEFAULT_CHUNK_SIZE, MILNetwork
+from steph.models.module import ModelOutput
+from steph.models.registry import register_artefact
 from steph.utils.device import autocast_off
-
-log = logging.getLogger("steph.merging")
 
 # A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
 # would sit where ReLU-type parametrisations have no gradient.
@@ -75,7 +67,7 @@ class MergeExplanation:
     logits: torch.Tensor  # (1, n_bins)
 
 
-class STEPH(nn.Module):
+class STEPH(OverNetwork):
     def __init__(self, stack: TaskVectorStack, hparams: dict[str, Any], cfg: StephConfig | None = None,
                  head_seed: int = 0, n_patients: int = 0, head_bias: torch.Tensor | None = None,
                  arch: str = "abmil"):
@@ -101,20 +93,14 @@ class STEPH(nn.Module):
 
         # The network whose encoder tensors are replaced by theta(X) at every forward; only its
         # head is trained. Its encoder parameters hold theta_0 (frozen) so the module is complete.
-        self.arch = arch
-        self.network: MILNetwork = create_model(arch, **hparams)
-        self.bag_inputs = tuple(self.network.bag_inputs)  # e.g. Patch-GCN's ("edge_index",)
-        self.eval_in_pieces = self.network.eval_in_pieces  # (see steph.models.base)
-        load_frozen_encoder(self.network, self.layout, self.theta0_flat)
-        init_fresh_head(self.network.head, torch.Generator().manual_seed(head_seed), head_bias)
-        # Not registered (it would duplicate ``network`` in the state dict).
-        object.__setattr__(self, "_embedder", EmbedCall(self.network))
-        # artefacts written before any network could be merged hold "abmil.<name>" tensors
-        self._register_load_state_dict_pre_hook(renamed_prefix("abmil.", "network."))
+        self.attach_network(arch, hparams, frozen=(self.layout, self.theta0_flat),
+                            head_generator=torch.Generator().manual_seed(head_seed),
+                            head_bias=head_bias)
 
         in_dim, d = self.network.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
         self.chunk_size = DEFAULT_CHUNK_SIZE  # bag_embedding in eval / no grad (0 = one pass)
+        self.hold_weights = False  # w and lambda held fixed (head warm-up, see on_epoch_start)
         w0 = 1.0 / self.top_k  # "complete" start: the K selected weights sum to ~1
         if cfg.aggregation == "hyper":
             self.h_agg = hypernet(d, m, cfg.dropout)
@@ -225,28 +211,19 @@ class STEPH(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, bag_inputs: dict[str, torch.Tensor]):
         w, lam = self.weights(x)
-        if self.training and getattr(self, "hold_weights", False):
+        if self.training and self.hold_weights:
             w, lam = w.detach(), lam.detach()
         mask = self.select(w)
         coef = self.coefficients(w, lam, mask)
         params = self.layout.unflatten(self.merged_flat(coef))
-        z = self._merged_embedding(x, params, bag_inputs)
+        z = self.merged_embedding(x, params, bag_inputs)
         return self.network.head(z), w, lam, mask, coef, params
-
-    def _merged_embedding(self, x: torch.Tensor, params: TensorDict,
-                          bag_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The network's bag embedding (1, d) with the merged encoder tensors ``params``."""
-        return merged_embedding(self._embedder, params, x, bag_inputs)
-
-    @property
-    def survival_head(self) -> nn.Linear:
-        return self.network.head
 
     def head_input(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
         """The merged model's bag embedding for ``x`` (what enters the fresh head)."""
         w, lam = self.weights(x)
         coef = self.coefficients(w, lam, self.select(w))
-        return self._merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)), bag_inputs)
+        return self.merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)), bag_inputs)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer (epoch is 0-based): hold w and lambda during the head warm-up."""
@@ -262,25 +239,6 @@ class STEPH(nn.Module):
         stats = {"w": w.detach(), "lambda": lam.detach(), "selected": mask.detach(), "alive": alive,
                  "source_coef": (w * (1 - lam) * mask).detach()}
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
-
-    def on_epoch_end(self, row: dict[str, Any]) -> None:
-        """The collapse guard (``steph.guard``), called by the trainer after each epoch's log.
-
-        When no selected merge weight was positive for any bag of the epoch, the merged encoder
-        was theta_0 (a random network) for the whole epoch and, under ReLU, nothing can bring w
-        back. Warn; with the guard on and a smaller gamma in ``gamma_grid``, ask for a restart
-        with the next smaller one."""
-        if row.get("mean_alive", 1.0) > 0:
-            return
-        g = self.gamma()
-        reason = (f"every selected merge weight was 0 for all of epoch {row.get('epoch')} "
-                  f"(gamma {g:g}): STEPH had reduced to a head on theta_0")
-        smaller = [x for x in self.cfg.gamma_grid if x < g]
-        if self.cfg.guard and smaller:
-            raise TrainingRestart(reason, {"steph.gamma": max(smaller)})
-        if not getattr(self, "_warned_collapse", False):
-            log.warning("%s%s", reason, "" if self.cfg.guard else " (steph.guard is off)")
-            self._warned_collapse = True
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> MergeExplanation:
@@ -298,9 +256,6 @@ class STEPH(nn.Module):
             coefficients={n: float(c) for n, c in zip(names, coef)},
             merged={k: v.clone() for k, v in params.items()}, logits=logits,
         )
-
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def settings(self) -> dict[str, Any]:
         """Everything needed to rebuild this module around its saved tensors."""
@@ -322,9 +277,8 @@ class STEPH(nn.Module):
         zeros = {n: torch.zeros(s) for n, s in zip(layout.names, layout.shapes)}
         stack = TaskVectorStack(layout=layout, base=layout.flatten(zeros),
                                 vectors=torch.zeros(len(labels), layout.size), labels=labels)
-        arch, hparams = network_settings(settings)
-        return cls(stack, hparams, StephConfig(**settings["steph"]),
-                   n_patients=int(settings.get("n_patients", 0)), arch=arch)
+        return cls(stack, settings["network"], StephConfig(**settings["steph"]),
+                   n_patients=int(settings["n_patients"]), arch=settings["arch"])
 
 
 @register_artefact("steph")

@@ -100,6 +100,3 @@ class TaskVectorStack:
 
     def merged_dict(self, coef: torch.Tensor) -> TensorDict:
         return self.layout.unflatten(self.merge(coef))
-
-    def row_dict(self, i: int) -> TensorDict:
-        return {k: v.clone() for k, v in self.layout.unflatten(self.vectors[i]).items()}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steph.data.graphs import PatchGraphs, raster_edges
+from steph.data.bag_inputs import cohort_providers, example_inputs
 from steph.errors import ConfigError
 from steph.merging.task_vectors import TaskVectorStack
 from steph.methods.registry import (
@@ -27,28 +27,21 @@ from steph.methods.registry import (
     MethodContext,
     register_method,
 )
-from steph.models import NETWORKS, create_model, model_class
-
-NAMES = {"abmil": "ABMIL", "transmil": "TransMIL", "ilra": "ILRA", "r2t_mil": "R2T-MIL",
-         "patch_gcn": "Patch-GCN"}
+from steph.models import SurvivalModule, create_model, list_models, model_class, model_title
 
 
 def network_bag_inputs(ctx: MethodContext, arch: str) -> dict[str, BagInputProvider]:
     """Providers of the extra per-bag inputs network ``arch`` takes (its ``bag_inputs``) for
-    the target cohort's bags; the graphs of every bag of the run are built (or read from the
-    cache) now, so that a slide without coordinates stops the run before it trains."""
-    providers: dict[str, BagInputProvider] = {}
-    for name in model_class(arch).bag_inputs:
-        if name != "edge_index":
-            raise ConfigError(f"network {arch!r} needs the per-bag input {name!r}, which no "
-                              "method knows how to provide")
-        if ctx.cohort is None:
-            raise ConfigError(f"network {arch!r} needs patch graphs but the run has no cohort")
-        graphs = PatchGraphs(ctx.cohort, cache_dir=ctx.graph_dir)
-        graphs.prepare([pid for ds in (ctx.train_data, ctx.test_data) if ds is not None
-                        for pid in ds.patient_ids])
-        providers[name] = graphs
-    return providers
+    the target cohort's bags; those of every bag of the run are built (or read from the
+    cache) now, so that e.g. a slide without coordinates stops the run before it trains."""
+    names = model_class(arch).bag_inputs
+    if names and ctx.cohort is None:
+        raise ConfigError(f"network {arch!r} needs per-bag inputs {names} but the run has no "
+                          "cohort")
+    ids = [pid for ds in (ctx.train_data, ctx.test_data) if ds is not None
+           for pid in ds.patient_ids]
+    return cohort_providers(names, ctx.cohort, ctx.graph_dir, prepare=ids,
+                            who=f"network {arch!r}")
 
 
 def _cancer_specific(arch: str):
@@ -68,14 +61,9 @@ def example_network(spec: CostSpec, arch: str | None = None, seed: int = 0) -> n
     return create_model(arch or spec.arch, in_dim=spec.in_dim, n_bins=spec.n_bins).eval()
 
 
-def example_bag_inputs(module: nn.Module, n: int) -> dict[str, torch.Tensor]:
+def example_bag_inputs(module: SurvivalModule, n: int) -> dict[str, torch.Tensor]:
     """The extra per-bag inputs ``module`` declares, for a bag of ``n`` patches on a raster."""
-    out = {}
-    for name in getattr(module, "bag_inputs", ()):
-        if name != "edge_index":
-            raise ConfigError(f"no example of the per-bag input {name!r}")
-        out[name] = raster_edges(n)
-    return out
+    return example_inputs(module.bag_inputs, n)
 
 
 def random_task_vectors(spec: CostSpec, rows: int, scale: float = 0.01, seed: int = 0
@@ -99,8 +87,8 @@ def _network_cost(arch: str):
     return cost
 
 
-for _arch in NETWORKS:
+for _arch in list_models():
     register_method(Method(
-        _arch, f"cancer-specific {NAMES.get(_arch, _arch)} trained from its shared theta_0",
+        _arch, f"cancer-specific {model_title(_arch)} trained from its shared theta_0",
         needs_pool=False, trains=True, build=_cancer_specific(_arch),
         cost_model=_network_cost(_arch), arch=_arch))

@@ -22,6 +22,7 @@ from torch import nn
 from steph.config import ExperimentConfig, without_performance_keys
 from steph.errors import ConfigError
 from steph.merging.pool import ModelPool
+from steph.models.module import SurvivalModule
 from steph.survival.bins import TimeBins
 
 # A provider of one extra per-bag input: patient id -> tensor (e.g. a graph, cached embeddings).
@@ -63,16 +64,20 @@ class MethodContext:
 class Built:
     """A method's module plus how to save it as a self-contained artefact."""
 
-    module: nn.Module
+    module: SurvivalModule
     kind: str  # artefact kind (steph.models.registry.register_artefact)
     settings: Callable[[], dict[str, Any]]  # read after training
-    export: Callable[[], nn.Module] | None = None  # module to save (default: ``module``)
+    export: Callable[[], SurvivalModule] | None = None  # module to save (default: ``module``)
     # Extra per-bag inputs the module takes as keyword arguments (its ``bag_inputs``), provided
     # per patient; the experiment attaches them to the training and test datasets.
     bag_inputs: Mapping[str, BagInputProvider] = field(default_factory=dict)
     # Small facts about the run to record in metrics.json (e.g. the gamma it trained with),
     # from the training history (the rows of log.jsonl).
     info: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    # Called by the trainer with each epoch's log row, after it is written (and on resume for
+    # the last one); may raise steph.training.TrainingRestart to start the run again with other
+    # settings (e.g. STEPH's collapse guard).
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ runs folder's network (``model.arch``: ABMIL by default, or any registered MIL n
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from steph.config import ExperimentConfig, StephConfig
 from steph.merging.steph import STEPH
+from steph.training.trainer import TrainingRestart
 from steph.methods.networks import example_bag_inputs, network_bag_inputs, random_task_vectors
 from steph.methods.registry import (
     Built,
@@ -20,6 +22,8 @@ from steph.methods.registry import (
     register_method,
     register_method_pattern,
 )
+
+log = logging.getLogger("steph.methods")
 
 STEPH_SECTIONS = ("data", "bins", "model", "train", "steph")
 
@@ -41,7 +45,7 @@ def steph_method(name: str, summary: str, **overrides: Any) -> Method:
             model.start_merge_at(w, lam)
         return Built(module=model, kind="steph", settings=model.settings,
                      info=lambda history: {**merge_facts(model, history), **screening},
-                     bag_inputs=bag_inputs)
+                     bag_inputs=bag_inputs, on_epoch_end=CollapseGuard(model))
 
     def cost(spec: CostSpec):
         """STEPH over ``spec.arch`` with m = ``spec.n_sources`` random source task vectors."""
@@ -110,6 +114,32 @@ def screened_start(screening: dict[str, Any], sources: list[str], top_k: int
     else:
         w[:] = 1.0 / top_k
     return w, lam
+
+
+class CollapseGuard:
+    """STEPH's collapse guard (``steph.guard``), the trainer's ``on_epoch_end`` of a STEPH run.
+
+    When no selected merge weight was positive for any bag of an epoch, the merged encoder was
+    theta_0 (a random network) for the whole epoch and, under ReLU, nothing can bring w back.
+    Warn; with the guard on and a smaller gamma in ``gamma_grid``, ask for a restart with the
+    next smaller one (the run records the attempt and starts again)."""
+
+    def __init__(self, model: STEPH):
+        self.gamma = model.gamma()
+        self.cfg = model.cfg
+        self.warned = False
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if row.get("mean_alive", 1.0) > 0:
+            return
+        reason = (f"every selected merge weight was 0 for all of epoch {row.get('epoch')} "
+                  f"(gamma {self.gamma:g}): STEPH had reduced to a head on theta_0")
+        smaller = [x for x in self.cfg.gamma_grid if x < self.gamma]
+        if self.cfg.guard and smaller:
+            raise TrainingRestart(reason, {"steph.gamma": max(smaller)})
+        if not self.warned:
+            log.warning("%s%s", reason, "" if self.cfg.guard else " (steph.guard is off)")
+            self.warned = True
 
 
 def merge_facts(model: STEPH, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import torch
 from steph.methods.registry import Built, CostSpec, Method, MethodContext, register_method
 from steph.models.registry import create_model
 from steph.survival.baseline import baseline_hazard_logits
-from steph.survival.metrics import concordance_index
+from steph.survival.metrics import concordance_index_or_nan
 from steph.survival.risk import risk_from_logits
 from steph.training.head_start import fit_ph_head
 from steph.transfer import (
@@ -72,13 +72,6 @@ def run_experts(ctx: MethodContext) -> tuple[ExpertBank, ExpertEmbeddings]:
     return ctx.extra["experts"]
 
 
-def _cindex(times: Any, events: Any, risk: np.ndarray) -> float:
-    try:
-        return float(concordance_index(np.asarray(times), np.asarray(events), risk))
-    except ValueError:  # no comparable pair
-        return float("nan")
-
-
 @torch.no_grad()
 def _source_risks(bank: ExpertBank, i: int, z: torch.Tensor) -> np.ndarray:
     """Risks of expert model i as it is, from its cached embeddings z (n, d)."""
@@ -88,7 +81,7 @@ def _source_risks(bank: ExpertBank, i: int, z: torch.Tensor) -> np.ndarray:
 def source_scores(bank: ExpertBank, emb: ExpertEmbeddings, data: Any) -> dict[str, float]:
     """C-index of every source model as it is on the patients of ``data`` (a bag dataset)."""
     z = emb.of(data.patient_ids)
-    return {bank.names[i]: _cindex(data.times, data.events, _source_risks(bank, i, z[:, i]))
+    return {bank.names[i]: concordance_index_or_nan(data.times, data.events, _source_risks(bank, i, z[:, i]))
             for i in range(SELF + 1, len(bank))}
 
 

@@ -1,60 +1,46 @@
 """MIL survival networks behind a small registry (and the registry of artefact kinds); every
 network follows the interface of :mod:`steph.models.base` (one bag in, hazard logits out;
-named encoder and head)."""
+named encoder and head) and registers itself where it is defined (``@register_model``).
+Every module the trainer trains is a :class:`SurvivalModule` (:mod:`steph.models.module`)."""
 
-from typing import Any
-
-from steph.models.abmil import ABMIL, ENCODER_PREFIXES, HEAD_PREFIX, encoder_parameter_names
+# Importing the networks registers them, in this order (the order of ``list_models()``).
+from steph.models.abmil import ABMIL  # isort: skip
+from steph.models.transmil import TransMIL  # isort: skip
+from steph.models.ilra import ILRA  # isort: skip
+from steph.models.r2t_mil import R2TMIL  # isort: skip
+from steph.models.patch_gcn import PatchGCN  # isort: skip
 from steph.models.base import EmbedCall, MILNetwork, init_fresh_head
-from steph.models.ilra import ILRA
-from steph.models.patch_gcn import PatchGCN
-from steph.models.r2t_mil import R2TMIL
+from steph.models.module import ModelOutput, SurvivalModule, check_module, forward_item
 from steph.models.registry import (
     artefact_kinds,
     build_artefact,
     create_model,
     list_models,
     model_class,
+    model_title,
     register_artefact,
     register_model,
 )
-from steph.models.transmil import TransMIL
-
-NETWORKS = {"abmil": ABMIL, "transmil": TransMIL, "ilra": ILRA, "r2t_mil": R2TMIL,
-            "patch_gcn": PatchGCN}
-
-
-def _artefact_builder(cls: type[MILNetwork]):
-    def build(settings: dict[str, Any]) -> MILNetwork:
-        return cls(**settings)  # settings: the network's hparams()
-    return build
-
-
-# every network is a model (by name) and an artefact kind of the same name (a cancer-specific
-# model, or a merge exported as a plain network)
-for _name, _cls in NETWORKS.items():
-    register_model(_name)(_cls)
-    register_artefact(_name)(_artefact_builder(_cls))
-
 
 __all__ = [
     "ABMIL",
-    "ENCODER_PREFIXES",
-    "HEAD_PREFIX",
     "ILRA",
-    "NETWORKS",
-    "R2TMIL",
     "EmbedCall",
     "MILNetwork",
+    "ModelOutput",
     "PatchGCN",
+    "R2TMIL",
+    "SurvivalModule",
     "TransMIL",
     "artefact_kinds",
     "build_artefact",
+    "check_module",
     "create_model",
-    "encoder_parameter_names",
+    "forward_item",
     "init_fresh_head",
     "list_models",
     "model_class",
+    "model_title",
     "register_artefact",
     "register_model",
 ]

@@ -24,11 +24,8 @@ from steph.models.base import (
     MILNetwork,
     OnlineSoftmax,
     check_chunk_size,
-    init_fresh_head,  # noqa: F401  (re-exported: it lived here first)
 )
-
-ENCODER_PREFIXES = ("feat_proj.", "attention.")
-HEAD_PREFIX = "head."
+from steph.models.registry import register_model
 
 
 class GatedAttention(nn.Module):
@@ -44,6 +41,7 @@ class GatedAttention(nn.Module):
         return self.score(self.a(h) * self.b(h)).squeeze(-1)
 
 
+@register_model("abmil", title="ABMIL")
 class ABMIL(MILNetwork):
     """Attention-based MIL survival network.
 
@@ -58,9 +56,7 @@ class ABMIL(MILNetwork):
     module docstring); 0 never chunks.
     """
 
-    ENCODER_PREFIXES = ENCODER_PREFIXES
-    HEAD_PREFIX = HEAD_PREFIX
-    bag_inputs = ()
+    ENCODER_PREFIXES = ("feat_proj.", "attention.")
     eval_in_pieces = True
 
     def __init__(
@@ -123,7 +119,3 @@ class ABMIL(MILNetwork):
         z, _ = self.embed(x)
         return self.head(z)
 
-
-def encoder_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the MIL-encoder tensors (everything but the head), in registration order."""
-    return [n for n, _ in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]

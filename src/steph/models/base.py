@@ -31,14 +31,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from steph.models.module import SurvivalModule
 
-class MILNetwork(nn.Module):
-    """Base class of steph's MIL networks (see the module docstring for the contract)."""
+
+class MILNetwork(SurvivalModule):
+    """Base class of steph's MIL networks (see the module docstring for the contract); each
+    registers itself with ``@register_model`` (:mod:`steph.models.registry`)."""
 
     ENCODER_PREFIXES: ClassVar[tuple[str, ...]] = ()
     HEAD_PREFIX: ClassVar[str] = "head."
-    bag_inputs: ClassVar[tuple[str, ...]] = ()
-    eval_in_pieces: ClassVar[bool] = False
     head: nn.Linear
     chunk_size: int = 0  # set by subclasses that evaluate in pieces (see the module docstring)
 

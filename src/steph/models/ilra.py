@@ -45,6 +45,7 @@ from steph.models.base import (
     check_chunk_size,
     head_dim,
 )
+from steph.models.registry import register_model
 
 
 class MultiHeadAttention(nn.Module):
@@ -142,6 +143,7 @@ class SeedPooling(nn.Module):
         return z, w.mean(dim=0)[0]  # (1, dim), (N,)
 
 
+@register_model("ilra", title="ILRA")
 class ILRA(MILNetwork):
     """ILRA survival network (see the module docstring)."""
 

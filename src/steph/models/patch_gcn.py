@@ -51,6 +51,7 @@ from torch import nn
 
 from steph.models.abmil import GatedAttention
 from steph.models.base import DEFAULT_CHUNK_SIZE, MILNetwork, OnlineSoftmax, check_chunk_size
+from steph.models.registry import register_model
 
 
 def softmax_aggregate(messages: torch.Tensor, dst: torch.Tensor, n_nodes: int,
@@ -123,6 +124,7 @@ class DeepGCNBlock(nn.Module):
         return self.drop(x + F.relu(self.norm(conv)))
 
 
+@register_model("patch_gcn", title="Patch-GCN")
 class PatchGCN(MILNetwork):
     """Patch-GCN survival network (see the module docstring)."""
 

@@ -50,6 +50,7 @@ from steph.models.base import (
     check_chunk_size,
     head_dim,
 )
+from steph.models.registry import register_model
 
 
 def region_grid(n: int, region_num: int) -> tuple[int, int]:
@@ -144,6 +145,7 @@ class CRMSALayer(nn.Module):
         return x + merge(back, side, size)[:n]
 
 
+@register_model("r2t_mil", title="R2T-MIL")
 class R2TMIL(MILNetwork):
     """R2T-MIL survival network (see the module docstring)."""
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steph.models.base import MILNetwork, ceil_sqrt, head_dim
+from steph.models.registry import register_model
 
 
 def moore_penrose_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
@@ -131,6 +132,7 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2)[0].transpose(0, 1)], dim=0)
 
 
+@register_model("transmil", title="TransMIL")
 class TransMIL(MILNetwork):
     """TransMIL survival network (see the module docstring)."""
 

@@ -8,6 +8,7 @@ from steph.survival.metrics import (
     brier_score,
     concordance_index,
     concordance_index_details,
+    concordance_index_or_nan,
     integrated_brier_score,
     uno_concordance_index,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "CensoringDistribution",
     "concordance_index",
     "concordance_index_details",
+    "concordance_index_or_nan",
     "uno_concordance_index",
     "brier_score",
     "integrated_brier_score",

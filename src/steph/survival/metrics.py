@@ -47,6 +47,7 @@ __all__ = [
     "CensoringDistribution",
     "concordance_index",
     "concordance_index_details",
+    "concordance_index_or_nan",
     "uno_concordance_index",
     "brier_score",
     "integrated_brier_score",
@@ -277,6 +278,16 @@ def concordance_index(time: Any, event: Any, risk: Any, tied_tol: float = 1e-8) 
     """Harrell's concordance index of ``risk`` (higher = worse) against right-censored
     ``(time, event)``; see :func:`concordance_index_details`."""
     return concordance_index_details(time, event, risk, tied_tol).cindex
+
+
+def concordance_index_or_nan(time: Any, event: Any, risk: Any) -> float:
+    """:func:`concordance_index`, or NaN where it is undefined (no comparable pair, e.g. no
+    event in a small split; inputs that cannot be scored): for tables and logs, where one
+    such fold must not stop the rest."""
+    try:
+        return float(concordance_index(np.asarray(time), np.asarray(event), np.asarray(risk)))
+    except ValueError:
+        return float("nan")
 
 
 # --------------------------------------------------------------------------------------

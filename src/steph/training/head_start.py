@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from steph.models.output import module_bag_inputs
+from steph.models.module import module_bag_inputs
 from steph.survival.baseline import baseline_hazard_logits
 from steph.survival.loss import nll_survival_loss
-from steph.survival.metrics import concordance_index
+from steph.survival.metrics import concordance_index_or_nan
 
 log = logging.getLogger("steph.training")
 
@@ -60,7 +60,7 @@ def initialize_head(model: nn.Module, train: Sequence[dict[str, Any]], mode: str
     without reading a bag."""
     if mode not in HEAD_INITS:
         raise ValueError(f"head_init must be one of {HEAD_INITS}, got {mode!r}")
-    head = getattr(model, "survival_head", None)
+    head = model.survival_head
     if mode == "reference" or head is None:
         return {}
     bins, events, times = _labels(train)
@@ -173,10 +173,9 @@ def fit_ph_head(z: torch.Tensor, bins: np.ndarray, events: np.ndarray, times: np
         for val in _folds(len(x), n_folds, seed):
             fit = np.setdiff1d(np.arange(len(x)), val)
             v, _ = _fit_v(x[fit], b[fit], e[fit], base_logits, alpha, ridge)
-            try:
-                cs.append(concordance_index(times[val], events[val], (x[val] @ v).numpy()))
-            except ValueError:  # no comparable pair in this fold
-                pass
+            c = concordance_index_or_nan(times[val], events[val], (x[val] @ v).numpy())
+            if np.isfinite(c):  # a fold without a comparable pair does not count
+                cs.append(c)
         scores.append(float(np.mean(cs)) if cs else float("nan"))
     finite = [(s, r) for s, r in zip(scores, grid) if np.isfinite(s)]
     ridge = max(finite)[1] if finite else max(grid)  # ties: larger ridge (max of (s, r))

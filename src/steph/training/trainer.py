@@ -18,14 +18,15 @@ count (``train.threads``, else the one recorded in the checkpoint, else torch's 
 with ``train.deterministic``, switches on the deterministic algorithms; what was in effect is
 returned in ``TrainResult.extra["reproducibility"]``.
 
-A module sees one bag at a time, ``module(features, **extras)``, where ``extras`` are the per-bag
-inputs it names in a ``bag_inputs`` attribute (e.g. a graph), taken from the dataset item.
-A module may define ``begin_step()`` / ``end_step()``: they are called before the first bag of
-an optimiser step and after its last backward pass (before ``optimizer.step()``). Merging
-baselines whose merged weights are constant within a step use them to merge once per step.
-``on_epoch_start(epoch)`` (0-based), if defined, is called before each epoch, on resume too;
-``on_epoch_end(row)`` after each epoch's checkpoint and log are written: it may raise
-:class:`steph.models.output.TrainingRestart` to ask for a fresh start with other settings.
+The module is a :class:`steph.models.SurvivalModule` (checked at the start): it sees one bag at
+a time, ``module(features, **extras)``, where ``extras`` are the per-bag inputs it names in its
+``bag_inputs`` (e.g. a graph), taken from the dataset item; its hooks ``begin_step()`` /
+``end_step()`` are called before the first bag of an optimiser step and after its last backward
+pass (before ``optimizer.step()``; merging baselines whose merged weights are constant within a
+step merge once per step), ``on_epoch_start(epoch)`` (0-based) before each epoch, on resume too.
+The caller's ``on_epoch_end(row)`` runs after each epoch's checkpoint and log are written (and,
+on resume, for the last epoch done): it may raise :class:`TrainingRestart` to ask for a fresh
+start with other settings (e.g. STEPH's collapse guard, in its recipe).
 
 Device and precision (``train.device``, ``train.precision``): the module is moved to the device
 once (the device contract of docs/architecture.md); bags come through
@@ -56,9 +57,10 @@ from torch import nn
 from steph.config import TrainConfig
 from steph.data.loader import BagLoader
 from steph.errors import CorruptFileError, RunError
-from steph.models.output import ModelOutput, forward_item
+from steph.models.module import ModelOutput, SurvivalModule, check_module, forward_item
+from steph.runs import RunDir
 from steph.survival.loss import nll_survival_loss
-from steph.survival.metrics import concordance_index
+from steph.survival.metrics import concordance_index_or_nan
 from steph.survival.risk import risk_from_logits, survival_from_logits
 from steph.training.head_start import initialize_head
 from steph.utils import reproducibility
@@ -82,21 +84,29 @@ from steph.utils.io import (
 
 log = logging.getLogger("steph.training")
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_PREV = "checkpoint.prev.safetensors"  # the last good one before CHECKPOINT
 CHECKPOINT_FORMAT = "steph-checkpoint/1"
-LOG_FILE = "log.jsonl"
 _CPU = torch.device("cpu")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float,
+class TrainingRestart(Exception):
+    """Raised by a run's ``on_epoch_end(row)`` callback to ask for the run to start again from
+    scratch with other settings (``overrides``: dotted config keys, e.g. ``{"steph.gamma":
+    0.01}``); the trainer has already written that epoch's log. The experiment records the
+    attempt and restarts (``steph.experiments.runner``)."""
+
+    def __init__(self, reason: str, overrides: dict[str, object]):
+        super().__init__(reason)
+        self.reason = reason
+        self.overrides = dict(overrides)
+
+
+def parameter_groups(model: SurvivalModule, weight_decay: float,
                      lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices (ndim >= 2) only, never on biases or 1-d parameters.
 
-    A module may name parameters that learn at a multiple of the learning rate in an
-    ``lr_scales`` attribute, ``{name prefix: factor}`` (e.g. AdaMerging's merge coefficients);
-    they get groups of their own with ``lr * factor``."""
-    scales = dict(getattr(model, "lr_scales", {}) or {})
+    Parameters the module names in ``lr_scales``, ``{name prefix: factor}`` (e.g.
+    AdaMerging's merge coefficients), get groups of their own with ``lr * factor``."""
+    scales = dict(model.lr_scales)
     grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -173,7 +183,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
         meta["threads"] = str(threads)
     if scaler is not None and scaler.is_enabled():
         meta["grad_scaler"] = json.dumps(scaler.state_dict())
-    prev = path.with_name(CHECKPOINT_PREV)
+    prev = path.with_name(RunDir.CHECKPOINT_PREV)
     save_tensors(path, tensors, metadata=meta, backup=prev)
     if final:
         prev.unlink(missing_ok=True)
@@ -250,7 +260,7 @@ def _load_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     """Resume from the newest usable checkpoint of `run_dir` (the current one, else the
     previous one); None to start from scratch. A damaged checkpoint is removed and reported
     with a warning naming the file and what is wrong."""
-    current, prev = run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV
+    current, prev = RunDir(run_dir).checkpoint, RunDir(run_dir).checkpoint_prev
     if not current.exists() and prev.exists():
         log.warning("%s: %s is missing (the run stopped while replacing it); trying %s", desc,
                     current, prev.name)
@@ -278,7 +288,7 @@ def _start(cfg: TrainConfig, run_dir: Path, desc: str) -> dict[str, Any]:
     switches; remove temporary files left by a killed process; return what is in effect."""
     remove_temporaries(run_dir)
     threads = cfg.threads
-    for path in (run_dir / CHECKPOINT, run_dir / CHECKPOINT_PREV):
+    for path in (RunDir(run_dir).checkpoint, RunDir(run_dir).checkpoint_prev):
         if path.exists():
             try:
                 recorded = int(load_tensor_metadata(path).get("threads", 0))
@@ -296,10 +306,6 @@ def _start(cfg: TrainConfig, run_dir: Path, desc: str) -> dict[str, Any]:
              "deterministic" if info["deterministic"] else "not deterministic",
              info["mkl_cbwr"] or "n/a")
     return info
-
-
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -366,18 +372,11 @@ def _host(values: list[torch.Tensor]) -> list[float]:
     return torch.stack(values).reshape(-1).cpu().tolist() if values else []
 
 
-def _safe_cindex(time_: Sequence[float], event: Sequence[int], risk: Sequence[float]) -> float:
-    try:
-        return float(concordance_index(np.asarray(time_), np.asarray(event), np.asarray(risk)))
-    except ValueError:  # no comparable pair (e.g. no event in a tiny split)
-        return float("nan")
-
-
 def evaluate(model: nn.Module, dataset: Sequence[dict[str, Any]], loss_alpha: float,
              **predict_options: Any) -> dict[str, float]:
     """C-index and mean survival loss on ``dataset`` (eval mode; options of :func:`predict`)."""
     frame, _ = predict(model, dataset, loss_alpha=loss_alpha, **predict_options)
-    return {"cindex": _safe_cindex(frame["time"], frame["event"], frame["risk"]),
+    return {"cindex": concordance_index_or_nan(frame["time"], frame["event"], frame["risk"]),
             "loss": float(frame["loss"].mean()) if len(frame) else float("nan")}
 
 
@@ -409,7 +408,7 @@ class _EpochTotals:
         surv = _host(self.surv)
         row: dict[str, Any] = {
             "train_loss": float(np.mean(surv)),
-            "train_cindex": _safe_cindex(self.times, self.events, _host(self.risk)),
+            "train_cindex": concordance_index_or_nan(self.times, self.events, _host(self.risk)),
         }
         if self.aux:
             row["train_aux_loss"] = float(np.mean(_host(self.aux)))
@@ -419,7 +418,7 @@ class _EpochTotals:
 
 
 def fit(
-    model: nn.Module,
+    model: SurvivalModule,
     train: Sequence[dict[str, Any]],
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -444,8 +443,10 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    check_module(model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
     repro = _start(cfg, run_dir, desc)
     device = resolve_device(cfg.device)
     amp_dtype = check_precision(device, cfg.precision)
@@ -471,7 +472,7 @@ def fit(
     train_loader = BagLoader(train, **loaders)
     test_loader = BagLoader(test, **loaders) if test is not None and len(test) else None
     try:
-        ckpt = run_dir / CHECKPOINT
+        ckpt = run.checkpoint
         history: list[dict[str, Any]] = []
         start_epoch, step = 0, 0
         resumed = _load_checkpoint(run_dir, model, opt, desc, device, scaler, cfg.seed)
@@ -482,7 +483,7 @@ def fit(
             )
             # the log as of the checkpoint: a process killed between the two writes left it an
             # epoch short (after the last epoch nothing would write it again)
-            _write_log(run_dir / LOG_FILE, history)
+            run.write_log(history)
             log.info("%s: resuming after epoch %d", desc, start_epoch)
         else:
             torch.manual_seed(cfg.seed)  # dropout; shuffling has its own generator per epoch
@@ -491,28 +492,21 @@ def fit(
                                             seed=cfg.seed, items=lambda: iter(train_loader))
             if head_info:
                 log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
-        begin_step = getattr(model, "begin_step", None)
-        end_step = getattr(model, "end_step", None)
-        epoch_start = getattr(model, "on_epoch_start", None)
-        module_epoch_end = getattr(model, "on_epoch_end", None)
-
-        if history and module_epoch_end is not None:
-            module_epoch_end(history[-1])  # a process killed between the check and its effect
+        if history and on_epoch_end is not None:
+            on_epoch_end(history[-1])  # a process killed between the check and its effect
         t0 = time.perf_counter()
         bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=None if progress else True,
                    initial=start_epoch, total=cfg.epochs, leave=False)
         for epoch in bar:
             model.train()
-            if epoch_start is not None:
-                epoch_start(epoch)
+            model.on_epoch_start(epoch)
             t_epoch = time.perf_counter()
             order = _epoch_permutation(cfg.seed, epoch, n)[: steps_per_epoch * cfg.bags_per_step]
             items = train_loader.iterate(order)
             totals = _EpochTotals()
             for _ in range(steps_per_epoch):
                 opt.zero_grad(set_to_none=True)
-                if begin_step is not None:
-                    begin_step()
+                model.begin_step()
                 for _ in range(cfg.bags_per_step):
                     item = next(items)
                     with autocast(device, amp_dtype):
@@ -524,8 +518,7 @@ def fit(
                     scaler.scale(loss / cfg.bags_per_step).backward()
                     totals.add(item, surv, out, logits)
                     fault_point("train:bag")
-                if end_step is not None:
-                    end_step()
+                model.end_step()
                 scaler.step(opt)  # opt.step() unless fp16 (unscaled, skipped on inf / NaN)
                 scaler.update()
                 sched.step()
@@ -542,18 +535,16 @@ def fit(
             history.append(row)
             _save_checkpoint(ckpt, model, opt, epoch + 1, step, history, threads=repro["threads"],
                              final=epoch + 1 == cfg.epochs, device=device, scaler=scaler)
-            _write_log(run_dir / LOG_FILE, history)
+            run.write_log(history)
             fault_point("train:epoch")
-            if on_epoch_end is not None:
-                on_epoch_end(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", c=f"{row.get('test_cindex', float('nan')):.3f}")
             if bar.disable and progress:  # no terminal (a cluster log): one line per epoch instead
                 log.info("%s epoch %d/%d: loss %.4f, train C %.4f, test C %s (%.1f s, %s)", desc,
                          epoch + 1, cfg.epochs, row["train_loss"], row["train_cindex"],
                          f"{row['test_cindex']:.4f}" if "test_cindex" in row else "-",
                          row["seconds"], row["device"])
-            if module_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
-                module_epoch_end(row)
+            if on_epoch_end is not None:  # may raise TrainingRestart (after the log is written)
+                on_epoch_end(row)
         bar.close()
         return TrainResult(history=history, resumed_from=start_epoch,
                            seconds=time.perf_counter() - t0, extra={"reproducibility": repro})

@@ -48,7 +48,7 @@ class ExpertBank(nn.Module):
         self.arch = str(arch)
         self.hparams = dict(hparams)
         self.models = nn.ModuleList(create_model(self.arch, **self.hparams) for _ in self.names)
-        needs = getattr(self.models[0], "bag_inputs", ()) or ()
+        needs = self.models[0].bag_inputs
         if needs:
             raise ValueError(f"{self.arch} needs per-bag inputs {tuple(needs)}; expert banks run "
                              "networks on the bag alone")
@@ -110,4 +110,4 @@ class ExpertBank(nn.Module):
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ExpertBank:
         """An untrained bank shaped by ``settings``; load the state dict after."""
-        return cls(settings["names"], settings["hparams"], settings.get("arch", "abmil"))
+        return cls(settings["names"], settings["hparams"], settings["arch"])

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.models.abmil import ABMIL, init_fresh_head
-from steph.models.output import ModelOutput
+from steph.models.abmil import ABMIL
+from steph.models.base import init_fresh_head
+from steph.models.module import ModelOutput, SurvivalModule
 from steph.models.registry import register_artefact
 from steph.transfer.experts import ExpertBank
 
@@ -60,7 +61,7 @@ def _expert_inputs(bank: ExpertBank, x: torch.Tensor, experts: torch.Tensor | No
     return experts if columns is None else experts[list(columns)]
 
 
-class ROUPKT(nn.Module):
+class ROUPKT(SurvivalModule):
     def __init__(self, bank: ExpertBank, n_bins: int, *, top_k: int = 5, z_loss: float = 0.01,
                  balance_loss: float = 0.01, router: Mapping[str, Any] | None = None,
                  seed: int = 0, head_bias: torch.Tensor | None = None,
@@ -135,9 +136,6 @@ class ROUPKT(nn.Module):
         """MIL encoders a served module runs per bag: every expert model plus the router."""
         return self.n_experts + 1
 
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def settings(self) -> dict[str, Any]:
         return {"bank": self.bank.settings(), "n_bins": self.n_bins, "top_k": self.top_k,
                 "z_loss": self.z_loss, "balance_loss": self.balance_loss,
@@ -150,10 +148,10 @@ class ROUPKT(nn.Module):
         return cls(ExpertBank.from_settings(settings["bank"]), settings["n_bins"],
                    top_k=settings["top_k"], z_loss=settings["z_loss"],
                    balance_loss=settings["balance_loss"], router=settings["router"],
-                   seed=settings.get("seed", 0))
+                   seed=settings["seed"])
 
 
-class ExpertReadout(nn.Module):
+class ExpertReadout(SurvivalModule):
     """A fresh head Linear(d -> n_bins) on the mean of the bank's embeddings.
 
     ``columns``: where the bank's experts are in the cached ``experts`` input (which holds every
@@ -187,9 +185,6 @@ class ExpertReadout(nn.Module):
     def encoders_per_bag(self) -> int:
         return len(self.bank)
 
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def settings(self) -> dict[str, Any]:
         return {"bank": self.bank.settings(), "n_bins": self.n_bins, "columns": self.columns,
                 "seed": self.seed}
@@ -197,7 +192,7 @@ class ExpertReadout(nn.Module):
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> ExpertReadout:
         return cls(ExpertBank.from_settings(settings["bank"]), settings["n_bins"],
-                   settings["columns"], seed=settings.get("seed", 0))
+                   settings["columns"], seed=settings["seed"])
 
 
 @register_artefact("roupkt")

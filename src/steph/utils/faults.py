@@ -25,11 +25,11 @@ Points (``<point>`` may end in ``*`` to match a prefix; ``*@<n>`` is the n-th po
   ``train:bag``          after each bag's backward pass, between the bags of an optimiser step
   ``train:step``         after each optimiser step (training/trainer.py)
   ``train:epoch``        after an epoch's checkpoint and log are written
-  ``restart:checkpoint`` a restart of a run (STEPH's collapse guard, experiments/runs.py
+  ``restart:checkpoint`` a restart of a run (STEPH's collapse guard, experiments/runner.py
                          ``start_over``): after each checkpoint file is removed
   ``restart:log``        ... after the finished attempt's log is renamed, before
                          ``attempts.json`` is written
-  ``search:target``      an inner search (experiments/cv.py): after an inner target model's
+  ``search:target``      an inner search (experiments/runner.py): after an inner target model's
                          weights are written, before its checkpoint is removed
   ``search:candidate``   ... after a candidate's score is written, before the next candidate
 Unset (the default), every call is one dictionary lookup and nothing else.

@@ -69,15 +69,9 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = None
-                ) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it onto `path`.
-
-    With `backup`, an existing `path` is first renamed to `backup` (the previous version is
-    kept), only once the new content is complete and on disk. An ``OSError`` while writing
-    or renaming becomes a :class:`RunError` naming `path`; the temporary file is removed."""
-    path = Path(path)
+def _temporary(path: Path) -> Path:
+    """A new empty temporary file beside ``path`` (``.<name>.<random>.tmp``, the mode a plain
+    open() would give it); RunError naming ``path`` when the folder cannot take it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -87,26 +81,98 @@ def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = N
             os.close(fd)
     except OSError as e:
         raise RunError(f"cannot write {path}: {_reason(e)}") from e
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path, backup: Path | None = None) -> None:
+    """Make ``tmp``'s bytes durable and rename it onto ``path`` (an existing ``path`` first to
+    ``backup`` when given); RunError naming ``path`` on an I/O error."""
     moved_to_backup = False
     try:
-        yield tmp_path
         fault_point(f"write:{path.name}")
-        with open(tmp_path, "rb+") as fh:  # make the bytes durable before the rename
+        with open(tmp, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
         if backup is not None and path.exists():
             os.replace(path, backup)
             moved_to_backup = True
             fault_point(f"backup:{path.name}")
-        os.replace(tmp_path, path)
+        os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
         kept = (f"the previous version is kept as {backup}" if moved_to_backup
                 else "the previous version, if any, is unchanged")
         raise RunError(f"cannot write {path}: {_reason(e)}; {kept}") from e
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, backup: str | os.PathLike | None = None
+                ) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it onto `path`.
+
+    With `backup`, an existing `path` is first renamed to `backup` (the previous version is
+    kept), only once the new content is complete and on disk. An ``OSError`` while writing
+    or renaming becomes a :class:`RunError` naming `path`; the temporary file is removed."""
+    path = Path(path)
+    tmp_path = _temporary(path)
+    try:
+        try:
+            yield tmp_path
+        except OSError as e:
+            raise RunError(f"cannot write {path}: {_reason(e)}; the previous version, if any, "
+                           "is unchanged") from e
+        _commit(tmp_path, path, Path(backup) if backup is not None else None)
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
+
+
+class AtomicFile:
+    """A file written as a stream (e.g. a large array, slide after slide) under a temporary
+    name, put in place by :meth:`commit` (as :func:`atomic_path` does) or dropped by
+    :meth:`discard`. Used as a context manager, it is discarded unless committed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = _temporary(self.path)
+        try:
+            self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or discard()
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise RunError(f"cannot write {self.path}: {_reason(e)}") from e
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self.fh.write(data)
+        except OSError as e:
+            raise RunError(f"cannot write {self.path}: {_reason(e)}") from e
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def commit(self) -> int:
+        """Put the file in place; its size in bytes."""
+        self.fh.close()
+        size = self.tmp.stat().st_size
+        _commit(self.tmp, self.path)
+        return size
+
+    def discard(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp.exists():
+            self.discard()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames in ``folder`` durable (best effort)."""
+    _fsync_dir(Path(folder))
 
 
 def remove_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
