@@ -259,3 +259,31 @@ def loss_landscape(runs_root: str | Path, data_root: str | Path, target: RunRef,
     if steph_run is not None:
         out.path = lambda_path(runs_root, steph_run, source)
     return out
+
+
+def steph_landscapes(runs_root: str | Path, data_root: str | Path, steph_run: RunRef,
+                     sources: Sequence[str], step: float = GRID_STEP, device: str = "cpu",
+                     progress: bool = False) -> list[Landscape]:
+    """The landscapes of a STEPH run's target model (the network it merged, same fold) with
+    each of ``sources``, with STEPH's lambda path on them."""
+    from steph.analysis.runs import steph_arch, target_run
+
+    target = target_run(steph_run, steph_arch(runs_root, steph_run))
+    return [loss_landscape(runs_root, data_root, target, source, step=step, device=device,
+                           progress=progress, steph_run=steph_run) for source in sources]
+
+
+def landscape_summary(lands: Sequence[Landscape]) -> pd.DataFrame:
+    """Per landscape (source): the lowest smoothed test loss and where (``c_s``, ``c_t``), the
+    lowest on the mixup segment and its lambda, STEPH's final lambda and the target model's
+    own loss at (0, 1), not smoothed."""
+    rows = []
+    for ls in lands:
+        cs, ct, lo = ls.minimum()
+        lam, lo_mix = ls.mixup_minimum()
+        rows.append({"source": ls.source, "c_s": cs, "c_t": ct, "loss": lo,
+                     "mixup_lambda": lam, "mixup_loss": lo_mix,
+                     "steph_lambda": ls.path["lambda"].iloc[-1] if len(ls.path) else np.nan,
+                     "target_loss": ls.losses[len(ls.coefficients) - 1, 0]})
+    return pd.DataFrame(rows, columns=["source", "c_s", "c_t", "loss", "mixup_lambda",
+                                       "mixup_loss", "steph_lambda", "target_loss"])

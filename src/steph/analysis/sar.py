@@ -86,3 +86,12 @@ def steph_sar(runs_root: str | Path, run: RunRef, alpha: float = ALPHA,
                        ("fold", run.fold)):
         out[col] = value
     return out[COLUMNS]
+
+
+def sar_at_steph(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a :func:`steph_sar` table at STEPH's lambda, with the SAR of the source's
+    own task vector (lambda = 0) beside them (``sar_own``)."""
+    at = table[table["kind"] == "steph"]
+    own = table[(table["kind"] == "curve") & (table["lambda"] == 0.0)].set_index(
+        ["cohort", "fold", "source", "layer"])["sar"].rename("sar_own")
+    return at.join(own, on=["cohort", "fold", "source", "layer"]).reset_index(drop=True)

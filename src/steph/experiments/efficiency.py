@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from steph.errors import ConfigError
+from steph.models.module import SurvivalModule, check_module
 from steph.methods import CostSpec, get_method, list_methods, resolve_methods
 from steph.models.flops import count_flops
 from steph.utils.timing import interleaved
@@ -52,11 +53,8 @@ COLUMNS = ["method", "arch", "learnable_params", "gflops_total", "gflops_layers"
            "paper_params_m", "paper_gflops"]
 
 
-def learnable_parameters(module: nn.Module) -> int:
-    count = getattr(module, "trainable_parameter_count", None)
-    if callable(count):
-        return int(count())
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def learnable_parameters(module: SurvivalModule) -> int:
+    return int(check_module(module).trainable_parameter_count())
 
 
 def measured_methods() -> list[str]:

@@ -62,7 +62,7 @@ def analyze_landscape(runs_root: str | Path, data_root: str | Path, target: str,
     run by final w) on the test patients of ``fold``; writes
     ``landscape-<target>-fold<k>.{png,svg,csv}``."""
     from steph.analysis.dynamics import sources_of, top_sources
-    from steph.analysis.landscape import loss_landscape
+    from steph.analysis.landscape import landscape_summary, steph_landscapes
     from steph.report.figures import landscape_figure
 
     check_device(device)
@@ -72,22 +72,19 @@ def analyze_landscape(runs_root: str | Path, data_root: str | Path, target: str,
     unknown = [s for s in chosen if s not in known]
     if unknown:
         raise ConfigError(f"{unknown} are not sources of {run} (its sources: {', '.join(known)})")
-    target_run = R.target_run(run, R.steph_arch(runs_root, run))
-    lands = [loss_landscape(runs_root, data_root, target_run, s, step=step, device=device,
-                            progress=progress, steph_run=run) for s in chosen]
+    lands = steph_landscapes(runs_root, data_root, run, chosen, step=step, device=device,
+                             progress=progress)
     stem = _dest(runs_root, dest) / f"landscape-{target}-fold{run.fold}"
     table = pd.concat([ls.table().assign(target=target, fold=run.fold, source=ls.source)
                        for ls in lands], ignore_index=True)
     out = Written(table[["target", "fold", "source", "c_s", "c_t", "loss", "loss_smoothed"]])
     write_csv(stem.with_suffix(".csv"), out.table)
     out.files = [*save_figure(landscape_figure(lands), stem).values(), stem.with_suffix(".csv")]
-    for ls in lands:
-        cs, ct, lo = ls.minimum()
-        lam, lo_mix = ls.mixup_minimum()
-        final = ls.path["lambda"].iloc[-1] if len(ls.path) else float("nan")
-        out.lines.append(f"{target} fold {run.fold} x {ls.source}: lowest smoothed test loss "
-                         f"{lo:.4f} at C_s={cs:.2f}, C_t={ct:.2f}; on the mixup segment "
-                         f"{lo_mix:.4f} at lambda={lam:.2f}; STEPH's final lambda {final:.3f}")
+    for r in landscape_summary(lands).itertuples(index=False):
+        out.lines.append(f"{target} fold {run.fold} x {r.source}: lowest smoothed test loss "
+                         f"{r.loss:.4f} at C_s={r.c_s:.2f}, C_t={r.c_t:.2f}; on the mixup "
+                         f"segment {r.mixup_loss:.4f} at lambda={r.mixup_lambda:.2f}; STEPH's "
+                         f"final lambda {r.steph_lambda:.3f}")
     return out
 
 
@@ -95,7 +92,7 @@ def analyze_sar(runs_root: str | Path, target: str, fold: int | None = None,
                 method: str = "steph", alpha: float = 0.95,
                 dest: str | Path | None = None) -> Written:
     """SAR curves of every source of the STEPH run; writes ``sar-<target>-fold<k>.{png,svg,csv}``."""
-    from steph.analysis.sar import steph_sar
+    from steph.analysis.sar import sar_at_steph, steph_sar
     from steph.report.figures import sar_figure
 
     run = steph_run(runs_root, target, method, fold)
@@ -103,8 +100,7 @@ def analyze_sar(runs_root: str | Path, target: str, fold: int | None = None,
     stem = _dest(runs_root, dest) / f"sar-{target}-fold{run.fold}"
     write_csv(stem.with_suffix(".csv"), table)
     out = Written(table, [*save_figure(sar_figure(table), stem).values(), stem.with_suffix(".csv")])
-    at = table[table["kind"] == "steph"].rename(columns={"lambda": "lam"})
-    for r in at.itertuples(index=False):
+    for r in sar_at_steph(table).rename(columns={"lambda": "lam"}).itertuples(index=False):
         out.lines.append(f"{target} fold {run.fold}, {r.source}, {r.layer}: SAR {r.sar:.3f} at "
                          f"STEPH's lambda {r.lam:.3f}")
     return out

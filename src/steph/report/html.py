@@ -415,7 +415,7 @@ def _first_fold_runs(steph_runs: list[R.RunRef]) -> list[R.RunRef]:
 def _landscape_section(page: _Page, root: Path, data: Path | None, steph_runs: list[R.RunRef],
                        opts: ReportOptions) -> None:
     from steph.analysis.dynamics import top_sources
-    from steph.analysis.landscape import loss_landscape
+    from steph.analysis.landscape import landscape_summary, steph_landscapes
     from steph.report.figures import landscape_figure
 
     s = "landscape"
@@ -428,30 +428,23 @@ def _landscape_section(page: _Page, root: Path, data: Path | None, steph_runs: l
     if _lacks_features(page, s, data, "landscape --out RUNS --data DATA --target T"):
         return
     for run in _first_fold_runs(steph_runs):
-        arch = R.steph_arch(root, run)
-        target = R.target_run(run, arch)
         sources = top_sources(root, run, opts.top_sources)
-        lands = [loss_landscape(root, data, target, src, step=opts.step, device=opts.device,
-                                progress=opts.progress, steph_run=run) for src in sources]
+        lands = steph_landscapes(root, data, run, sources, step=opts.step, device=opts.device,
+                                 progress=opts.progress)
         name = f"landscape-{run.cohort}-fold{run.fold}"
         page.figure(s, landscape_figure(lands), name,
                     f"Loss landscape of task-vector mixup, target {run.cohort}, fold {run.fold}.",
                     raster=True)
-        rows = []
-        for ls in lands:
-            cs, ct, lo = ls.minimum()
-            lam, lo_mix = ls.mixup_minimum()
-            final = ls.path["lambda"].iloc[-1] if len(ls.path) else np.nan
-            n = len(ls.coefficients)
-            rows.append({"source": ls.source, "lowest loss at (C_s, C_t)": f"({cs:.2f}, {ct:.2f})",
-                         "lowest loss": _num(lo), "lowest on mixup at λ": f"{lam:.2f}",
-                         "its loss": _num(lo_mix), "STEPH's final λ": _num(final, ".3f"),
-                         "target model's loss (0, 1), not smoothed": _num(ls.losses[n - 1, 0])})
+        rows = [{"source": r.source, "lowest loss at (C_s, C_t)": f"({r.c_s:.2f}, {r.c_t:.2f})",
+                 "lowest loss": _num(r.loss), "lowest on mixup at λ": f"{r.mixup_lambda:.2f}",
+                 "its loss": _num(r.mixup_loss), "STEPH's final λ": _num(r.steph_lambda, ".3f"),
+                 "target model's loss (0, 1), not smoothed": _num(r.target_loss)}
+                for r in landscape_summary(lands).itertuples(index=False)]
         page.add(s, table_html(pd.DataFrame(rows)))
 
 
 def _sar_section(page: _Page, root: Path, steph_runs: list[R.RunRef]) -> None:
-    from steph.analysis.sar import ALPHA, steph_sar
+    from steph.analysis.sar import ALPHA, sar_at_steph, steph_sar
     from steph.report.figures import sar_figure
 
     s = "sar"
@@ -464,14 +457,12 @@ def _sar_section(page: _Page, root: Path, steph_runs: list[R.RunRef]) -> None:
     frames = [steph_sar(root, run) for run in _first_fold_runs(steph_runs)]
     sar = pd.concat(frames, ignore_index=True)
     page.figure(s, sar_figure(sar), "sar", "Subspace alignment ratio of τ_mix with τ_t.")
-    at = sar[sar["kind"] == "steph"]
+    at = sar_at_steph(sar)
     if len(at):
-        own = sar[(sar["kind"] == "curve") & (sar["lambda"] == 0.0)].set_index(
-            ["cohort", "fold", "source", "layer"])["sar"]
         rows = [{"target": r.cohort, "fold": str(r.fold), "source": r.source, "matrix": r.layer,
                  "STEPH's λ": _num(r.lam, ".3f"),
                  "SAR at STEPH's λ": _num(r.sar, ".3f"),
-                 "SAR of τ_s (λ = 0)": _num(own.get((r.cohort, r.fold, r.source, r.layer)), ".3f")}
+                 "SAR of τ_s (λ = 0)": _num(r.sar_own, ".3f")}
                 for r in at.rename(columns={"lambda": "lam"}).itertuples(index=False)]
         page.add(s, table_html(pd.DataFrame(rows), numeric=["STEPH's λ", "SAR at STEPH's λ",
                                                             "SAR of τ_s (λ = 0)"]))

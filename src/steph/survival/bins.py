@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-DAYS_PER_YEAR = 365.0
 DEFAULT_N_BINS = 32
 DEFAULT_MAX_TIME = 11680.0  # 32 x 365 days
 
