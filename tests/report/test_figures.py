@@ -49,7 +49,8 @@ def test_forest():
     assert labels == ["A · steph", "A · ta", "B · steph", "mean over cohorts · steph",
                       "mean over cohorts · ta"]
     assert "abmil" in ax.get_xlabel()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["steph", "ta"]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[2:] == ["steph", "ta"] and "pooled" in texts[0] and "per-fold" in texts[1]
 
 
 def test_km_one_panel_per_cohort_and_method_with_data():
@@ -126,3 +127,89 @@ def test_nothing_to_draw():
             fn(pd.DataFrame())
     with pytest.raises(ValueError):
         F.landscape_figure([])
+
+
+# -- issue 19, items 9 and 10 ----------------------------------------------------------------
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _legends_outside_axes(fig: Figure) -> int:
+    """Every legend of ``fig`` lies outside every panel (colour bars aside); returns how many
+    legends there are."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + fig.legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in panels:
+            assert not _overlap(box, ax.get_window_extent(renderer)), (
+                f"legend {[t.get_text() for t in legend.get_texts()]} covers {ax.get_title()!r}")
+    return len(legends)
+
+
+def _comparison(mean_diff=(-0.003, 0.01, 0.02), pooled=(0.025, 0.012, -0.01)):
+    from steph.experiments.compare import across_cohorts
+
+    per = pd.DataFrame({"cohort": ["A", "B", "C"], "method": "steph", "baseline": "abmil",
+                        "n_folds": 3, "n_repeats": 1, "n_patients": 90,
+                        "mean_diff": mean_diff, "sd_diff": [0.01, 0.02, 0.015],
+                        "pooled_c_method": 0.6, "pooled_c_baseline": 0.6,
+                        "pooled_diff": pooled, "ci_low": [p - 0.03 for p in pooled],
+                        "ci_high": [p + 0.03 for p in pooled]})
+    return pd.concat([per, across_cohorts(per)], ignore_index=True)
+
+
+def test_forest_shows_the_per_fold_mean_and_the_pooled_difference():
+    comp = _comparison()
+    fig = F.forest_figure(comp)
+    ax = fig.axes[0]
+    points = [(float(line.get_xdata()[0]), line.get_markerfacecolor()) for line in ax.get_lines()
+              if len(line.get_xdata()) == 1 and line.get_marker() not in ("None", "")]
+    xs = [round(x, 6) for x, _ in points]
+    # cohort A: per-fold mean -0.003 and pooled +0.025 (opposite signs) are both drawn
+    assert -0.003 in xs and 0.025 in xs
+    assert {str(face) for x, face in points if round(x, 6) == 0.025} == {"black"}  # pooled: filled
+    assert {str(face) for x, face in points if round(x, 6) == -0.003} == {"white"}  # per fold: open
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("pooled" in t and "bootstrap" in t for t in texts)
+    assert any("per-fold" in t and "wins / ties / losses" in t for t in texts)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[-1] == "mean over cohorts · steph (W/T/L 2/0/1)"
+    # the interval of the per-fold mean: ± its sd over folds
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert any(np.allclose(sorted(line.get_xdata()), [-0.013, 0.007]) for line in dashed)
+    assert _legends_outside_axes(fig) == 1
+
+
+def test_a_method_has_one_marker_in_summary_and_report():
+    from steph.utils.plotting import method_marker
+
+    rows = [("A", m, f, 0.6 + 0.01 * f) for m in ("abmil", "steph", "model_avg") for f in range(3)]
+    summary = pd.DataFrame(rows, columns=["cohort", "method", "fold", "c_index"])
+
+    def markers(fig):
+        ax = fig.axes[0]
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        paths = [c.get_paths()[0].vertices.round(6).tobytes() for c in ax.collections
+                 if len(c.get_offsets()) == 3]
+        return dict(zip(names, paths))
+
+    # summary.png: the order of the summary; the report: its own method order
+    plain = markers(F.cindex_figure(summary))
+    ordered = markers(F.cindex_figure(summary, ["steph", "model_avg", "abmil"]))
+    assert plain == ordered and len(set(plain.values())) == 3
+    comp = pd.DataFrame({"cohort": ["A", "A"], "method": ["steph", "model_avg"],
+                         "baseline": "abmil", "pooled_diff": [0.01, 0.02], "ci_low": [0.0, 0.0],
+                         "ci_high": [0.03, 0.04], "mean_diff": [0.01, 0.02]})
+    forest = F.forest_figure(comp).axes[0]
+    drawn = {line.get_marker() for line in forest.get_lines() if len(line.get_xdata()) == 1}
+    assert drawn == {method_marker("steph"), method_marker("model_avg")}
+    assert method_marker("steph") != method_marker("abmil")
+    assert method_marker("steph_k3") == method_marker("steph_k3")  # unknown names: stable

@@ -21,10 +21,10 @@ import pandas as pd
 from steph.experiments.summary import cindex_figure
 from steph.utils.plotting import (
     COLOURS,
-    LINESTYLES,
-    MARKERS,
     NothingToDraw,
     bar_style,
+    legend_outside,
+    method_marker,
     new_figure,
     panel_grid,
     series_style,
@@ -63,9 +63,20 @@ def _fmt_p(p: float) -> str:
 # -- results ------------------------------------------------------------------------------------
 
 def forest_figure(comparisons: pd.DataFrame) -> Figure:
-    """Each method's difference of the test C-index to the baseline, per cohort: the pooled
-    out-of-fold difference with its 95 % patient-bootstrap interval (``compare_methods``), and
-    per method the mean of its per-cohort differences over cohorts (a diamond)."""
+    """Each method's difference of the test C-index to the baseline, per cohort, two ways
+    (``compare_methods``), which can disagree in sign on few folds:
+
+    * the **pooled** out-of-fold difference with its 95 % patient-bootstrap interval (filled
+      marker, solid line);
+    * the **mean of the per-fold differences** ± their sd over folds (open marker, dashed
+      line): what wins / ties / losses count;
+
+    and, with more than one cohort, per method the mean of its per-cohort per-fold means ± sd
+    over cohorts, with its wins / ties / losses. Methods keep their marker of every figure
+    (:func:`~steph.utils.plotting.method_marker`); the legend is beside the axes."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     from steph.experiments.compare import ALL
 
     _need(comparisons, "comparison with the baseline")
@@ -75,40 +86,64 @@ def forest_figure(comparisons: pd.DataFrame) -> Figure:
     baseline = str(comparisons["baseline"].iloc[0])
     methods = list(dict.fromkeys(per["method"]))
     cohorts = list(dict.fromkeys(per["cohort"]))
-    rows: list[tuple[str, str, float, float, float, bool]] = []
+
+    def get(r, col: str) -> float:
+        return float(r[col]) if col in r and pd.notna(r[col]) else float("nan")
+
+    # (label, method, pooled, low, high, per-fold mean, its sd)
+    rows: list[tuple[str, str, float, float, float, float, float]] = []
     for cohort in cohorts:
         for m in methods:
             hit = per[(per["cohort"] == cohort) & (per["method"] == m)]
             if len(hit):
                 r = hit.iloc[0]
-                rows.append((cohort, m, r["pooled_diff"], r["ci_low"], r["ci_high"], False))
+                folds = f" ({int(r['n_folds'])} folds)" if "n_folds" in r and pd.notna(r["n_folds"]) else ""
+                rows.append((f"{cohort} · {m}{folds}", m, get(r, "pooled_diff"), get(r, "ci_low"),
+                             get(r, "ci_high"), get(r, "mean_diff"), get(r, "sd_diff")))
     if len(cohorts) > 1:
         for m in methods:
             hit = across[across["method"] == m]
             if len(hit):
-                rows.append(("mean over cohorts", m, hit.iloc[0]["mean_diff"], np.nan, np.nan,
-                             True))
-    fig = new_figure(6.5, 0.32 * len(rows) + 1.3)
+                r = hit.iloc[0]
+                wtl = ""
+                if all(c in r and pd.notna(r[c]) for c in ("wins", "ties", "losses")):
+                    wtl = f" (W/T/L {int(r['wins'])}/{int(r['ties'])}/{int(r['losses'])})"
+                rows.append((f"mean over cohorts · {m}{wtl}", m, float("nan"), float("nan"),
+                             float("nan"), get(r, "mean_diff"), get(r, "sd_diff")))
+    fig = new_figure(8.0, 0.42 * len(rows) + 1.5)
     with styled(fig):
         ax = fig.add_subplot(1, 1, 1)
-        seen = set()
-        for y, (cohort, m, d, lo, hi, is_all) in enumerate(rows):
-            i = methods.index(m)
-            if np.isfinite(lo) and np.isfinite(hi):
-                ax.plot([lo, hi], [y, y], color="black", linewidth=1.2,
-                        linestyle=LINESTYLES[i % len(LINESTYLES)])
-            ax.plot([d], [y], marker="D" if is_all else MARKERS[i % len(MARKERS)],
-                    markersize=8 if is_all else 6, color=COLOURS[i % len(COLOURS)],
-                    markeredgecolor="black", linestyle="none",
-                    label=None if m in seen else m)
-            seen.add(m)
+        off = 0.17
+        for y, (_, m, pooled, lo, hi, mean, sd) in enumerate(rows):
+            marker = method_marker(m)
+            if np.isfinite(pooled):
+                if np.isfinite(lo) and np.isfinite(hi):
+                    ax.plot([lo, hi], [y - off, y - off], color="black", linewidth=1.6,
+                            linestyle="-")
+                ax.plot([pooled], [y - off], marker=marker, markersize=6, color="black",
+                        markeredgecolor="black", linestyle="none")
+            if np.isfinite(mean):
+                if np.isfinite(sd) and sd > 0:
+                    ax.plot([mean - sd, mean + sd], [y + off, y + off], color="dimgrey",
+                            linewidth=1.2, linestyle="--")
+                ax.plot([mean], [y + off], marker=marker, markersize=6, color="white",
+                        markeredgecolor="black", linestyle="none")
         ax.axvline(0.0, color="grey", linewidth=1.0, linestyle=":")
-        ax.set_yticks(range(len(rows)), [f"{c} · {m}" for c, m, *_ in rows])
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows])
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_ylabel("cohort · method")
-        ax.set_xlabel(f"difference of test C-index to {baseline} (pooled out-of-fold; "
-                      "line: 95 % bootstrap interval)")
-        ax.legend(title="method", loc="best", frameon=False)
+        ax.set_xlabel(f"difference of test C-index to {baseline}")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+        handles = [
+            Line2D([], [], color="black", linewidth=1.6, marker="o", markerfacecolor="black",
+                   label="pooled out-of-fold\ndifference, 95 % CI\n(patient bootstrap)"),
+            Line2D([], [], color="dimgrey", linewidth=1.2, linestyle="--", marker="o",
+                   markerfacecolor="white", markeredgecolor="black",
+                   label="mean of per-fold\ndifferences ± sd\n(wins / ties / losses\ncount these)"),
+            *(Line2D([], [], color="black", marker=method_marker(m), markerfacecolor="lightgrey",
+                     linestyle="none", label=m) for m in methods),
+        ]
+        legend_outside(ax, handles=handles, fontsize=7)
     return fig
 
 
