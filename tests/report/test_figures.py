@@ -81,7 +81,7 @@ def test_dynamics_sar_selection_styles():
         assert len(ax.get_lines()) == 4
         _greyscale_distinct(ax.get_lines())
     _labelled(fig)
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["S1", "S2", "S3", "S4"]
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["S1", "S2", "S3", "S4"]
 
     sar = pd.DataFrame([{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "source": s,
                          "layer": layer, "lambda": lam, "sar": 0.5 + 0.4 * lam, "kind": "curve"}
@@ -113,7 +113,7 @@ def test_landscape_and_attention():
                           "attention_steph": np.linspace(1, 0, 6)})
     fig = F.attention_figure(table)
     panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert [ax.get_title() for ax in panels] == ["abmil", "steph"]
+    assert [ax.get_title() for ax in panels] == ["abmil", "steph", "steph − abmil"]
     grid = panels[0].get_images()[0].get_array()
     # percentiles within the slide, on the patches' raster (row = y, column = x)
     assert grid.shape == (2, 3) and grid[0, 0] < grid[1, 2]
@@ -188,6 +188,54 @@ def test_forest_shows_the_per_fold_mean_and_the_pooled_difference():
     assert _legends_outside_axes(fig) == 1
 
 
+def test_legends_do_not_cover_data():
+    rows = [{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "epoch": e, "source": s,
+             "w": 0.9 - 0.1 * i, "lambda": 0.95 - 0.1 * i, "selected": 1.0}
+            for e in range(1, 11) for i, s in enumerate(["S1", "S2", "S3"])]
+    assert _legends_outside_axes(F.dynamics_figure(pd.DataFrame(rows))) == 1
+    assert _legends_outside_axes(F.forest_figure(_comparison())) == 1
+    sar = pd.DataFrame([{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "source": s,
+                         "layer": "L", "lambda": lam, "sar": 0.99 + 0.01 * lam, "kind": "curve"}
+                        for s in ("S1", "S2") for lam in (0, 0.5, 1)])
+    assert _legends_outside_axes(F.sar_figure(sar)) == 1
+    c = coefficient_grid(0.25)
+    path = pd.DataFrame({"epoch": [1, 2], "lambda": [0.9, 0.7]})
+    land = Landscape("T", "S1", 0, 0, c, np.add.outer(c, c), 10, path)
+    assert _legends_outside_axes(F.landscape_figure([land])) == 1
+    rng = np.random.default_rng(0)
+    km = pd.DataFrame([{"cohort": "A", "method": "abmil", "fold": 0, "group": HIGH if i % 2 else LOW,
+                        "time": float(rng.integers(10, 900)), "event": 1} for i in range(20)])
+    assert _legends_outside_axes(F.km_figure(km)) == 1
+
+
+def test_a_source_has_one_colour_in_every_figure():
+    from steph.utils.plotting import source_colours
+
+    sources = ["UNRB", "RELA", "BETA", "ZETA"]
+    dyn = pd.DataFrame([{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "epoch": e,
+                         "source": s, "w": 0.5, "lambda": 0.5, "selected": 1.0}
+                        for e in (1, 2) for s in sources])
+    fig = F.dynamics_figure(dyn)
+    line_colour = {line.get_label(): line.get_color() for line in fig.axes[0].get_lines()}
+    freq = pd.DataFrame({"cohort": "T", "method": "steph", "source": sources[::-1],
+                         "selected_share": [0.1, 0.2, 0.3, 0.4]})
+    fig = F.selection_figure(freq)
+    ax = fig.axes[0]
+    bar_colour = {t.get_text(): p.get_facecolor()
+                  for t, p in zip(ax.get_xticklabels(), ax.patches)}
+    from matplotlib.colors import to_rgba
+
+    expected = source_colours(sources)
+    assert len(set(expected.values())) == len(sources)
+    for s in sources:
+        assert to_rgba(line_colour[s]) == to_rgba(expected[s]) == to_rgba(bar_colour[s]), s
+    sar = pd.DataFrame([{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "source": s,
+                         "layer": "L", "lambda": lam, "sar": 0.9, "kind": "curve"}
+                        for s in sources for lam in (0, 1)])
+    sar_colour = {line.get_label(): line.get_color() for line in F.sar_figure(sar).axes[0].get_lines()}
+    assert all(to_rgba(sar_colour[s]) == to_rgba(expected[s]) for s in sources)
+
+
 def test_a_method_has_one_marker_in_summary_and_report():
     from steph.utils.plotting import method_marker
 
@@ -213,3 +261,52 @@ def test_a_method_has_one_marker_in_summary_and_report():
     assert drawn == {method_marker("steph"), method_marker("model_avg")}
     assert method_marker("steph") != method_marker("abmil")
     assert method_marker("steph_k3") == method_marker("steph_k3")  # unknown names: stable
+
+
+def test_landscape_panels_have_their_own_colour_scale():
+    c = coefficient_grid(0.25)
+    steep = 3.0 + np.add.outer((c - 0.5) ** 2, c ** 2)
+    flat = 1.0 + 0.001 * np.add.outer(c, c)
+    lands = [Landscape("T", "S1", 0, 0, c, steep, 10), Landscape("T", "S2", 0, 0, c, flat, 10)]
+    fig = F.landscape_figure(lands)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2
+    for ax, ls in zip(panels, lands):
+        image = ax.get_images()[0]
+        z = ls.smoothed()
+        assert image.norm.vmin == pytest.approx(z.min()) and image.norm.vmax == pytest.approx(z.max())
+
+
+def test_sar_axis_shows_differences_near_one():
+    sar = pd.DataFrame([{"cohort": "T", "method": "steph", "repeat": 0, "fold": 0, "source": s,
+                         "layer": "L", "lambda": lam, "sar": v, "kind": "curve"}
+                        for s, v in (("S1", 0.999), ("S2", 0.9999), ("S3", 0.99))
+                        for lam in (0.0, 0.5)])
+    fig = F.sar_figure(sar)
+    ax = fig.axes[0]
+    fig.draw_without_rendering()
+    height = ax.get_window_extent().height
+    y = {line.get_label(): ax.transData.transform((0.0, line.get_ydata()[0]))[1]
+         for line in ax.get_lines()}
+    # 0.99, 0.999 and 0.9999 a sizeable part of the panel apart, in that order upwards
+    assert y["S2"] - y["S1"] > 0.15 * height and y["S1"] - y["S3"] > 0.15 * height
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert "0.999" in ticks and "0.99" in ticks
+
+
+def test_attention_has_a_difference_map_centred_at_zero():
+    table = pd.DataFrame({"slide_id": "s", "patch": range(6), "x": [0, 256, 512] * 2,
+                          "y": [0] * 3 + [256] * 3, "attention_abmil": np.linspace(0, 1, 6),
+                          "attention_steph": [0.5, 0.1, 0.9, 0.3, 0.2, 0.0]})
+    fig = F.attention_figure(table)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["abmil", "steph", "steph − abmil"]
+    image = panels[2].get_images()[0]
+    pct = {m: F.percentiles(table[f"attention_{m}"].to_numpy()) for m in ("abmil", "steph")}
+    np.testing.assert_allclose(np.asarray(image.get_array()).reshape(-1),
+                               (pct["steph"] - pct["abmil"]).reshape(-1))
+    assert image.norm.vcenter == 0 and image.norm.vmin == -image.norm.vmax
+    assert image.get_cmap().name in ("RdBu_r", "PuOr", "coolwarm")
+    assert len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 2
+    _labelled(fig)
