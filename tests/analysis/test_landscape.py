@@ -204,9 +204,10 @@ def test_values_equal_the_previous_algorithm(arch, reference, one_thread):
             i = torch.arange(b.x.shape[0] - 1)
             b.inputs["edge_index"] = torch.stack([torch.cat([i, i + 1]), torch.cat([i + 1, i])])
     c = coefficient_grid(0.25)
-    # max_elements small enough for several groups of points
+    # max_elements small enough for several groups of points, block_elements for several
+    # vmapped calls per group and bag
     new = evaluate_grid(merged_loss_fn(create_model(arch, **kw), theta0, tau_s, tau_t, bags, 0.4,
-                                       max_elements=4000), c, batch=25)
+                                       max_elements=4000, block_elements=400), c, batch=25)
     old = evaluate_grid(reference(create_model(arch, **kw), theta0, tau_s, tau_t, bags, 0.4,
                                   max_elements=4000), c, batch=25)
     np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
