@@ -100,7 +100,8 @@ def forest_figure(comparisons: pd.DataFrame) -> Figure:
             hit = per[(per["cohort"] == cohort) & (per["method"] == m)]
             if len(hit):
                 r = hit.iloc[0]
-                folds = f" ({int(r['n_folds'])} folds)" if "n_folds" in r and pd.notna(r["n_folds"]) else ""
+                n = int(r["n_folds"]) if "n_folds" in r and pd.notna(r["n_folds"]) else 0
+                folds = f" ({n} fold{'' if n == 1 else 's'})" if n else ""
                 rows.append((f"{cohort} · {m}{folds}", m, get(r, "pooled_diff"), get(r, "ci_low"),
                              get(r, "ci_high"), get(r, "mean_diff"), get(r, "sd_diff")))
     if len(cohorts) > 1:
