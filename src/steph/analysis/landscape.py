@@ -199,7 +199,8 @@ def merged_loss_fn(network: torch.nn.Module, theta0: dict[str, torch.Tensor],
     max_n = max((b.x.shape[0] for b in on_device), default=1)
 
     with torch.no_grad():
-        projected = _input_linears(network, on_device, fixed, base)
+        projected = [name for name in _input_linears(network, on_device, fixed, base)
+                     if f"{name}.weight" in base]  # a layer whose weight is merged
     if projected:
         network = copy.deepcopy(network)
         for name in projected:
