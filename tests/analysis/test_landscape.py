@@ -6,6 +6,8 @@ closed form."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from steph.analysis.landscape import (
 )
 from steph.models import create_model
 from steph.survival.loss import nll_survival_loss
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import TINY_NETWORKS  # tests/conftest.py
 
 
 def test_grid_is_the_papers():
@@ -165,3 +170,110 @@ def test_known_optimum_of_a_survival_model_is_the_grid_minimum():
     assert ls.minimum(smoothed=False)[2] == pytest.approx(best, rel=1e-5)
     s_min = ls.minimum(smoothed=True)
     assert abs(s_min[0] - 0.36) <= 0.04 + 1e-9 and abs(s_min[1] - 0.72) <= 0.04 + 1e-9
+
+
+# -- the algorithm: each group's tensors built once; the feature projection from three products
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """``merged_loss_fn`` as it was before (rebuilding the merged tensors for every bag), kept
+    in benchmarks/bench_landscape.py."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_landscape
+
+    yield bench_landscape.reference_merged_loss_fn
+    sys.modules.pop("bench_landscape", None)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_NETWORKS))
+def test_values_equal_the_previous_algorithm(arch, reference, one_thread):
+    torch.manual_seed(3)
+    kw = {"in_dim": 6, "n_bins": 4, **TINY_NETWORKS[arch]}
+    net = create_model(arch, **kw)
+    theta0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    tau_s = {k: 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in theta0.items()}
+    tau_t = {k: 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in theta0.items()}
+    bags = _bags(4, 6, seed=5, n_bins=4)
+    if arch == "patch_gcn":  # a chain graph over each bag's patches
+        for b in bags:
+            i = torch.arange(b.x.shape[0] - 1)
+            b.inputs["edge_index"] = torch.stack([torch.cat([i, i + 1]), torch.cat([i + 1, i])])
+    c = coefficient_grid(0.25)
+    # max_elements small enough for several groups of points, block_elements for several
+    # vmapped calls per group and bag
+    new = evaluate_grid(merged_loss_fn(create_model(arch, **kw), theta0, tau_s, tau_t, bags, 0.4,
+                                       max_elements=4000, block_elements=400), c, batch=25)
+    old = evaluate_grid(reference(create_model(arch, **kw), theta0, tau_s, tau_t, bags, 0.4,
+                                  max_elements=4000), c, batch=25)
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
+
+
+class _Recorder(nn.Module):
+    """Keeps every weight tensor it is called with (alive, so that no two builds share memory);
+    ``.item()`` keeps it off the vmapped path."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, 4))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        scale = 1.0 + float(self.w.abs().sum().item()) * 0.0  # raises under vmap
+        self.seen.append(self.w)
+        return (x.mean(0, keepdim=True) @ self.w.t()) * scale
+
+
+def test_each_points_tensors_are_built_once_for_all_bags(caplog):
+    caplog.set_level("INFO", logger="steph.analysis")
+    torch.manual_seed(1)
+    net = _Recorder()
+    theta0 = {"w": torch.randn(3, 4)}
+    tau_s, tau_t = {"w": torch.randn(3, 4)}, {"w": torch.randn(3, 4)}
+    bags = _bags(5, 4, n_bins=3)
+    fn = merged_loss_fn(net, theta0, tau_s, tau_t, bags, 0.5)
+    net.seen.clear()  # calls made while preparing
+    evaluate_grid(fn, coefficient_grid(0.5), batch=9)  # 9 points, one group
+    assert len(net.seen) == 9 * len(bags)
+    builds = {t.untyped_storage().data_ptr() for t in net.seen}
+    assert len(builds) == 1  # one build of the 9 points' tensors, used by all 5 bags
+
+
+class _TwoLinears(nn.Module):
+    """``first`` is applied to the bag itself; ``again`` to the bag and to its square (twice);
+    ``scaled`` to a transformed bag: only ``first`` may be formed from products per bag."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 3)
+        self.again = nn.Linear(4, 3)
+        self.scaled = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x)) + self.again(x) + self.again(x * x) + self.scaled(2 * x)
+        return self.head(h.mean(0, keepdim=True))
+
+
+def test_only_layers_on_the_bag_itself_are_projected(reference, one_thread):
+    from steph.analysis.landscape import _input_linears
+
+    torch.manual_seed(2)
+    net = _TwoLinears().eval()
+    theta0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    bags = _bags(3, 4, n_bins=2)
+    with torch.no_grad():
+        assert _input_linears(net, bags, {}, theta0) == ["first"]
+        abmil = create_model("abmil", in_dim=4, n_bins=2, hidden_dim=5, attn_dim=3)
+        assert _input_linears(abmil, bags, {}, dict(abmil.state_dict())) == ["feat_proj.0"]
+    tau_s = {k: torch.randn_like(v) for k, v in theta0.items()}
+    tau_t = {k: torch.randn_like(v) for k, v in theta0.items()}
+    c = coefficient_grid(0.25)
+    new = evaluate_grid(merged_loss_fn(net, theta0, tau_s, tau_t, bags, 0.0), c)
+    old = evaluate_grid(reference(_TwoLinears(), theta0, tau_s, tau_t, bags, 0.0), c)
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
+    assert isinstance(net.first, nn.Linear)  # the caller's network is left as it was

@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 from sksurv.metrics import concordance_index_censored
 
-from steph.experiments.compare import ALL, compare_methods
+from steph.experiments.compare import (
+    ALL,
+    across_cohorts,
+    compare_methods,
+    comparison_cells,
+    comparison_markdown,
+)
 from steph.runs import RunRef
 from steph.experiments.summary import with_paired_difference
 
@@ -125,3 +131,24 @@ def test_repeats_are_paired_by_repeat(tmp_path):
         expect.append(concordance_index_censored(ev, cm["time"].to_numpy(), cm["risk"].to_numpy())[0]
                       - concordance_index_censored(ev, cb["time"].to_numpy(), cb["risk"].to_numpy())[0])
     assert row["pooled_diff"] == pytest.approx(np.mean(expect), abs=1e-12)
+
+
+def test_wins_count_the_per_fold_means_not_the_pooled_differences_and_say_so():
+    # A: per-fold mean -0.003 (a loss) although the pooled difference is +0.025; C: per-fold
+    # mean +0.02 (a win) although pooled -0.01 (issue 19, item 9)
+    pooled = [0.025, 0.012, -0.01]
+    per = pd.DataFrame({"cohort": ["A", "B", "C"], "method": "steph", "baseline": "abmil",
+                        "n_folds": 3, "n_repeats": 1, "n_patients": 90,
+                        "mean_diff": [-0.003, 0.01, 0.02], "sd_diff": [0.01, 0.02, 0.015],
+                        "pooled_c_method": 0.6, "pooled_c_baseline": 0.6, "pooled_diff": pooled,
+                        "ci_low": [p - 0.03 for p in pooled], "ci_high": [p + 0.03 for p in pooled]})
+    comp = pd.concat([per, across_cohorts(per)], ignore_index=True)
+    row = comp[comp["cohort"] == ALL].iloc[0]
+    assert (row["wins"], row["ties"], row["losses"]) == (2, 0, 1)
+    assert row["mean_diff"] == pytest.approx(np.mean([-0.003, 0.01, 0.02]))
+    per_table, across = comparison_cells(comp)
+    assert list(across.columns) == ["method", "cohorts", "mean per-fold diff",
+                                    "wins / ties / losses (per-fold mean)", "Wilcoxon p"]
+    assert "per-fold diff (mean ± sd)" in per_table.columns
+    assert across.iloc[0]["wins / ties / losses (per-fold mean)"] == "2 / 0 / 1"
+    assert "not the pooled differences" in comparison_markdown(comp)

@@ -20,9 +20,14 @@ Conventions where the paper is silent:
 * STEPH's mixup of this pair moves along the segment C_s + C_t = 1 (C_t = lambda); the path
   shown is the mean lambda of the source per training epoch (``log.jsonl``).
 
-The 676 merged models are evaluated in batches: one ``torch.func.vmap`` over as many grid points
-as fit a memory bound per bag (a loop over the points where a network cannot be vmapped), on
-``device``, with a progress bar over the bags.
+The 676 merged models are evaluated in groups of grid points (as many as fit a memory bound):
+a group's merged tensors are built once and every bag is evaluated with them, one
+``torch.func.vmap`` over the group's points per bag (a loop over the points where a network
+cannot be vmapped), on ``device``, with a progress bar over the bags. A Linear layer applied to
+the bag's features themselves (the networks' feature projection) is formed from its three
+products with the bag, ``x W0^T + C_s x W_s^T + C_t x W_t^T``, instead of one product per point.
+(Building the tensors for every bag and group, as steph did before, made the landscape most of
+``steph report``'s time; ``benchmarks/bench_landscape.py`` times both.)
 Each (target, fold, source) is cached (``RUNS/.cache/analysis/landscape/<target>/<network>/
 [rep<r>/]fold<k>/<source>.json``, keyed by the three models' weights, the patients, their feature files,
 the loss and the grid), so an interrupted analysis resumes with the pairs it has not done.
@@ -30,6 +35,7 @@ the loss and the grid), so an interrupted analysis resumes with the pairs it has
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +52,9 @@ log = logging.getLogger("steph.analysis")
 
 GRID_STEP = 0.04
 SIGMA = 1.0
+# activations (points x instances x widest tensor) of one vmapped call: a block that stays in
+# the CPU's caches evaluates faster than one vmapped call over the whole group of points
+ACTIVATION_BLOCK = 2 ** 20
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -94,17 +103,84 @@ class Bag:
     event: int
 
 
+class _ProjectedInput(torch.nn.Module):
+    """Stands in for a Linear layer applied to the raw features of a bag: its output at the
+    weight ``W0 + C_s W_s + C_t W_t`` is ``x W0^T + C_s x W_s^T + C_t x W_t^T`` (plus the merged
+    bias), so the three products ``proj`` are computed once per bag and each grid point combines
+    them with its ``coef`` = (1, C_s, C_t) instead of multiplying the bag by its own weight."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.register_buffer("coef", torch.tensor([1.0, 0.0, 0.0]))
+        self.bias = torch.nn.Parameter(torch.zeros(1)) if bias else None
+        self.x: torch.Tensor | None = None  # the bag whose products ``proj`` holds
+        self.proj: torch.Tensor | None = None  # (3, N, out): x W0^T, x W_s^T, x W_t^T
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if self.x is None or not _same_tensor(inp, self.x):
+            raise RuntimeError("landscape: a projected input layer got another input than the "
+                               "bag it was prepared for")
+        out = torch.tensordot(self.coef, self.proj, dims=1)
+        return out if self.bias is None else out + self.bias
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                        and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _input_linears(network: torch.nn.Module, bags: Sequence[Bag], fixed: dict,
+                   params: dict) -> list[str]:
+    """The Linear layers of ``network`` that, on every bag, are called exactly once and on the
+    bag's features themselves (ABMIL's ``feat_proj.0``): their output is linear in their weight,
+    so it can be formed from three products per bag (:class:`_ProjectedInput`). Found by running
+    the network once per bag with hooks; a layer called on anything else (a chunk of the bag, a
+    transformed bag) or more than once is left as it is."""
+    from torch.func import functional_call
+
+    linears = {name: m for name, m in network.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not linears or not bags:
+        return []
+    keep = set(linears)
+    for bag in bags:
+        calls: dict[str, list[bool]] = {name: [] for name in linears}
+        handles = [m.register_forward_pre_hook(
+            lambda _m, args, seen=calls[name], x=bag.x: seen.append(
+                len(args) == 1 and _same_tensor(args[0], x)))
+            for name, m in linears.items()]
+        try:
+            functional_call(network, {**fixed, **params}, (bag.x,), dict(bag.inputs))
+        except Exception:  # noqa: BLE001 - the evaluation proper reports errors; no shortcut
+            return []
+        finally:
+            for h in handles:
+                h.remove()
+        keep = {name for name in keep if calls[name] == [True]}
+        if not keep:
+            return []
+    return sorted(keep)
+
+
 def merged_loss_fn(network: torch.nn.Module, theta0: dict[str, torch.Tensor],
                    tau_s: dict[str, torch.Tensor], tau_t: dict[str, torch.Tensor],
                    bags: Sequence[Bag], loss_alpha: float, device: str | torch.device = "cpu",
                    max_elements: int = 2 ** 26, progress: bool = False,
-                   desc: str = "landscape") -> LossFn:
+                   desc: str = "landscape", block_elements: int = ACTIVATION_BLOCK) -> LossFn:
     """The mean survival loss over ``bags`` of ``network`` with the tensors
     ``theta0 + C_s tau_s + C_t tau_t`` (floating tensors; others as in ``theta0``), for a batch of
     (C_s, C_t) points (a progress bar over the bags with ``progress``). ``max_elements`` bounds
     one vmapped call: its merged tensors (points x parameters) and its activations (points x
     instances x the widest tensor), so large networks and bags run in smaller groups of
-    points."""
+    points.
+
+    The points are taken in groups; the merged tensors of a group are built once (one product
+    ``[1, C_s, C_t] @ [theta0; tau_s; tau_t]`` over all tensors) and every bag is evaluated
+    with them. A Linear layer applied to the bag's features themselves (ABMIL's feature
+    projection) is not given merged weights at all: its three products with the bag are
+    computed once per bag and group and combined per point (the same values up to float
+    rounding, without one bag x weight product per point). A group's points are evaluated on a
+    bag in vmapped calls of at most ``block_elements`` activations (points x instances x the
+    widest tensor; views of the group's tensors), which stay in the CPU's caches."""
     from torch.func import functional_call, vmap
     from tqdm.auto import tqdm
 
@@ -118,41 +194,95 @@ def merged_loss_fn(network: torch.nn.Module, theta0: dict[str, torch.Tensor],
     ts = {n: tau_s[n].to(dev, torch.float32) for n in merged}
     tt = {n: tau_t[n].to(dev, torch.float32) for n in merged}
     width = max(max(v.shape) if v.dim() else 1 for v in base.values())
-    n_params = sum(v.numel() for v in base.values())
     on_device = [Bag(b.x.to(dev), {k: v.to(dev) for k, v in b.inputs.items()}, b.bin, b.event)
                  for b in bags]
+    max_n = max((b.x.shape[0] for b in on_device), default=1)
+
+    with torch.no_grad():
+        projected = [name for name in _input_linears(network, on_device, fixed, base)
+                     if f"{name}.weight" in base]  # a layer whose weight is merged
+    if projected:
+        network = copy.deepcopy(network)
+        for name in projected:
+            parent, _, leaf = name.rpartition(".")
+            owner = network.get_submodule(parent) if parent else network
+            old = getattr(owner, leaf)
+            setattr(owner, leaf, _ProjectedInput(old.bias is not None).to(dev))
+        log.debug("landscape: %s's %s computed from three products per bag",
+                  type(network).__name__, ", ".join(projected))
+    weights = {f"{name}.weight" for name in projected}
+    built = [n for n in merged if n not in weights]
+    # the stacked [theta0; tau_s; tau_t] of every merged tensor, flattened: a group's tensors
+    # are one (G, 3) x (3, P) product
+    stack = torch.stack([torch.cat([t[n].reshape(-1) for n in built]) if built
+                         else torch.zeros(0, device=dev) for t in (base, ts, tt)])
+    offsets, at = {}, 0
+    for n in built:
+        offsets[n] = (at, base[n].shape)
+        at += base[n].numel()
+    n_params = max(1, at)
+    group = max(1, max_elements // max(n_params, max_n * width))
     state = {"vmap": True}
 
     def one(params: dict[str, torch.Tensor], bag: Bag) -> torch.Tensor:
         return functional_call(network, {**fixed, **params}, (bag.x,), dict(bag.inputs))
 
-    def logits(cs: torch.Tensor, ct: torch.Tensor, bag: Bag) -> torch.Tensor:
-        params = {n: base[n] + cs.view(-1, *[1] * base[n].dim()) * ts[n]
-                  + ct.view(-1, *[1] * base[n].dim()) * tt[n] for n in merged}
+    def group_params(cs: torch.Tensor, ct: torch.Tensor) -> dict[str, torch.Tensor]:
+        coef = torch.stack([torch.ones_like(cs), cs, ct], dim=1)  # (G, 3)
+        flat = coef @ stack  # (G, P)
+        params = {n: flat[:, a:a + base[n].numel()].reshape(len(cs), *shape)
+                  for n, (a, shape) in offsets.items()}
+        for name in projected:
+            params[f"{name}.coef"] = coef
+        return params
+
+    def prepare(bag: Bag) -> None:
+        for name in projected:
+            w = f"{name}.weight"
+            module = network.get_submodule(name)
+            both = torch.cat([base[w], ts[w], tt[w]])  # (3 out, in)
+            module.proj = (bag.x @ both.t()).reshape(bag.x.shape[0], 3, -1).transpose(0, 1)
+            module.x = bag.x
+
+    def logits(params: dict[str, torch.Tensor], g: int, bag: Bag) -> torch.Tensor:
         if state["vmap"]:
             try:
-                return vmap(lambda p: one(p, bag))(params).reshape(len(cs), -1)
+                return vmap(lambda p: one(p, bag))(params).reshape(g, -1)
             except Exception as err:  # noqa: BLE001 - data-dependent control flow and the like
                 log.info("landscape: %s cannot be vmapped (%s); evaluating point by point",
                          type(network).__name__, type(err).__name__)
                 state["vmap"] = False
-        return torch.cat([one({n: v[g] for n, v in params.items()}, bag).reshape(1, -1)
-                          for g in range(len(cs))])
+        return torch.cat([one({n: v[i] for n, v in params.items()}, bag).reshape(1, -1)
+                          for i in range(g)])
 
     @torch.no_grad()
     def loss_fn(cs: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
         cs, ct = cs.to(dev, torch.float32), ct.to(dev, torch.float32)
         total = torch.zeros(len(cs), dtype=torch.float64, device=dev)
-        for bag in tqdm(on_device, desc=desc, unit="bag", disable=None if progress else True,
-                        leave=False):
-            group = max(1, max_elements // max(n_params, bag.x.shape[0] * width))
-            for a in range(0, len(cs), group):
-                out = logits(cs[a:a + group], ct[a:a + group], bag)
-                n = out.shape[0]
-                loss = nll_survival_loss(out, torch.full((n,), bag.bin, device=dev),
-                                         torch.full((n,), bag.event, device=dev),
-                                         alpha=loss_alpha, reduction="none")
-                total[a:a + n] += loss.double()
+        starts = range(0, len(cs), group)
+        bar = tqdm(total=len(starts) * len(on_device), desc=desc, unit="bag",
+                   disable=None if progress else True, leave=False)
+        try:
+            for a in starts:
+                params = group_params(cs[a:a + group], ct[a:a + group])
+                n = len(cs[a:a + group])
+                for bag in on_device:
+                    prepare(bag)
+                    block = max(1, min(n, block_elements // (bag.x.shape[0] * width)))
+                    for b in range(0, n, block):
+                        m = min(block, n - b)
+                        part = params if m == n else {k: v[b:b + m] for k, v in params.items()}
+                        out = logits(part, m, bag)
+                        loss = nll_survival_loss(out, torch.full((m,), bag.bin, device=dev),
+                                                 torch.full((m,), bag.event, device=dev),
+                                                 alpha=loss_alpha, reduction="none")
+                        total[a + b:a + b + m] += loss.double()
+                    bar.update(1)
+        finally:
+            bar.close()
+            for name in projected:  # the bag's products are not kept beyond the call
+                module = network.get_submodule(name)
+                module.proj = module.x = None
         return total / max(1, len(on_device))
 
     return loss_fn

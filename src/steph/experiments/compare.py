@@ -11,9 +11,12 @@ For each cohort and method, over the test folds both were evaluated on (the same
   ``RUNS/.cache/comparisons`` under a hash of the predictions they come from;
 
 and across cohorts, for each method: the mean of the per-cohort differences, wins / ties /
-losses (a tie when the two means agree to 0.0005, i.e. at the three decimals the tables show;
-the paper counts "on 11 of 13 datasets") and the Wilcoxon signed-rank p-value of the
-per-cohort differences (:func:`scipy.stats.wilcoxon`, two-sided).
+losses and the Wilcoxon signed-rank p-value of the per-cohort differences
+(:func:`scipy.stats.wilcoxon`, two-sided). All three use each cohort's **mean of the per-fold
+differences** (``mean_diff``), never the pooled difference (``pooled_diff``): on few folds the
+two can differ in sign (e.g. -0.003 per fold, +0.025 pooled), and the paper counts wins per
+dataset on its per-fold means ("on 11 of 13 datasets"). A tie is a mean per-fold difference
+within 0.0005 of 0, i.e. equal at the three decimals the tables show.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from steph.utils.io import write_json
 
 TIE = 5e-4
 ALL = "ALL"
+# table headers: the across-cohort counts name what they count
+PER_FOLD = "per-fold diff (mean ± sd)"
+MEAN = "mean per-fold diff"
+WTL = "wins / ties / losses (per-fold mean)"
 COLUMNS = ["cohort", "method", "baseline", "n_folds", "n_repeats", "n_patients", "mean_diff",
            "sd_diff", "pooled_c_method", "pooled_c_baseline", "pooled_diff", "ci_low", "ci_high",
            "wins", "ties", "losses", "wilcoxon_p"]
@@ -147,7 +154,9 @@ def compare_methods(summary: pd.DataFrame, runs_root: str | Path, baseline: str 
 
 
 def across_cohorts(per_cohort: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean difference over cohorts, wins / ties / losses, Wilcoxon p."""
+    """Per method: the mean over cohorts of the per-cohort mean per-fold differences
+    (``mean_diff``), wins / ties / losses and the Wilcoxon p of those same per-cohort
+    differences (the pooled differences are not used here)."""
     rows = []
     for method, sub in per_cohort.groupby("method", sort=False):
         d = sub["mean_diff"].to_numpy(float)
@@ -165,24 +174,23 @@ def across_cohorts(per_cohort: pd.DataFrame) -> pd.DataFrame:
 
 def comparison_cells(comp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparisons as two tables of strings: per cohort (cohort, method, folds x repeats,
-    per-fold diff, pooled diff [95 % CI]) and across cohorts (method, cohorts, mean diff,
-    wins / ties / losses, Wilcoxon p)."""
+    per-fold diff (mean ± sd), pooled diff [95 % CI]) and across cohorts (method, cohorts, mean
+    of the per-cohort per-fold diffs, wins / ties / losses and Wilcoxon p of those)."""
     per = [{"cohort": r.cohort, "method": r.method,
             "folds x repeats": f"{r.n_folds} x {r.n_repeats}",
-            "per-fold diff": f"{r.mean_diff:+.4f} ± {r.sd_diff:.3f}",
+            PER_FOLD: f"{r.mean_diff:+.4f} ± {r.sd_diff:.3f}",
             "pooled diff [95 % CI]": f"{r.pooled_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"}
            for r in comp[comp["cohort"] != ALL].itertuples(index=False)]
     across = []
     for r in comp[comp["cohort"] == ALL].itertuples(index=False):
         n = int(r.wins + r.ties + r.losses)
         p = "–" if not np.isfinite(r.wilcoxon_p) else f"{r.wilcoxon_p:.3g}"
-        across.append({"method": r.method, "cohorts": str(n), "mean diff": f"{r.mean_diff:+.4f}",
-                       "wins / ties / losses": f"{int(r.wins)} / {int(r.ties)} / {int(r.losses)}",
+        across.append({"method": r.method, "cohorts": str(n), MEAN: f"{r.mean_diff:+.4f}",
+                       WTL: f"{int(r.wins)} / {int(r.ties)} / {int(r.losses)}",
                        "Wilcoxon p": p})
-    return (pd.DataFrame(per, columns=["cohort", "method", "folds x repeats", "per-fold diff",
+    return (pd.DataFrame(per, columns=["cohort", "method", "folds x repeats", PER_FOLD,
                                        "pooled diff [95 % CI]"]),
-            pd.DataFrame(across, columns=["method", "cohorts", "mean diff",
-                                          "wins / ties / losses", "Wilcoxon p"]))
+            pd.DataFrame(across, columns=["method", "cohorts", MEAN, WTL, "Wilcoxon p"]))
 
 
 def _markdown(table: pd.DataFrame) -> list[str]:
@@ -201,7 +209,8 @@ def comparison_markdown(comp: pd.DataFrame) -> str:
              "difference of the pooled out-of-fold C-indices.")
     lines = [intro, "", *_markdown(per)]
     if len(across):
-        across_intro = ("Across cohorts (mean of the per-cohort differences; wins / ties / "
-                        "losses by the per-cohort mean; Wilcoxon signed-rank p):")
+        across_intro = ("Across cohorts (mean of the per-cohort mean per-fold differences; "
+                        "wins / ties / losses and the Wilcoxon signed-rank p count those per-fold "
+                        "means, not the pooled differences):")
         lines += ["", across_intro, "", *_markdown(across)]
     return "\n".join(lines) + "\n"

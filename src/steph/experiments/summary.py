@@ -144,7 +144,7 @@ def cindex_figure(summary: pd.DataFrame, methods: Sequence[str] | None = None):
     """Per-fold test C-index of each method, one panel per cohort with only the methods run
     on that cohort (methods as rows; a point per fold, a bar for mean +- sd; the oracle row,
     where there is one, is the ceiling). Returns a :class:`matplotlib.figure.Figure`."""
-    from steph.utils.plotting import MARKERS, NothingToDraw, new_figure, styled
+    from steph.utils.plotting import NothingToDraw, method_marker, new_figure, styled
 
     data = summary.dropna(subset=["c_index"])
     if data.empty:
@@ -171,7 +171,7 @@ def cindex_figure(summary: pd.DataFrame, methods: Sequence[str] | None = None):
                 for y, m in enumerate(names):
                     vals = sub.loc[sub["method"] == m, "c_index"].to_numpy(float)
                     jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1)
-                    ax.scatter(vals, y + jitter, s=14, marker=MARKERS[y % len(MARKERS)],
+                    ax.scatter(vals, y + jitter, s=14, marker=method_marker(m),
                                facecolor="white" if m == ORACLE else "black",
                                edgecolor="black", linewidth=0.8, zorder=3)
                     sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0

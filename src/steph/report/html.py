@@ -309,8 +309,9 @@ def _results_section(page: _Page, root: Path, data: Path | None, summary: pd.Dat
                     "losses by the per-cohort mean; Wilcoxon signed-rank p.</p>")
         page.add(s, table_html(across))
     page.figure(s, forest_figure(comp), "results-forest",
-                f"Difference of each method's test C-index to {opts.baseline}, per cohort "
-                "(pooled out-of-fold, 95 % bootstrap interval).")
+                f"Difference of each method's test C-index to {opts.baseline}, per cohort: "
+                "pooled out-of-fold with its 95 % bootstrap interval (filled), and the mean of "
+                "the per-fold differences ± sd (open), which wins / ties / losses count.")
 
 
 def _survival_section(page: _Page, root: Path, inventory: pd.DataFrame,

@@ -32,6 +32,20 @@ HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||")
 COLOURS = ("#000000", "#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9",
            "#F0E442")
 
+# one colour (and line style, marker, hatch) per source cohort, from its rank among the sorted
+# source names of a figure: the dynamics, selection and SAR charts of one STEPH run (the same
+# sources) show a source alike. Black comes last, so that the first bars keep a visible hatch.
+SOURCE_COLOURS = COLOURS[1:] + COLOURS[:1]
+
+# one marker per method name, the same in summary.png and in the report (rows in a figure are
+# labelled by name too; other names get a marker derived from the name)
+METHOD_MARKERS = {
+    "abmil": "o", "steph": "D", "model_avg": "s", "task_arithmetic": "^", "adamerging": "v",
+    "ties_am": "<", "isoc_am": ">", "isocts_am": "p", "surgery_am": "h", "roupkt": "P",
+    "zero_shot": "X", "linear_probe": "*", "fusion_mean": "8", "oracle": "H", "transmil": "d",
+}
+FILLED_MARKERS = ("o", "s", "^", "v", "<", ">", "D", "d", "p", "h", "H", "8", "*", "P", "X")
+
 RC = {
     "font.size": 9,
     "axes.titlesize": 9,
@@ -53,6 +67,54 @@ def series_style(i: int) -> dict:
     """Line style, marker and colour of the ``i``-th series (matplotlib keyword arguments)."""
     return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)],
             "color": COLOURS[i % len(COLOURS)]}
+
+
+def source_index(names: Sequence[str]) -> dict[str, int]:
+    """Each source name -> its rank among the sorted distinct ``names``."""
+    return {name: i for i, name in enumerate(sorted(set(map(str, names))))}
+
+
+def source_colours(names: Sequence[str]) -> dict[str, str]:
+    """Each source name -> its colour: the colour of its rank among the sorted distinct
+    ``names`` (the same sources give the same colours in every figure)."""
+    return {name: SOURCE_COLOURS[i % len(SOURCE_COLOURS)] for name, i in source_index(names).items()}
+
+
+def source_line_style(name: str, names: Sequence[str]) -> dict:
+    """Colour, line style and marker of source ``name`` among ``names`` (matplotlib keyword
+    arguments of a line)."""
+    i = source_index(names)[str(name)]
+    return {"color": source_colours(names)[str(name)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)]}
+
+
+def source_bar_style(name: str, names: Sequence[str]) -> dict:
+    """Face colour, hatch and edge of the bar of source ``name`` among ``names``."""
+    i = source_index(names)[str(name)]
+    colour = source_colours(names)[str(name)]
+    return {"facecolor": colour, "hatch": HATCHES[i % len(HATCHES)],
+            "edgecolor": "grey" if colour == "#000000" else "black", "linewidth": 0.6}
+
+
+def method_marker(name: str) -> str:
+    """The marker of method ``name`` in every figure (:data:`METHOD_MARKERS`; another name gets
+    one of :data:`FILLED_MARKERS` chosen by a checksum of the name, the same in every run)."""
+    import zlib
+
+    name = str(name)
+    if name in METHOD_MARKERS:
+        return METHOD_MARKERS[name]
+    return FILLED_MARKERS[zlib.crc32(name.encode()) % len(FILLED_MARKERS)]
+
+
+def legend_outside(ax: Axes, where: str = "right", **kw):
+    """A legend of ``ax`` beside the axes (``where``: right, or below), never over the data;
+    the constrained layout makes room for it."""
+    if where == "below":
+        place = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.25)}
+    else:
+        place = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+    return ax.legend(**{"frameon": False, "borderaxespad": 0.0, **place, **kw})
 
 
 def bar_style(i: int) -> dict:
