@@ -50,10 +50,14 @@ def _common_run_options(fn):
     return fn
 
 
-def _print_table(summary, methods: Sequence[str] | None = None) -> None:
-    from steph.experiments.summary import markdown_table
+def _print_table(summary, methods: Sequence[str] | None = None,
+                 runs_root: str | None = None) -> None:
+    from steph.experiments.summary import input_runs_line, markdown_table
 
     click.echo(markdown_table(summary, methods))
+    line = input_runs_line(runs_root) if runs_root is not None else ""
+    if line:
+        click.echo(line + "\n")
 
 
 def _print_comparisons(runs_root: str) -> None:
@@ -213,6 +217,7 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
     exp.workspace.check_cohorts([cohort], "target")
     exp.workspace.split(cohort, fold)  # fails early on a bad fold
     refs = exp.plan([method], [cohort], [fold])
+    exp.record_request([method], [cohort], [fold], command="train")
     metrics = exp.run_all(refs)[-1]
     click.echo(f"{RunRef(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
                f"(train {metrics['train_c_index']:.4f})")
@@ -279,10 +284,10 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
                          repeats=repeats, baseline=baseline, executor=runner)
     except GridError as err:
         if err.summary is not None:  # what finished, before the list of failed runs
-            _print_table(err.summary, names)
+            _print_table(err.summary, names, out)
             _print_comparisons(out)
         raise
-    _print_table(summary, names)
+    _print_table(summary, names, out)
     _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}; figures and "
                f"analyses: steph report --out {out} --data {data_root}")
@@ -299,7 +304,7 @@ def summarize(out: str, data_root: str | None, baseline: str) -> None:
     from steph.experiments.summary import write_summary
 
     summary = write_summary(out, data_root=data_root, baseline=baseline)
-    _print_table(summary)
+    _print_table(summary, runs_root=out)
     _print_comparisons(out)
 
 
