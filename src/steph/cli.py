@@ -50,6 +50,16 @@ def _common_run_options(fn):
     return fn
 
 
+def _wait_option(fn):
+    from steph.experiments.executors import DEFAULT_WAIT_FOR_HELD
+
+    return click.option(
+        "--wait-for-held", type=click.FloatRange(min=0), default=DEFAULT_WAIT_FOR_HELD,
+        show_default=True, metavar="SECONDS",
+        help="A run another steph process is training (e.g. a second `steph cv` on the same "
+             "--out) is waited for this long, then read; the other runs go on meanwhile.")(fn)
+
+
 def _print_table(summary, methods: Sequence[str] | None = None,
                  runs_root: str | None = None) -> None:
     from steph.experiments.summary import input_runs_line, markdown_table
@@ -204,12 +214,14 @@ def data_pack(data_root: str, cohorts: str | None, force: bool, no_coords: bool,
 @click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--method", default="abmil", show_default=True, help="Method name (steph methods).")
 @click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@_wait_option
 @_common_run_options
 def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources: str | None,
-          sets: Sequence[str], config: str | None, epochs: int | None, seed: int | None,
-          quiet: bool) -> None:
+          wait_for_held: float, sets: Sequence[str], config: str | None, epochs: int | None,
+          seed: int | None, quiet: bool) -> None:
     """Train one cohort x fold (and, for transfer methods, the models it needs)."""
     from steph.experiments.cv import Experiment
+    from steph.experiments.executors import LocalExecutor
     from steph.runs import RunRef
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
@@ -218,7 +230,7 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
     exp.workspace.split(cohort, fold)  # fails early on a bad fold
     refs = exp.plan([method], [cohort], [fold])
     exp.record_request([method], [cohort], [fold], command="train")
-    metrics = exp.run_all(refs)[-1]
+    metrics = exp.run_all(refs, LocalExecutor(wait_for_held=wait_for_held))[-1]
     click.echo(f"{RunRef(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
                f"(train {metrics['train_c_index']:.4f})")
 
@@ -250,12 +262,13 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
 @click.option("--retries", type=click.IntRange(min=0), default=None,
               help="ray: retries of a run whose worker or node died (default 2); a run that "
                    "fails on its input is not retried.")
+@_wait_option
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
        sources: str | None, repeats: int, baseline: str, executor: str, address: str | None,
        cpus_per_run: float | None, gpus_per_run: float | None, memory_per_run: str | None,
-       retries: int | None, sets: Sequence[str], config: str | None, epochs: int | None,
-       seed: int | None, quiet: bool) -> None:
+       retries: int | None, wait_for_held: float, sets: Sequence[str], config: str | None,
+       epochs: int | None, seed: int | None, quiet: bool) -> None:
     """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png.
 
     A run that fails fails only the runs that need it; the command then writes the summary of
@@ -270,14 +283,15 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
     if executor == "ray":
         runner = RayExecutor(address=address, cpus_per_run=cpus_per_run or 1.0,
                              gpus_per_run=gpus_per_run or 0.0, memory_per_run=memory_per_run,
-                             retries=2 if retries is None else retries)
+                             retries=2 if retries is None else retries,
+                             wait_for_held=wait_for_held)
     else:
         ray_only = {"--address": address, "--gpus-per-run": gpus_per_run,
                     "--memory-per-run": memory_per_run, "--retries": retries}
         given = [k for k, v in ray_only.items() if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: only with --executor ray")
-        runner = LocalExecutor(cpus_per_run=cpus_per_run)
+        runner = LocalExecutor(cpus_per_run=cpus_per_run, wait_for_held=wait_for_held)
     try:
         summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds,
                          cfg=cfg, sources=_split_list(sources), progress=not quiet,

@@ -117,12 +117,13 @@ class Experiment:
         return cls(spec["data_root"], spec["runs_root"], build_config(spec["config"]),
                    sources=spec["sources"], progress=spec["progress"])
 
-    def run_all(self, refs: Sequence[RunRef]) -> list[dict[str, Any]]:
-        """Run ``refs`` (prerequisites first) in this process; return their metrics in order.
-        Raises :class:`~steph.experiments.executors.GridError` listing the runs that failed."""
+    def run_all(self, refs: Sequence[RunRef], executor: Any = None) -> list[dict[str, Any]]:
+        """Run ``refs`` (prerequisites first) in this process (or with ``executor``); return
+        their metrics in order. Raises :class:`~steph.experiments.executors.GridError` listing
+        the runs that failed."""
         from steph.experiments.executors import GridError, LocalExecutor
 
-        outcome = LocalExecutor().run(self, refs)
+        outcome = (executor or LocalExecutor()).run(self, refs)
         if outcome.failed:
             raise GridError(outcome.failed, len(refs))
         return [outcome.metrics[j] for j in refs]

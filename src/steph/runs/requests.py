@@ -123,7 +123,7 @@ def record_request(root: str | Path, targets: Sequence[str], methods: Sequence[s
              "folds": None if folds is None else [int(f) for f in folds],
              "repeats": int(repeats),
              "results": sorted([list(p) for p in {tuple(p) for p in results}])}
-    with _lock(root / f".{REQUESTS_FILE}.lock"):
+    with _lock(root / f".{REQUESTS_FILE}.mutex"):
         requests = read_requests(root)
         if requests is None:
             requests = []
