@@ -64,7 +64,7 @@ def test_synth_and_data_commands(tmp_path, capsys):
     code, out, _ = run(["data", "summary", "--data", str(data)], capsys)
     assert code == 0 and "ALPHA" in out and "DELTA" in out
     code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "ALPHA", "--full"], capsys)
-    assert code == 0 and "0 skipped" in out
+    assert code == 0 and "0 problem(s)" in out and "no problem found in 1 cohort(s)" in out
     code, _, err = run(["synth", "--out", str(data), "--preset", "demo"], capsys)
     assert code == 1 and "already holds a cohort" in err  # never overwrites silently
 

@@ -159,22 +159,22 @@ def data_summary(data_root: str, cohorts: str | None, config: str | None, out: s
 @click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
 @click.option("--cohorts", default=None, help="Comma-separated cohorts (default: all).")
 @click.option("--full", is_flag=True, help="Also read every value (NaN / inf), not only shapes.")
-@click.option("--skip-bad-slides", is_flag=True, help="List bad slides instead of failing.")
+@click.option("--skip-bad-slides", is_flag=True,
+              help="Exit 0 when the only problems are bad slides (training with "
+                   "--set data.on_bad_slide=skip leaves them out); they are listed either way.")
 @click.option("--config", type=click.Path(dir_okay=False), default=None)
 def data_check(data_root: str, cohorts: str | None, full: bool, skip_bad_slides: bool,
                config: str | None) -> None:
-    """Check label tables and feature files; report every problem found."""
+    """Check label tables, feature files and split files of every cohort; report every problem
+    found (one line each), then exit 1 if there is any."""
+    from steph.data.check import check_data_root
+
     cfg = _load_cfg(config, [])
-    loaded = _load_cohorts(data_root, cohorts, cfg, check="full" if full else "shape",
-                           skip=skip_bad_slides)
-    bad = 0
-    for c in loaded:
-        click.echo(f"{c.name}: {len(c)} patients, {len(c.slides)} slides, dim {c.feature_dim}, "
-                   f"{len(c.skipped)} skipped slide(s)")
-        for _, row in c.skipped.iterrows():
-            click.echo(f"  - {row['reason']}")
-        bad += len(c.skipped)
-    if bad:
+    report = check_data_root(data_root, _split_list(cohorts), cfg.data,
+                             check="full" if full else "shape")
+    for line in report.lines:
+        click.echo(line)
+    if report.cohort_problems or (report.slide_problems and not skip_bad_slides):
         sys.exit(1)
 
 
@@ -229,6 +229,7 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
     exp.workspace.check_cohorts([cohort], "target")
     exp.workspace.split(cohort, fold)  # fails early on a bad fold
     refs = exp.plan([method], [cohort], [fold])
+    exp.workspace.check_inputs([j for j in refs if not exp.is_finished(j)])
     exp.record_request([method], [cohort], [fold], command="train")
     metrics = exp.run_all(refs, LocalExecutor(wait_for_held=wait_for_held))[-1]
     click.echo(f"{RunRef(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "

@@ -31,12 +31,29 @@ from test_cli import run as cli  # (args, capsys) -> exit code, stdout, stderr
 
 
 def broken_data(tiny_data, tmp_path):
-    """A copy of the tiny data whose source cohort RELA has a corrupt feature file."""
+    """A copy of the tiny data whose source cohort RELA has a feature file that fails only when
+    its values are read (a compressed chunk that does not inflate; its shape reads fine, so the
+    check before training passes it and the run fails while training)."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bad = min((data / "RELA" / "features").glob("*.h5"))
-    bad.write_bytes(b"this is not an HDF5 file")
+    corrupt_values(bad)
     return data, bad
+
+
+def corrupt_values(path):
+    """Rewrite an HDF5 feature file gzip-compressed, then overwrite its data chunk."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        values = f["features"][()]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=values, chunks=values.shape, compression="gzip")
+    with h5py.File(path, "r") as f:
+        chunk = f["features"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xab" * chunk.size
+    path.write_bytes(bytes(raw))
 
 
 def tiny_config_file(tmp_path):

@@ -131,6 +131,10 @@ class Cohort:
         table = read_labels(labels_path, convention=convention, endpoint=endpoint,
                             columns=columns, time_unit=time_unit)
         index = FeatureIndex(features_dir)
+        if len(index) == 0:  # one line, not one per slide
+            raise DataError(f"cohort {root.name!r}: no feature file (.h5 / .pt) in "
+                            f"{features_dir} (nor in its h5_files/, pt_files/ subfolders); "
+                            f"{labels_path.name} names {len(table)} slide(s)")
 
         records: list[dict[str, Any]] = []
         problems: list[dict[str, Any]] = []
@@ -167,12 +171,21 @@ class Cohort:
             records = keep
 
         name = root.name
+        if not records and problems and all(p["path"] is None for p in problems):
+            found = index.stems()
+            raise DataError(
+                f"cohort {name!r}: none of the {len(table)} slide(s) of {labels_path.name} has a "
+                f"feature file in {features_dir} (looked for e.g. "
+                f"{', '.join(repr(p['slide_id']) for p in problems[:3])}; the folder holds "
+                f"{len(found)} file(s) such as {', '.join(repr(f) for f in found[:3])}): do "
+                "the slide ids match the file names?")
         if problems and on_bad_slide == "raise":
             lines = [p["reason"] for p in problems[:_MAX_LISTED]]
             more = len(problems) - len(lines)
             raise DataError(
                 f"cohort {name!r}: {len(problems)} of {len(table)} slide(s) have a problem "
-                f"(pass on_bad_slide='skip' to leave them out):\n  - " + "\n  - ".join(lines)
+                "(to leave them out: --set data.on_bad_slide=skip with steph cv / train, "
+                "--skip-bad-slides with steph data pack):\n  - " + "\n  - ".join(lines)
                 + (f"\n  ... and {more} more" if more else ""))
         skipped = pd.DataFrame(problems, columns=SKIPPED_COLUMNS)
         if problems:

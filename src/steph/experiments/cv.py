@@ -159,6 +159,8 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     exp.workspace.check_cohorts(target_names, "target")
     fold_ids = parse_folds(folds, exp.cfg.data.n_folds)
     refs = exp.plan(method_names, target_names, fold_ids, repeats)
+    # every input the unfinished runs read (targets and sources), before any training
+    exp.workspace.check_inputs([j for j in refs if not exp.is_finished(j)])
     exp.record_request(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(refs),
              sum(exp.is_finished(j) for j in refs))
