@@ -135,3 +135,43 @@ def test_console_script_is_installed():
     res = subprocess.run([exe, "cv", "--data", "/nonexistent", "--out", "/tmp/x"],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_predict_and_explain_mistakes_are_clear(tiny_grid, tiny_data, tmp_path, capsys):
+    """Issue 19, item 6."""
+    import h5py
+    import numpy as np
+
+    run_dir = tiny_grid / "TGT" / "steph" / "fold0"
+    slides = sorted((tiny_data / "TGT" / "features").glob("*.h5"))[:2]
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f.create_dataset("features", data=np.ones((5, 7), np.float32))
+    # explain: features of another dimension are one line naming the file and both dimensions
+    _no_traceback(*run(["explain", "--model", str(run_dir), str(wrong), "--device", "cpu"],
+                       capsys), f"{wrong}: feature dimension 7, but the model")
+    # explain: several slides are explained one by one, or as one patient's bag when asked
+    code, out, _ = run(["explain", "--model", str(run_dir), *map(str, slides), "--device",
+                        "cpu"], capsys)
+    assert code == 0 and out.count("selected sources") == 2
+    assert out.startswith(f"{slides[0].stem}: ")
+    code, out, _ = run(["explain", "--model", str(run_dir), *map(str, slides), "--patient",
+                        "--device", "cpu"], capsys)
+    assert code == 0 and out.count("selected sources") == 1
+    assert out.startswith("one bag of 2 slides")
+    # predict: a mistyped --features folder and a missing run are named
+    typo = tiny_data / "TGT" / "featuers"
+    _no_traceback(*run(["predict", "--model", str(run_dir), "--features", str(typo),
+                        "--device", "cpu"], capsys), f"--features {typo}: folder not found")
+    fold9 = tiny_grid / "TGT" / "steph" / "fold9"
+    code, out, err = run(["predict", "--model", str(fold9), "--features",
+                          str(tiny_data / "TGT" / "features"), "--device", "cpu"], capsys)
+    _no_traceback(code, out, err, f"{fold9}: not found (give a finished run directory")
+    assert "fold9.json" not in err
+    # predict --labels: the C-index, and a warning that training patients are among them
+    code, out, err = run(["predict", "--model", str(run_dir), "--features",
+                          str(tiny_data / "TGT" / "features"), "--labels",
+                          str(tiny_data / "TGT" / "labels.csv"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "C-index against" in out and "(30 patient(s)" in out
+    assert "24 of 30 patient(s) trained this model" in err and "without them:" in err

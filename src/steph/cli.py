@@ -316,8 +316,13 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
               help="Method every other method is compared with (paired, same test folds).")
 def summarize(out: str, data_root: str | None, baseline: str) -> None:
     """Rebuild summary.csv / comparisons.csv / summary.md / summary.png from finished runs."""
+    from steph.data.cohort import require_data_root
     from steph.experiments.summary import write_summary
 
+    if not Path(out).is_dir():
+        raise ConfigError(f"runs folder not found: {out}")
+    if data_root is not None:
+        require_data_root(data_root)
     summary = write_summary(out, data_root=data_root, baseline=baseline)
     _print_table(summary, runs_root=out)
     _print_comparisons(out)
@@ -347,7 +352,13 @@ def _patients_from_inputs(slides: Sequence[str], features: str | None, labels: s
 
     files = [Path(s) for s in slides]
     if features:
-        files += list(iter_feature_files(features))
+        if not Path(features).is_dir():
+            raise ConfigError(f"--features {features}: folder not found")
+        found = list(iter_feature_files(features))
+        if not found:
+            raise ConfigError(f"--features {features}: no feature file (.h5 / .pt) in this "
+                              "folder (nor in its h5_files/, pt_files/ subfolders)")
+        files += found
     if not files:
         raise ConfigError("give feature files with --slides or a folder with --features")
     missing = [str(f) for f in files if not f.exists()]
@@ -394,14 +405,44 @@ def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], featu
     else:
         click.echo(table[["patient_id", "n_patches", "risk"]].to_string(index=False))
     click.echo(f"ran {n_enc} MIL encoder{'s' if n_enc != 1 else ''} per bag")
+    if labels:
+        _echo_labelled_c_index(model, table, labels)
+
+
+def _echo_labelled_c_index(model: str, table, labels: str) -> None:
+    """The C-index of the predictions against --labels, with a warning when the patients
+    include the model's training patients (then also the C-index without them)."""
+    from steph.data.labels import read_labels
+    from steph.inference import labelled_c_index, training_patients
+
+    frame = read_labels(labels)
+    c, n, events = labelled_c_index(table, frame)
+    click.echo(f"C-index against {labels}: {c:.4f} ({n} patient(s), {events} event(s))")
+    trained = training_patients(model)
+    if trained is None:
+        click.echo("note: this artefact does not record its training patients (no "
+                   "predictions.csv beside it): make sure none of these patients trained it")
+        return
+    ids, where = trained
+    seen = sorted(set(table["patient_id"].astype(str)) & ids)
+    if seen:
+        c_new, n_new, _ = labelled_c_index(table, frame, exclude=seen)
+        log.warning("%d of %d patient(s) trained this model (split 'train' in %s), e.g. %s: "
+                    "the C-index above is not a test measure; without them: %.4f (%d "
+                    "patient(s))", len(seen), len(table), where, ", ".join(seen[:3]), c_new,
+                    n_new)
 
 
 @cli.command()
 @click.option("--model", required=True, type=click.Path(), help="A STEPH artefact or run directory.")
 @click.argument("slides", nargs=-1, type=click.Path(), required=True)
+@click.option("--patient", "one_bag", is_flag=True,
+              help="The slides are one patient's: explain them as one bag (concatenated, as "
+                   "training does). Without it, each slide is explained on its own.")
 @_device_option
-def explain(model: str, slides: Sequence[str], device: str) -> None:
-    """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag."""
+def explain(model: str, slides: Sequence[str], one_bag: bool, device: str) -> None:
+    """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag
+    (one per slide, or one for all the slides with --patient)."""
     import numpy as np
     import torch
 
@@ -410,14 +451,36 @@ def explain(model: str, slides: Sequence[str], device: str) -> None:
     from steph.inference import load_artefact
     from steph.training.trainer import model_device
 
+    missing = [s for s in slides if not Path(s).is_file()]
+    if missing:
+        raise ConfigError(f"feature file(s) not found: {', '.join(missing[:5])}")
     module, manifest = load_artefact(model, device=device)
     if manifest["kind"] != "steph":
         raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
-    bag = torch.from_numpy(np.concatenate([read_features_stored(Path(s)) for s in slides]))
+    dim = int(manifest["feature_dim"])
+    arrays = {}
+    for s in slides:
+        arrays[s] = read_features_stored(Path(s))
+        if arrays[s].shape[1] != dim:
+            raise ConfigError(f"{s}: feature dimension {arrays[s].shape[1]}, but the model "
+                              f"{model} was trained on {dim}-dimensional features")
+    bags = [list(slides)] if one_bag else [[s] for s in slides]
     where = model_device(module)
-    ex = module.explain(bag.to(where).float(),
-                        **{k: v.to(where)
-                           for k, v in inputs_from_files(module.bag_inputs, slides).items()})
+    for i, files in enumerate(bags):
+        bag = torch.from_numpy(np.concatenate([arrays[s] for s in files]))
+        if i:
+            click.echo("")
+        if len(slides) > 1:
+            what = (f"one bag of {len(files)} slides ({', '.join(Path(f).stem for f in files)})"
+                    if one_bag else Path(files[0]).stem)
+            click.echo(f"{what}: {bag.shape[0]} patches")
+        ex = module.explain(bag.to(where).float(),
+                            **{k: v.to(where)
+                               for k, v in inputs_from_files(module.bag_inputs, files).items()})
+        _echo_explanation(module, ex)
+
+
+def _echo_explanation(module, ex) -> None:
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):

@@ -60,6 +60,16 @@ def discover_cohorts(data_root: str | os.PathLike, labels: str = DEFAULT_LABELS)
                   if p.is_dir() and not p.name.startswith(".") and (p / labels).is_file())
 
 
+def require_data_root(data_root: str | os.PathLike, labels: str = DEFAULT_LABELS) -> list[str]:
+    """The cohorts of ``data_root``; a DataError naming it when it is missing or holds none
+    (e.g. ``--data`` given the runs folder)."""
+    names = discover_cohorts(data_root, labels)  # DataError for a missing folder
+    if not names:
+        raise DataError(f"no cohort under data root {data_root} (expected <cohort>/{labels}); "
+                        "give the folder that holds the cohorts")
+    return names
+
+
 @dataclass
 class Cohort:
     """Patients of one cohort with their labels and feature files.

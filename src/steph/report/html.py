@@ -173,6 +173,10 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
 
     opts = options or ReportOptions()
     root = Path(runs_root)
+    if data_root is not None:  # before anything is written: a report never gets weaker by a typo
+        from steph.data.cohort import require_data_root
+
+        require_data_root(data_root)
     inventory = R.run_inventory(root)
     out = Path(html_path) if html_path is not None else root / "report.html"
     fig_dir = out.with_name(f"{out.stem}-figures")
@@ -201,7 +205,22 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
     from steph.utils.io import write_text
 
     write_text(out, _page_html(page, root, data, inventory))
+    _remove_stale_figures(fig_dir, report)
     return report
+
+
+def _remove_stale_figures(fig_dir: Path, report: Report) -> None:
+    """Figures and tables of an earlier report in ``fig_dir`` that this one did not write (a
+    section that has nothing to show now): removed, so the folder matches the page."""
+    if not fig_dir.is_dir():
+        return
+    written = {p.resolve() for paths in report.figures.values() for p in paths.values()}
+    written |= {p.resolve() for p in report.files}
+    for path in fig_dir.iterdir():
+        if path.suffix in (".png", ".svg", ".csv") and path.is_file() \
+                and path.resolve() not in written:
+            path.unlink()
+            log.info("report: removed %s, which an earlier report wrote", path)
 
 
 def _page_html(page: _Page, root: Path, data: Path | None, inventory: pd.DataFrame) -> str:

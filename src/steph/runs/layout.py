@@ -309,15 +309,16 @@ class RunsFolder:
     def roles(self) -> RunRoles:
         """Which (cohort, method) pairs are results; every other run is an input (a source's
         model a transfer run needed). From ``requests.json``, else inferred from the runs."""
-        return run_roles(self.root, self._finished_tuples())
+        return run_roles(self.root, self._run_tuples())
 
     def record_request(self, targets: Sequence[str], methods: Sequence[str],
                        results: Iterable[tuple[str, str]], folds: Sequence[int] | None = None,
                        repeats: int = 1, command: str = "cv") -> None:
         """Record a request's targets, methods and result pairs in ``requests.json``."""
-        record_request(self.root, targets, methods, results, self._finished_tuples(), folds,
+        record_request(self.root, targets, methods, results, self._run_tuples(), folds,
                        repeats, command)
 
-    def _finished_tuples(self) -> Iterator[tuple[str, str, int, int, Path]]:
+    def _run_tuples(self) -> Iterator[tuple[str, str, int, int, Path]]:
+        """Every run directory (finished or not), as the inference of results reads it."""
         return ((ref.cohort, ref.method, ref.fold, ref.repeat, run.path)
-                for ref, run in self.finished())
+                for ref, run in self.walk())

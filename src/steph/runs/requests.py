@@ -48,8 +48,8 @@ log = logging.getLogger("steph.runs")
 REQUESTS_FILE = "requests.json"
 RESULT, INPUT = "result", "input"
 
-# a finished run as inference reads it: cohort, method, fold, repeat, run directory
-FinishedRun = tuple[str, str, int, int, Path]
+# a run directory (finished or not) as inference reads it: cohort, method, fold, repeat, path
+SeenRun = tuple[str, str, int, int, Path]
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,12 @@ def read_requests(root: str | Path) -> list[dict[str, Any]] | None:
 
 
 def record_request(root: str | Path, targets: Sequence[str], methods: Sequence[str],
-                   results: Iterable[tuple[str, str]], finished: Iterable[FinishedRun],
+                   results: Iterable[tuple[str, str]], seen: Iterable[SeenRun],
                    folds: Sequence[int] | None = None, repeats: int = 1,
                    command: str = "cv") -> None:
     """Add one request to ``RUNS/requests.json`` (created if needed; an identical request is
     not added twice). In a folder with runs but no record, the results inferred from its
-    ``finished`` runs go first."""
+    run directories (``seen``) go first."""
     root = Path(root)
     path = root / REQUESTS_FILE
     entry = {"command": command, "targets": list(targets), "methods": list(methods),
@@ -127,7 +127,7 @@ def record_request(root: str | Path, targets: Sequence[str], methods: Sequence[s
         requests = read_requests(root)
         if requests is None:
             requests = []
-            inferred = infer_results(finished)
+            inferred = infer_results(seen)
             if inferred.results:
                 requests.append({"inferred": True, "targets": list(inferred.targets),
                                  "results": sorted([list(p) for p in inferred.results])})
@@ -147,8 +147,9 @@ def _is_transfer_run(path: Path) -> bool:
     return bool(isinstance(run, dict) and run.get("sources"))
 
 
-def infer_results(finished: Iterable[FinishedRun]) -> RunRoles:
-    """The results of a runs folder without ``requests.json``, from its ``finished`` runs.
+def infer_results(seen: Iterable[SeenRun]) -> RunRoles:
+    """The results of a runs folder without ``requests.json``, from its run directories
+    (finished or not: an interrupted fold 1 shows a method was asked for more than fold 0).
 
     A cohort is a target when it has a transfer run (one whose settings name sources) or a
     run of a fold other than 0 (or of a repeat other than 0): a source's input is fold 0 only.
@@ -156,7 +157,7 @@ def infer_results(finished: Iterable[FinishedRun]) -> RunRoles:
     other folds (a source model of another network). When no cohort is a target (every run is
     fold 0 of a cancer-specific method), every run is a result: nothing tells them apart."""
     by_pair: dict[tuple[str, str], list[tuple[int, int, Path]]] = {}
-    for cohort, method, fold, repeat, path in finished:
+    for cohort, method, fold, repeat, path in seen:
         by_pair.setdefault((cohort, method), []).append((fold, repeat, path))
     beyond0 = {pair for pair, rs in by_pair.items() if any(f or r for f, r, _ in rs)}
     transfer = {pair for pair, rs in by_pair.items() if _is_transfer_run(rs[0][2])}
@@ -174,12 +175,12 @@ def infer_results(finished: Iterable[FinishedRun]) -> RunRoles:
     return RunRoles(frozenset(results), inferred=True, targets=tuple(targets))
 
 
-def run_roles(root: str | Path, finished: Iterable[FinishedRun]) -> RunRoles:
-    """The results of a runs folder: from ``requests.json``, else inferred from its
-    ``finished`` runs."""
+def run_roles(root: str | Path, seen: Iterable[SeenRun]) -> RunRoles:
+    """The results of a runs folder: from ``requests.json``, else inferred from its run
+    directories (``seen``)."""
     requests = read_requests(root)
     if requests is None:
-        return infer_results(finished)
+        return infer_results(seen)
     pairs = {(str(c), str(m)) for r in requests for c, m in r.get("results", [])}
     targets = tuple(dict.fromkeys(c for r in requests for c in r.get("targets", [])))
     methods = tuple(dict.fromkeys([*(m for r in requests for m in r.get("methods", [])),
