@@ -67,6 +67,7 @@ def test_synth_and_data_commands(tmp_path, capsys):
     assert code == 0 and "0 problem(s)" in out and "no problem found in 1 cohort(s)" in out
     code, _, err = run(["synth", "--out", str(data), "--preset", "demo"], capsys)
     assert code == 1 and "already holds a cohort" in err  # never overwrites silently
+    assert "add --overwrite to replace it" in err  # what one types (issue 19, item 7)
 
 
 def test_train_predict_explain(tmp_path, capsys, tiny_data):
@@ -175,3 +176,39 @@ def test_predict_and_explain_mistakes_are_clear(tiny_grid, tiny_data, tmp_path, 
     assert code == 0, err
     assert "C-index against" in out and "(30 patient(s)" in out
     assert "24 of 30 patient(s) trained this model" in err and "without them:" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs", "4", "--set", "train.epochs=0"],
+     "--epochs 4 and --set train.epochs=0 give train.epochs two values; give one"),
+    (["--seed", "1", "--config", "{cfg}"],
+     "--seed 1 and train.seed: 3 in {cfg} give train.seed two values"),
+    (["--set", "train.lr=1e-3", "--set", "train.lr=1e-4"],
+     "--set train.lr=1e-3 and --set train.lr=1e-4 give train.lr two values"),
+    (["--epochs", "4", "--set", "train.epochs=4", "--seed", "3", "--config", "{cfg}"],
+     "no fold 9"),  # the same value twice is no conflict: the command goes on
+])
+def test_conflicting_settings_are_an_error_naming_both(args, needle, capsys, tiny_data,
+                                                       tmp_path):
+    """Issue 19, item 7: `--epochs 4 --set train.epochs=0` ran 4 epochs silently."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"seed": 3}}))
+    args = [a.format(cfg=cfg) for a in args]
+    code, out, err = run(["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                          "--cohort", "TGT", "--fold", "9", *args], capsys)
+    if needle == "no fold 9":
+        assert code == 1 and needle in err and "two values" not in err
+    else:
+        _no_traceback(code, out, err, needle.format(cfg=cfg))
+
+
+def test_a_label_table_missing_a_column_names_it(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    labels = pd.read_csv(data / "TGT" / "labels.csv")
+    labels.drop(columns="event").to_csv(data / "TGT" / "labels.csv", index=False)
+    code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "TGT"], capsys)
+    assert code == 1
+    assert "the closest, native (patient_id, slide_id, time (days), event (1 = event)), " \
+           "lacks column(s) 'event'" in out
+    assert "--set data.convention=NAME" in out

@@ -28,14 +28,59 @@ def _split_list(value: str | None) -> list[str] | None:
     return items or None
 
 
+# config keys that have a command-line shortcut of their own
+_SHORTCUTS = {"train.epochs": "--epochs", "train.seed": "--seed"}
+
+
 def _load_cfg(config: str | None, sets: Sequence[str], **direct: Any):
+    """The settings of --config, then --set, then the shortcuts (--epochs, --seed). Two values
+    for one key are an error naming both: two --set, or a shortcut and --set / --config."""
     from steph.config import load_config, parse_override
 
-    overrides = dict(parse_override(s) for s in sets)
+    overrides: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for text in sets:
+        key, value = parse_override(text)
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"--set {given[key]} and --set {text} give {key} two values; "
+                              "give one")
+        overrides[key], given[key] = value, text
+    in_file = _config_file_values(config) if any(v is not None for v in direct.values()) else {}
     for key, value in direct.items():
-        if value is not None:
-            overrides[key] = value
+        if value is None:
+            continue
+        flag = _SHORTCUTS.get(key, key)
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"{flag} {value} and --set {given[key]} give {key} two values; "
+                              "give one")
+        found = _dotted_get(in_file, key)
+        if found is not None and found != value:
+            raise ConfigError(f"{flag} {value} and {key}: {found} in {config} give {key} two "
+                              f"values; give one (leave {flag} out, or change {config})")
+        overrides[key] = value
     return load_config(config, overrides)
+
+
+def _config_file_values(config: str | None) -> dict[str, Any]:
+    """The config file's mapping ({} when there is none or it cannot be read: load_config
+    reports that)."""
+    import yaml
+
+    if config is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _dotted_get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def _common_run_options(fn):
