@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes and messages, no tracebacks."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def test_synth_and_data_commands(tmp_path, capsys):
     assert code == 0 and (data / "ALPHA" / "labels.csv").exists()
     code, out, _ = run(["data", "summary", "--data", str(data)], capsys)
     assert code == 0 and "ALPHA" in out and "DELTA" in out
+    assert not re.search(r"\d\.\d{2,}", out)  # one decimal, not 63.333333 (issue 19, item 11)
     code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "ALPHA", "--full"], capsys)
     assert code == 0 and "0 problem(s)" in out and "no problem found in 1 cohort(s)" in out
     code, _, err = run(["synth", "--out", str(data), "--preset", "demo"], capsys)
@@ -80,6 +82,11 @@ def test_train_predict_explain(tmp_path, capsys, tiny_data):
                           "--method", "steph", "--epochs", "1", "--config", str(cfg), "--quiet"], capsys)
     assert code == 0, err
     assert "TGT/steph/fold0: test C-index" in out
+    # the head start is one short line, not a dict of 16-digit floats (issue 19, item 11)
+    head = [line for line in err.splitlines() if "head start fit:" in line]
+    assert head and all("head_cv_cindex" not in line and len(line) < 160 for line in head)
+    assert re.search(r"head start fit: ridge [0-9.e-]+ \(inner-CV C-index 0\.\d{3}, best of "
+                     r"5\), noise ratio \d\.\d\d$", head[0])
     art = runs / "TGT" / "steph" / "fold0"
     slides = sorted((data / "TGT" / "features").glob("*.h5"))[:3]
     pred_csv = tmp_path / "pred.csv"

@@ -195,7 +195,11 @@ def data_summary(data_root: str, cohorts: str | None, config: str | None, out: s
 
     cfg = _load_cfg(config, [])
     table = summarize_cohorts(_load_cohorts(data_root, cohorts, cfg))
-    click.echo(table.to_string(index=False))
+    shown = table.copy()
+    for col in shown.columns:  # one decimal on screen; the CSV keeps every digit
+        if shown[col].dtype.kind == "f":
+            shown[col] = shown[col].map(lambda v: "–" if v != v else f"{v:,.1f}")
+    click.echo(shown.to_string(index=False))
     if out:
         write_csv(out, table)
 
