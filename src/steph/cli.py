@@ -190,6 +190,8 @@ def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
 def data_summary(data_root: str, cohorts: str | None, config: str | None, out: str | None) -> None:
     """Cohort characteristics like the appendix's Table S1."""
+    import pandas as pd
+
     from steph.data.summary import summarize_cohorts
     from steph.utils.io import write_csv
 
@@ -198,7 +200,7 @@ def data_summary(data_root: str, cohorts: str | None, config: str | None, out: s
     shown = table.copy()
     for col in shown.columns:  # one decimal on screen; the CSV keeps every digit
         if shown[col].dtype.kind == "f":
-            shown[col] = shown[col].map(lambda v: "–" if v != v else f"{v:,.1f}")
+            shown[col] = shown[col].map(lambda v: "–" if pd.isna(v) else f"{v:,.1f}")
     click.echo(shown.to_string(index=False))
     if out:
         write_csv(out, table)

@@ -32,7 +32,7 @@ def broken(tiny_data, tmp_path):
 def test_cv_checks_every_cohort_before_training(tiny_data, tmp_path, capsys):
     data, bad = broken(tiny_data, tmp_path)
     runs = tmp_path / "runs"
-    code, out, err = cli(["cv", "--data", str(data), "--out", str(runs), "--methods",
+    code, _, err = cli(["cv", "--data", str(data), "--out", str(runs), "--methods",
                           "abmil,steph", "--targets", "TGT", "--folds", "0", "--epochs", "1",
                           "--quiet"], capsys)
     assert code == 1 and "Traceback" not in err
@@ -76,11 +76,11 @@ def test_data_check_reports_every_cohort(tiny_data, tmp_path, capsys):
     code, out, err = cli(["data", "check", "--data", str(data)], capsys)
     assert code == 1 and "Traceback" not in err
     lines = out.splitlines()
-    rela = [line for line in lines if line.startswith("RELA")][0]
+    rela = next(line for line in lines if line.startswith("RELA"))
     assert "1 problem(s)" in rela and any(bad.name in line for line in lines)
-    tgt = [line for line in lines if line.startswith("TGT")][0]
+    tgt = next(line for line in lines if line.startswith("TGT"))
     assert "labels.csv" in tgt and "time" in tgt
-    assert [line for line in lines if line.startswith("UNRB")][0].endswith("0 problem(s)")
+    assert next(line for line in lines if line.startswith("UNRB")).endswith("0 problem(s)")
     assert lines[-1] == "2 problem(s) in 2 of 3 cohort(s)"
     # --skip-bad-slides: bad slides alone do not fail the check; a broken table still does
     shutil.copy(tiny_data / "TGT" / "labels.csv", data / "TGT" / "labels.csv")

@@ -102,7 +102,7 @@ def test_a_folder_without_requests_infers_its_results_and_says_so(tiny_grid, tmp
 
 def test_the_report_lists_input_runs_apart(tiny_grid, tmp_path):
     from steph.analysis.runs import run_inventory
-    from steph.report.html import _Page, _runs_section, Report
+    from steph.report.html import Report, _Page, _runs_section
 
     runs = copy_grid(tiny_grid, tmp_path)
     inv = run_inventory(runs)

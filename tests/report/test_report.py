@@ -313,7 +313,7 @@ def test_a_missing_data_root_is_an_error_and_leaves_the_report(grid_copy, tmp_pa
     stale = tmp_path / "r-figures" / "landscape-TGT-fold0.png"
     stale.write_bytes(b"an earlier report's figure")
     for missing in (tmp_path / "no-such-data", grid_copy):  # a typo; the runs folder
-        code, out, err = cli(["report", "--out", str(grid_copy), "--data", str(missing),
+        code, _, err = cli(["report", "--out", str(grid_copy), "--data", str(missing),
                               "--html", str(html), "--quiet"], capsys)
         assert code == 1 and str(missing) in err and len(err.strip().splitlines()) == 1
         assert html.read_bytes() == before and stale.exists()

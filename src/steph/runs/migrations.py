@@ -144,7 +144,7 @@ def upgrade_requests(found: dict[str, Any]) -> dict[str, Any]:
     """``RUNS/requests.json`` in today's layout (without ``format``)."""
     version(found, "requests")
     if not isinstance(found.get("requests"), list):
-        raise ValueError("no list of requests")
+        raise TypeError("no list of requests")
     return {k: x for k, x in found.items() if k != "format"}
 
 

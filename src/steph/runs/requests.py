@@ -30,7 +30,6 @@ folder records the inferred results first, marked ``"inferred": true``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +41,6 @@ import yaml
 from steph.errors import RunError
 from steph.runs import migrations
 from steph.utils.io import read_json, write_json
-
-log = logging.getLogger("steph.runs")
 
 REQUESTS_FILE = "requests.json"
 RESULT, INPUT = "result", "input"
