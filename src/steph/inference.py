@@ -68,7 +68,7 @@ def resolve_artefact(path: str | Path) -> Path:
         raise RunError(f"{path}: not found (give a finished run directory, e.g. "
                        "RUNS/<cohort>/<method>/fold0, or its model.safetensors)")
     if path.is_dir():
-        if not RunDir(path).weights.exists():
+        if not RunDir(path).weights.exists() and not RunDir(path).manifest.exists():
             state = ("not finished (no metrics.json)" if not RunDir(path).is_finished()
                      else "without a model")
             raise RunError(f"{path}: no {RunDir.WEIGHTS} in this folder: a run directory "

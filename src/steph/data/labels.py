@@ -128,7 +128,7 @@ def detect_convention(columns: list[str], path: str | os.PathLike = "<table>") -
             f"({CONVENTIONS[closest]}), lacks column(s) {lacks}. Columns found: [{cols}]. "
             f"Known conventions: {_known_conventions()}. Rename the column(s), or read the "
             "table as one convention with --set data.convention=NAME (and "
-            "--set data.time_unit=days|months)."
+            "--set data.time_unit=days|months; in a --config file: data: {convention: NAME})."
         )
     raise DataError(
         f"{path}: the columns match several label conventions ({', '.join(found)}); choose one "
