@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes and messages, no tracebacks."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -63,10 +64,12 @@ def test_synth_and_data_commands(tmp_path, capsys):
     assert code == 0 and (data / "ALPHA" / "labels.csv").exists()
     code, out, _ = run(["data", "summary", "--data", str(data)], capsys)
     assert code == 0 and "ALPHA" in out and "DELTA" in out
+    assert not re.search(r"\d\.\d{2,}", out)  # one decimal, not 63.333333 (issue 19, item 11)
     code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "ALPHA", "--full"], capsys)
-    assert code == 0 and "0 skipped" in out
+    assert code == 0 and "0 problem(s)" in out and "no problem found in 1 cohort(s)" in out
     code, _, err = run(["synth", "--out", str(data), "--preset", "demo"], capsys)
     assert code == 1 and "already holds a cohort" in err  # never overwrites silently
+    assert "add --overwrite to replace it" in err  # what one types (issue 19, item 7)
 
 
 def test_train_predict_explain(tmp_path, capsys, tiny_data):
@@ -79,6 +82,11 @@ def test_train_predict_explain(tmp_path, capsys, tiny_data):
                           "--method", "steph", "--epochs", "1", "--config", str(cfg), "--quiet"], capsys)
     assert code == 0, err
     assert "TGT/steph/fold0: test C-index" in out
+    # the head start is one short line, not a dict of 16-digit floats (issue 19, item 11)
+    head = [line for line in err.splitlines() if "head start fit:" in line]
+    assert head and all("head_cv_cindex" not in line and len(line) < 160 for line in head)
+    assert re.search(r"head start fit: ridge [0-9.e-]+ \(inner-CV C-index 0\.\d{3}, best of "
+                     r"5\), noise ratio \d\.\d\d$", head[0])
     art = runs / "TGT" / "steph" / "fold0"
     slides = sorted((data / "TGT" / "features").glob("*.h5"))[:3]
     pred_csv = tmp_path / "pred.csv"
@@ -135,3 +143,79 @@ def test_console_script_is_installed():
     res = subprocess.run([exe, "cv", "--data", "/nonexistent", "--out", "/tmp/x"],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_predict_and_explain_mistakes_are_clear(tiny_grid, tiny_data, tmp_path, capsys):
+    """Issue 19, item 6."""
+    import h5py
+    import numpy as np
+
+    run_dir = tiny_grid / "TGT" / "steph" / "fold0"
+    slides = sorted((tiny_data / "TGT" / "features").glob("*.h5"))[:2]
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f.create_dataset("features", data=np.ones((5, 7), np.float32))
+    # explain: features of another dimension are one line naming the file and both dimensions
+    _no_traceback(*run(["explain", "--model", str(run_dir), str(wrong), "--device", "cpu"],
+                       capsys), f"{wrong}: feature dimension 7, but the model")
+    # explain: several slides are explained one by one, or as one patient's bag when asked
+    code, out, _ = run(["explain", "--model", str(run_dir), *map(str, slides), "--device",
+                        "cpu"], capsys)
+    assert code == 0 and out.count("selected sources") == 2
+    assert out.startswith(f"{slides[0].stem}: ")
+    code, out, _ = run(["explain", "--model", str(run_dir), *map(str, slides), "--patient",
+                        "--device", "cpu"], capsys)
+    assert code == 0 and out.count("selected sources") == 1
+    assert out.startswith("one bag of 2 slides")
+    # predict: a mistyped --features folder and a missing run are named
+    typo = tiny_data / "TGT" / "featuers"
+    _no_traceback(*run(["predict", "--model", str(run_dir), "--features", str(typo),
+                        "--device", "cpu"], capsys), f"--features {typo}: folder not found")
+    fold9 = tiny_grid / "TGT" / "steph" / "fold9"
+    code, out, err = run(["predict", "--model", str(fold9), "--features",
+                          str(tiny_data / "TGT" / "features"), "--device", "cpu"], capsys)
+    _no_traceback(code, out, err, f"{fold9}: not found (give a finished run directory")
+    assert "fold9.json" not in err
+    # predict --labels: the C-index, and a warning that training patients are among them
+    code, out, err = run(["predict", "--model", str(run_dir), "--features",
+                          str(tiny_data / "TGT" / "features"), "--labels",
+                          str(tiny_data / "TGT" / "labels.csv"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "C-index against" in out and "(30 patient(s)" in out
+    assert "24 of 30 patient(s) trained this model" in err and "without them:" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs", "4", "--set", "train.epochs=0"],
+     "--epochs 4 and --set train.epochs=0 give train.epochs two values; give one"),
+    (["--seed", "1", "--config", "{cfg}"],
+     "--seed 1 and train.seed: 3 in {cfg} give train.seed two values"),
+    (["--set", "train.lr=1e-3", "--set", "train.lr=1e-4"],
+     "--set train.lr=1e-3 and --set train.lr=1e-4 give train.lr two values"),
+    (["--epochs", "4", "--set", "train.epochs=4", "--seed", "3", "--config", "{cfg}"],
+     "no fold 9"),  # the same value twice is no conflict: the command goes on
+])
+def test_conflicting_settings_are_an_error_naming_both(args, needle, capsys, tiny_data,
+                                                       tmp_path):
+    """Issue 19, item 7: `--epochs 4 --set train.epochs=0` ran 4 epochs silently."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"seed": 3}}))
+    args = [a.format(cfg=cfg) for a in args]
+    code, out, err = run(["train", "--data", str(tiny_data), "--out", str(tmp_path / "runs"),
+                          "--cohort", "TGT", "--fold", "9", *args], capsys)
+    if needle == "no fold 9":
+        assert code == 1 and needle in err and "two values" not in err
+    else:
+        _no_traceback(code, out, err, needle.format(cfg=cfg))
+
+
+def test_a_label_table_missing_a_column_names_it(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    labels = pd.read_csv(data / "TGT" / "labels.csv")
+    labels.drop(columns="event").to_csv(data / "TGT" / "labels.csv", index=False)
+    code, out, _ = run(["data", "check", "--data", str(data), "--cohorts", "TGT"], capsys)
+    assert code == 1
+    assert "the closest, native (patient_id, slide_id, time (days), event (1 = event)), " \
+           "lacks column(s) 'event'" in out
+    assert "--set data.convention=NAME" in out

@@ -28,14 +28,59 @@ def _split_list(value: str | None) -> list[str] | None:
     return items or None
 
 
+# config keys that have a command-line shortcut of their own
+_SHORTCUTS = {"train.epochs": "--epochs", "train.seed": "--seed"}
+
+
 def _load_cfg(config: str | None, sets: Sequence[str], **direct: Any):
+    """The settings of --config, then --set, then the shortcuts (--epochs, --seed). Two values
+    for one key are an error naming both: two --set, or a shortcut and --set / --config."""
     from steph.config import load_config, parse_override
 
-    overrides = dict(parse_override(s) for s in sets)
+    overrides: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for text in sets:
+        key, value = parse_override(text)
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"--set {given[key]} and --set {text} give {key} two values; "
+                              "give one")
+        overrides[key], given[key] = value, text
+    in_file = _config_file_values(config) if any(v is not None for v in direct.values()) else {}
     for key, value in direct.items():
-        if value is not None:
-            overrides[key] = value
+        if value is None:
+            continue
+        flag = _SHORTCUTS.get(key, key)
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"{flag} {value} and --set {given[key]} give {key} two values; "
+                              "give one")
+        found = _dotted_get(in_file, key)
+        if found is not None and found != value:
+            raise ConfigError(f"{flag} {value} and {key}: {found} in {config} give {key} two "
+                              f"values; give one (leave {flag} out, or change {config})")
+        overrides[key] = value
     return load_config(config, overrides)
+
+
+def _config_file_values(config: str | None) -> dict[str, Any]:
+    """The config file's mapping ({} when there is none or it cannot be read: load_config
+    reports that)."""
+    import yaml
+
+    if config is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _dotted_get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def _common_run_options(fn):
@@ -50,10 +95,24 @@ def _common_run_options(fn):
     return fn
 
 
-def _print_table(summary, methods: Sequence[str] | None = None) -> None:
-    from steph.experiments.summary import markdown_table
+def _wait_option(fn):
+    from steph.experiments.executors import DEFAULT_WAIT_FOR_HELD
+
+    return click.option(
+        "--wait-for-held", type=click.FloatRange(min=0), default=DEFAULT_WAIT_FOR_HELD,
+        show_default=True, metavar="SECONDS",
+        help="A run another steph process is training (e.g. a second `steph cv` on the same "
+             "--out) is waited for this long, then read; the other runs go on meanwhile.")(fn)
+
+
+def _print_table(summary, methods: Sequence[str] | None = None,
+                 runs_root: str | None = None) -> None:
+    from steph.experiments.summary import input_runs_line, markdown_table
 
     click.echo(markdown_table(summary, methods))
+    line = input_runs_line(runs_root) if runs_root is not None else ""
+    if line:
+        click.echo(line + "\n")
 
 
 def _print_comparisons(runs_root: str) -> None:
@@ -131,12 +190,18 @@ def _load_cohorts(root: str, cohorts: str | None, cfg, check: str | None = None,
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
 def data_summary(data_root: str, cohorts: str | None, config: str | None, out: str | None) -> None:
     """Cohort characteristics like the appendix's Table S1."""
+    import pandas as pd
+
     from steph.data.summary import summarize_cohorts
     from steph.utils.io import write_csv
 
     cfg = _load_cfg(config, [])
     table = summarize_cohorts(_load_cohorts(data_root, cohorts, cfg))
-    click.echo(table.to_string(index=False))
+    shown = table.copy()
+    for col in shown.columns:  # one decimal on screen; the CSV keeps every digit
+        if shown[col].dtype.kind == "f":
+            shown[col] = shown[col].map(lambda v: "–" if pd.isna(v) else f"{v:,.1f}")
+    click.echo(shown.to_string(index=False))
     if out:
         write_csv(out, table)
 
@@ -145,22 +210,22 @@ def data_summary(data_root: str, cohorts: str | None, config: str | None, out: s
 @click.option("--data", "data_root", required=True, type=click.Path(), help="Data root.")
 @click.option("--cohorts", default=None, help="Comma-separated cohorts (default: all).")
 @click.option("--full", is_flag=True, help="Also read every value (NaN / inf), not only shapes.")
-@click.option("--skip-bad-slides", is_flag=True, help="List bad slides instead of failing.")
+@click.option("--skip-bad-slides", is_flag=True,
+              help="Exit 0 when the only problems are bad slides (training with "
+                   "--set data.on_bad_slide=skip leaves them out); they are listed either way.")
 @click.option("--config", type=click.Path(dir_okay=False), default=None)
 def data_check(data_root: str, cohorts: str | None, full: bool, skip_bad_slides: bool,
                config: str | None) -> None:
-    """Check label tables and feature files; report every problem found."""
+    """Check label tables, feature files and split files of every cohort; report every problem
+    found (one line each), then exit 1 if there is any."""
+    from steph.data.check import check_data_root
+
     cfg = _load_cfg(config, [])
-    loaded = _load_cohorts(data_root, cohorts, cfg, check="full" if full else "shape",
-                           skip=skip_bad_slides)
-    bad = 0
-    for c in loaded:
-        click.echo(f"{c.name}: {len(c)} patients, {len(c.slides)} slides, dim {c.feature_dim}, "
-                   f"{len(c.skipped)} skipped slide(s)")
-        for _, row in c.skipped.iterrows():
-            click.echo(f"  - {row['reason']}")
-        bad += len(c.skipped)
-    if bad:
+    report = check_data_root(data_root, _split_list(cohorts), cfg.data,
+                             check="full" if full else "shape")
+    for line in report.lines:
+        click.echo(line)
+    if report.cohort_problems or (report.slide_problems and not skip_bad_slides):
         sys.exit(1)
 
 
@@ -200,12 +265,14 @@ def data_pack(data_root: str, cohorts: str | None, force: bool, no_coords: bool,
 @click.option("--fold", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--method", default="abmil", show_default=True, help="Method name (steph methods).")
 @click.option("--sources", default=None, help="Comma-separated source cohorts (default: all others).")
+@_wait_option
 @_common_run_options
 def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources: str | None,
-          sets: Sequence[str], config: str | None, epochs: int | None, seed: int | None,
-          quiet: bool) -> None:
+          wait_for_held: float, sets: Sequence[str], config: str | None, epochs: int | None,
+          seed: int | None, quiet: bool) -> None:
     """Train one cohort x fold (and, for transfer methods, the models it needs)."""
     from steph.experiments.cv import Experiment
+    from steph.experiments.executors import LocalExecutor
     from steph.runs import RunRef
 
     cfg = _load_cfg(config, sets, **{"train.epochs": epochs, "train.seed": seed})
@@ -213,7 +280,9 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
     exp.workspace.check_cohorts([cohort], "target")
     exp.workspace.split(cohort, fold)  # fails early on a bad fold
     refs = exp.plan([method], [cohort], [fold])
-    metrics = exp.run_all(refs)[-1]
+    exp.workspace.check_inputs([j for j in refs if not exp.is_finished(j)])
+    exp.record_request([method], [cohort], [fold], command="train")
+    metrics = exp.run_all(refs, LocalExecutor(wait_for_held=wait_for_held))[-1]
     click.echo(f"{RunRef(cohort, method, fold)}: test C-index {metrics['c_index']:.4f} "
                f"(train {metrics['train_c_index']:.4f})")
 
@@ -245,12 +314,13 @@ def train(data_root: str, out: str, cohort: str, fold: int, method: str, sources
 @click.option("--retries", type=click.IntRange(min=0), default=None,
               help="ray: retries of a run whose worker or node died (default 2); a run that "
                    "fails on its input is not retried.")
+@_wait_option
 @_common_run_options
 def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str | None,
        sources: str | None, repeats: int, baseline: str, executor: str, address: str | None,
        cpus_per_run: float | None, gpus_per_run: float | None, memory_per_run: str | None,
-       retries: int | None, sets: Sequence[str], config: str | None, epochs: int | None,
-       seed: int | None, quiet: bool) -> None:
+       retries: int | None, wait_for_held: float, sets: Sequence[str], config: str | None,
+       epochs: int | None, seed: int | None, quiet: bool) -> None:
     """Cross-validate methods on target cohorts; write summary.csv / summary.md / summary.png.
 
     A run that fails fails only the runs that need it; the command then writes the summary of
@@ -265,24 +335,25 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
     if executor == "ray":
         runner = RayExecutor(address=address, cpus_per_run=cpus_per_run or 1.0,
                              gpus_per_run=gpus_per_run or 0.0, memory_per_run=memory_per_run,
-                             retries=2 if retries is None else retries)
+                             retries=2 if retries is None else retries,
+                             wait_for_held=wait_for_held)
     else:
         ray_only = {"--address": address, "--gpus-per-run": gpus_per_run,
                     "--memory-per-run": memory_per_run, "--retries": retries}
         given = [k for k, v in ray_only.items() if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: only with --executor ray")
-        runner = LocalExecutor(cpus_per_run=cpus_per_run)
+        runner = LocalExecutor(cpus_per_run=cpus_per_run, wait_for_held=wait_for_held)
     try:
         summary = run_cv(data_root, out, names, targets=_split_list(targets), folds=folds,
                          cfg=cfg, sources=_split_list(sources), progress=not quiet,
                          repeats=repeats, baseline=baseline, executor=runner)
     except GridError as err:
         if err.summary is not None:  # what finished, before the list of failed runs
-            _print_table(err.summary, names)
+            _print_table(err.summary, names, out)
             _print_comparisons(out)
         raise
-    _print_table(summary, names)
+    _print_table(summary, names, out)
     _print_comparisons(out)
     click.echo(f"summary: {Path(out) / 'summary.csv'}, {Path(out) / 'summary.md'}; figures and "
                f"analyses: steph report --out {out} --data {data_root}")
@@ -296,10 +367,15 @@ def cv(data_root: str, out: str, methods: str, targets: str | None, folds: str |
               help="Method every other method is compared with (paired, same test folds).")
 def summarize(out: str, data_root: str | None, baseline: str) -> None:
     """Rebuild summary.csv / comparisons.csv / summary.md / summary.png from finished runs."""
+    from steph.data.cohort import require_data_root
     from steph.experiments.summary import write_summary
 
+    if not Path(out).is_dir():
+        raise ConfigError(f"runs folder not found: {out}")
+    if data_root is not None:
+        require_data_root(data_root)
     summary = write_summary(out, data_root=data_root, baseline=baseline)
-    _print_table(summary)
+    _print_table(summary, runs_root=out)
     _print_comparisons(out)
 
 
@@ -327,7 +403,13 @@ def _patients_from_inputs(slides: Sequence[str], features: str | None, labels: s
 
     files = [Path(s) for s in slides]
     if features:
-        files += list(iter_feature_files(features))
+        if not Path(features).is_dir():
+            raise ConfigError(f"--features {features}: folder not found")
+        found = list(iter_feature_files(features))
+        if not found:
+            raise ConfigError(f"--features {features}: no feature file (.h5 / .pt) in this "
+                              "folder (nor in its h5_files/, pt_files/ subfolders)")
+        files += found
     if not files:
         raise ConfigError("give feature files with --slides or a folder with --features")
     missing = [str(f) for f in files if not f.exists()]
@@ -374,14 +456,44 @@ def predict(model: str, slides: Sequence[str], more_slides: Sequence[str], featu
     else:
         click.echo(table[["patient_id", "n_patches", "risk"]].to_string(index=False))
     click.echo(f"ran {n_enc} MIL encoder{'s' if n_enc != 1 else ''} per bag")
+    if labels:
+        _echo_labelled_c_index(model, table, labels)
+
+
+def _echo_labelled_c_index(model: str, table, labels: str) -> None:
+    """The C-index of the predictions against --labels, with a warning when the patients
+    include the model's training patients (then also the C-index without them)."""
+    from steph.data.labels import read_labels
+    from steph.inference import labelled_c_index, training_patients
+
+    frame = read_labels(labels)
+    c, n, events = labelled_c_index(table, frame)
+    click.echo(f"C-index against {labels}: {c:.4f} ({n} patient(s), {events} event(s))")
+    trained = training_patients(model)
+    if trained is None:
+        click.echo("note: this artefact does not record its training patients (no "
+                   "predictions.csv beside it): make sure none of these patients trained it")
+        return
+    ids, where = trained
+    seen = sorted(set(table["patient_id"].astype(str)) & ids)
+    if seen:
+        c_new, n_new, _ = labelled_c_index(table, frame, exclude=seen)
+        log.warning("%d of %d patient(s) trained this model (split 'train' in %s), e.g. %s: "
+                    "the C-index above is not a test measure; without them: %.4f (%d "
+                    "patient(s))", len(seen), len(table), where, ", ".join(seen[:3]), c_new,
+                    n_new)
 
 
 @cli.command()
 @click.option("--model", required=True, type=click.Path(), help="A STEPH artefact or run directory.")
 @click.argument("slides", nargs=-1, type=click.Path(), required=True)
+@click.option("--patient", "one_bag", is_flag=True,
+              help="The slides are one patient's: explain them as one bag (concatenated, as "
+                   "training does). Without it, each slide is explained on its own.")
 @_device_option
-def explain(model: str, slides: Sequence[str], device: str) -> None:
-    """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag."""
+def explain(model: str, slides: Sequence[str], one_bag: bool, device: str) -> None:
+    """Show STEPH's merge weights w, mixup coefficients lambda and selected sources for a bag
+    (one per slide, or one for all the slides with --patient)."""
     import numpy as np
     import torch
 
@@ -390,14 +502,36 @@ def explain(model: str, slides: Sequence[str], device: str) -> None:
     from steph.inference import load_artefact
     from steph.training.trainer import model_device
 
+    missing = [s for s in slides if not Path(s).is_file()]
+    if missing:
+        raise ConfigError(f"feature file(s) not found: {', '.join(missing[:5])}")
     module, manifest = load_artefact(model, device=device)
     if manifest["kind"] != "steph":
         raise ConfigError(f"{model} is a {manifest['kind']} model; explain needs a STEPH model")
-    bag = torch.from_numpy(np.concatenate([read_features_stored(Path(s)) for s in slides]))
+    dim = int(manifest["feature_dim"])
+    arrays = {}
+    for s in slides:
+        arrays[s] = read_features_stored(Path(s))
+        if arrays[s].shape[1] != dim:
+            raise ConfigError(f"{s}: feature dimension {arrays[s].shape[1]}, but the model "
+                              f"{model} was trained on {dim}-dimensional features")
+    bags = [list(slides)] if one_bag else [[s] for s in slides]
     where = model_device(module)
-    ex = module.explain(bag.to(where).float(),
-                        **{k: v.to(where)
-                           for k, v in inputs_from_files(module.bag_inputs, slides).items()})
+    for i, files in enumerate(bags):
+        bag = torch.from_numpy(np.concatenate([arrays[s] for s in files]))
+        if i:
+            click.echo("")
+        if len(slides) > 1:
+            what = (f"one bag of {len(files)} slides ({', '.join(Path(f).stem for f in files)})"
+                    if one_bag else Path(files[0]).stem)
+            click.echo(f"{what}: {bag.shape[0]} patches")
+        ex = module.explain(bag.to(where).float(),
+                            **{k: v.to(where)
+                               for k, v in inputs_from_files(module.bag_inputs, files).items()})
+        _echo_explanation(module, ex)
+
+
+def _echo_explanation(module, ex) -> None:
     click.echo(f"selected sources: {', '.join(ex.selected)}")
     click.echo(f"{'source':12s} {'w':>8s} {'lambda':>8s} {'coef':>8s}")
     for i, name in enumerate(module.source_names):

@@ -63,7 +63,16 @@ def save_artefact(path: str | Path, module: SurvivalModule, kind: str, settings:
 def resolve_artefact(path: str | Path) -> Path:
     """Accept a run directory, the .safetensors file or its .json manifest."""
     path = Path(path)
+    if not path.exists() and not path.with_suffix(".json").exists() \
+            and not path.with_suffix(".safetensors").exists():
+        raise RunError(f"{path}: not found (give a finished run directory, e.g. "
+                       "RUNS/<cohort>/<method>/fold0, or its model.safetensors)")
     if path.is_dir():
+        if not RunDir(path).weights.exists() and not RunDir(path).manifest.exists():
+            state = ("not finished (no metrics.json)" if not RunDir(path).is_finished()
+                     else "without a model")
+            raise RunError(f"{path}: no {RunDir.WEIGHTS} in this folder: a run directory "
+                           f"{state}? (give a finished run directory or a .safetensors file)")
         path = RunDir(path).weights
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -212,3 +221,32 @@ def predict_patients(path: str | Path, patients: Iterable[tuple[str, Sequence[st
     table = pd.DataFrame(rows, columns=cols)
     table.attrs["encoders_per_bag"] = module.encoders_per_bag()
     return table
+
+
+def training_patients(path: str | Path) -> tuple[set[str], Path] | None:
+    """The patients a run's model was trained on (its ``predictions.csv``, split ``train``) and
+    that file; None for an artefact outside a run directory (they are not recorded)."""
+    weights = resolve_artefact(path)
+    run = RunDir(weights.parent)
+    if weights.name != RunDir.WEIGHTS or not run.predictions.exists():
+        return None
+    pred = run.read_predictions()
+    return set(pred.loc[pred["split"] == "train", "patient_id"].astype(str)), run.predictions
+
+
+def labelled_c_index(table: pd.DataFrame, labels: pd.DataFrame,
+                     exclude: Iterable[str] = ()) -> tuple[float, int, int]:
+    """Harrell's C-index of ``table``'s risks against the patients' labels (a label frame of
+    :func:`steph.data.labels.read_labels`), leaving out ``exclude``: (C, patients, events);
+    NaN when fewer than two patients or no comparable pair."""
+    from steph.survival.metrics import concordance_index_or_nan
+
+    per_patient = labels.drop_duplicates("patient_id").set_index("patient_id")
+    keep = table[table["patient_id"].isin(per_patient.index)
+                 & ~table["patient_id"].isin(set(exclude))]
+    if len(keep) < 2:
+        return float("nan"), len(keep), 0
+    time = per_patient.loc[keep["patient_id"], "time"].to_numpy(float)
+    event = per_patient.loc[keep["patient_id"], "event"].to_numpy(int)
+    c = concordance_index_or_nan(time, event, keep["risk"].to_numpy(float))
+    return float(c), len(keep), int(event.sum())

@@ -102,7 +102,10 @@ def test_raise_lists_all_problems(make_cohort):
     with pytest.raises(DataError) as e:
         Cohort.load(w.root)
     msg = str(e.value)
-    assert "3 of 6 slide(s)" in msg and "on_bad_slide='skip'" in msg
+    assert "3 of 6 slide(s)" in msg
+    # the hint says what one types (issue 19, item 7), not a config key in Python syntax
+    assert "--set data.on_bad_slide=skip" in msg and "--skip-bad-slides" in msg
+    assert "on_bad_slide='skip'" not in msg
     assert "'P1-SZ'" in msg and "looked for" in msg
     assert "'P2-SY'" in msg and "0 patches" in msg and "P2-SY.h5" in msg
     assert "'P3-SX'" in msg and "dimension 5 differs" in msg and "(8)" in msg
@@ -163,10 +166,37 @@ def test_majority_feature_dimension(make_cohort):
 
 def test_all_slides_bad(make_cohort):
     w = make_cohort("C", _specs())
-    for p in (w.root / "features").iterdir():
+    for p in (w.root / "features").glob("*-SZ.h5"):
+        with h5py.File(p, "w") as f:  # empty slides
+            f.create_dataset("features", data=np.zeros((0, 8), np.float16))
+    for p in (w.root / "features").glob("*-S[XY].h5"):
         p.unlink()
     with pytest.raises(DataError, match="no usable slide"):
         Cohort.load(w.root, on_bad_slide="skip")
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_an_empty_features_folder_is_one_line(make_cohort, mode):
+    """Issue 19, item 7: not a line per slide (23 lines before)."""
+    w = make_cohort("C", _specs())
+    for p in (w.root / "features").iterdir():
+        p.unlink()
+    with pytest.raises(DataError) as e:
+        Cohort.load(w.root, on_bad_slide=mode)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"no feature file (.h5 / .pt) in {w.root / 'features'}" in msg
+    assert "labels.csv names 6 slide(s)" in msg
+
+
+def test_slide_ids_that_match_no_file_are_one_line(make_cohort):
+    w = make_cohort("C", _specs())
+    for p in (w.root / "features").iterdir():
+        p.rename(p.with_name("x" + p.name))
+    with pytest.raises(DataError) as e:
+        Cohort.load(w.root)
+    msg = str(e.value)
+    assert "\n" not in msg and "none of the 6 slide(s)" in msg and "'xP1-SZ'" in msg
 
 
 def test_layout_errors(tmp_path, make_cohort):

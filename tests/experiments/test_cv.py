@@ -237,10 +237,11 @@ def test_repeats_use_other_split_seeds_and_share_source_models(tiny_data, tmp_pa
     assert (tmp_path / "TGT" / "abmil" / "rep1" / "fold0" / "metrics.json").exists()
     assert (tmp_path / "splits" / "TGT" / "rep1").is_dir()
     assert "2 repeats" in (tmp_path / "summary.md").read_text()
-    # the one-repeat summary of the same folder leaves repeat 1 out
+    # a one-repeat call on the same folder hides nothing: the summary describes every finished
+    # result of the folder (issue 19, item 2)
     again = run_cv(tiny_data, tmp_path, ["abmil"], targets=["TGT"], folds="0", cfg=cfg,
                    progress=False)
-    assert sorted(again.loc[again["method"] == "abmil", "repeat"]) == [0]
+    assert sorted(again.loc[again["method"] == "abmil", "repeat"]) == [0, 1]
 
 
 def test_repeats_refuse_cohorts_with_their_own_splits(tiny_data, tmp_path, tiny_cfg):

@@ -5,6 +5,8 @@ import os
 import shutil
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,12 +31,29 @@ from test_cli import run as cli  # (args, capsys) -> exit code, stdout, stderr
 
 
 def broken_data(tiny_data, tmp_path):
-    """A copy of the tiny data whose source cohort RELA has a corrupt feature file."""
+    """A copy of the tiny data whose source cohort RELA has a feature file that fails only when
+    its values are read (a compressed chunk that does not inflate; its shape reads fine, so the
+    check before training passes it and the run fails while training)."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bad = min((data / "RELA" / "features").glob("*.h5"))
-    bad.write_bytes(b"this is not an HDF5 file")
+    corrupt_values(bad)
     return data, bad
+
+
+def corrupt_values(path):
+    """Rewrite an HDF5 feature file gzip-compressed, then overwrite its data chunk."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        values = f["features"][()]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=values, chunks=values.shape, compression="gzip")
+    with h5py.File(path, "r") as f:
+        chunk = f["features"].id.get_chunk_info(0)
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xab" * chunk.size
+    path.write_bytes(bytes(raw))
 
 
 def tiny_config_file(tmp_path):
@@ -74,30 +93,58 @@ def test_local_bad_input_fails_only_its_dependants(tiny_data, tmp_path, capsys):
     check_failure_report(code, out, err, runs, bad)
 
 
-def test_a_run_held_by_a_live_process_fails_naming_it(tiny_data, tmp_path):
-    """The local executor does not wait for a run another process holds: that run and the runs
-    that need it fail with the holder's name; the others finish."""
+def test_a_run_held_by_a_live_process_is_waited_for_and_read(tiny_data, tmp_path, caplog):
+    """The local executor goes on with the runs whose prerequisites are ready, comes back to a
+    run another process holds and waits for it up to wait_for_held seconds: past that, that run
+    and the runs that need it fail with the holder's name (the others finish); when the holder
+    finishes it in time, its results are read, not trained again."""
     cfg = tiny_experiment_config(epochs=1)
     exp = Experiment(tiny_data, tmp_path, cfg, progress=False)
     jobs = exp.plan(["steph"], ["TGT"], [0])
     held = RunRef("RELA", "abmil", 0)
     other = RunLock(RunDir(held.path(tmp_path)).lease, heartbeat=0.05, stale_after=1.0)
     assert other.acquire()
-    try:
-        # a live lease is recognised at its first renewal, long before stale_after
-        outcome = LocalExecutor(lease={"heartbeat": 0.05, "stale_after": 10.0}).run(exp, jobs)
-        with pytest.raises(GridError, match="RELA/abmil/fold0: held by process"):
-            exp.run_all(jobs)  # the same through run_all (used by `steph train`)
-    finally:
+    caplog.set_level("INFO", logger="steph.experiments")
+    lease = {"heartbeat": 0.05, "stale_after": 10.0}
+    trained = []
+
+    def holder():  # "another process": trains the run it holds, then lets it go
+        deadline = time.monotonic() + 120  # once the third grid below has found it held
+        while (caplog.text.count("RELA/abmil/fold0 is held by") < 3
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        trained.append(Experiment(tiny_data, tmp_path, cfg, progress=False).run(held))
         other.release()
-    assert set(outcome.failed) == {held, RunRef("TGT", "steph", 0)}
-    holder = f"held by process {os.getpid()} on host {socket.gethostname()}, whose lease is alive"
-    assert outcome.failed[held].startswith(holder)
-    assert "not run: needs RELA/abmil/fold0" in outcome.failed[RunRef("TGT", "steph", 0)]
-    assert set(outcome.metrics) == {RunRef("TGT", "abmil", 0), RunRef("UNRB", "abmil", 0)}
-    # once the holder is gone, the same call finishes the grid (the rest was kept)
-    metrics = exp.run_all(jobs)
-    assert [m["method"] for m in metrics] == ["abmil", "abmil", "abmil", "steph"]
+
+    thread = threading.Thread(target=holder)
+    try:
+        ex = LocalExecutor(lease=lease, wait_for_held=1.0, poll=0.1)
+        outcome = ex.run(exp, jobs)
+        with pytest.raises(GridError, match="RELA/abmil/fold0: held by process"):
+            exp.run_all(jobs, ex)  # the same through run_all (used by `steph train`)
+        assert set(outcome.failed) == {held, RunRef("TGT", "steph", 0)}
+        holder_is = (f"held by process {os.getpid()} on host {socket.gethostname()}, whose "
+                     "lease is alive")
+        assert outcome.failed[held].startswith(holder_is)
+        assert "waited 1 s for it (--wait-for-held)" in outcome.failed[held]
+        assert "not run: needs RELA/abmil/fold0" in outcome.failed[RunRef("TGT", "steph", 0)]
+        assert set(outcome.metrics) == {RunRef("TGT", "abmil", 0), RunRef("UNRB", "abmil", 0)}
+        # the runs after the held one went on first; a message named the run and its holder
+        assert f"RELA/abmil/fold0 is held by process {os.getpid()}" in caplog.text
+        assert "going on with the other runs" in caplog.text
+        assert "waiting for 1 run(s)" in caplog.text
+        # now the holder finishes the run while this process waits for it: read, not retrained
+        thread.start()
+        outcome = LocalExecutor(lease=lease, wait_for_held=120, poll=0.1).run(exp, jobs)
+    finally:
+        if thread.is_alive() or thread.ident is not None:
+            thread.join()
+        other.release()
+    assert not outcome.failed
+    assert outcome.metrics[held] == trained[0]  # read from its run directory
+    assert "RELA/abmil/fold0: finished by the process that held it" in caplog.text
+    assert caplog.text.count("RELA/abmil/fold0: test C-index") == 1  # trained once
+    assert outcome.metrics[RunRef("TGT", "steph", 0)]["method"] == "steph"
 
 
 def test_run_cv_raises_after_writing_the_summary(tiny_data, tmp_path):

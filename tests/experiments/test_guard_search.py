@@ -83,7 +83,10 @@ def test_collapse_restarts_the_run_with_a_smaller_gamma(tiny_data, tmp_path):
     assert len(summary[summary["method"] == "steph"]) == 1
 
 
-def test_gamma_search_inner_cv(tiny_data, tmp_path, monkeypatch):
+def test_gamma_search_inner_cv_and_resume(tiny_data, tmp_path, monkeypatch):
+    """The inner cross-validation of gamma: interrupted in the middle, it resumes with only the
+    candidates not scored yet; its selection is recorded; it reads only the outer training
+    patients. (One search serves both checks: each costs about 19 STEPH runs.)"""
     from steph.data import dataset as D
 
     seen: list[str] = []
@@ -95,29 +98,6 @@ def test_gamma_search_inner_cv(tiny_data, tmp_path, monkeypatch):
         orig(self, cohort, patient_ids, *a, **k)
 
     monkeypatch.setattr(D.BagDataset, "__init__", spy)
-    cfg = tiny_experiment_config(epochs=1)
-    cfg = cfg.model_copy(update={"steph": cfg.steph.model_copy(
-        update={"gamma": "search", "gamma_grid": (0.0, 0.05), "search_folds": 2})})
-    exp = Experiment(tiny_data, tmp_path, cfg, progress=False)
-    jobs = exp.plan(["steph"], ["TGT"], [0])
-    exp.run_all(jobs)
-    run = tmp_path / "TGT" / "steph" / "fold0"
-    sel = json.loads((run / "search" / "selection.json").read_text())
-    assert sel["value"] in (0.0, 0.05) and set(sel["scores"]) == {"0.0", "0.05"}
-    assert len(sel["per_fold"]["0.0"]) == 2
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["gamma_selected"] == sel["value"] == metrics["gamma"]
-    assert (run / "search" / "inner0" / "target" / "model.safetensors").exists()
-    # the search reads only the outer training patients: no outer test patient is part of any
-    # inner dataset (inner target models, candidates, validation sets)
-    outer_train, outer_test = set(exp.workspace.split("TGT", 0).train_ids), set(exp.workspace.split("TGT", 0).test_ids)
-    inner = [set(ids) for _, ids in seen if set(ids) not in (outer_train, outer_test)]
-    assert len(inner) >= 2 * 2 + 2  # per inner fold: target train, candidates' train + val
-    assert all(ids <= outer_train for ids in inner)
-    assert set().union(*inner) == outer_train
-
-
-def test_gamma_search_resumes(tiny_data, tmp_path, monkeypatch):
     cfg = tiny_experiment_config(epochs=1)
     cfg = cfg.model_copy(update={"steph": cfg.steph.model_copy(
         update={"gamma": "search", "gamma_grid": (0.0, 0.05), "search_folds": 2})})
@@ -140,3 +120,18 @@ def test_gamma_search_resumes(tiny_data, tmp_path, monkeypatch):
     calls.clear()
     exp.run(RunRef("TGT", "steph", 0))
     assert len(calls) == 2  # only the two candidates not scored before
+    run = tmp_path / "TGT" / "steph" / "fold0"
+    sel = json.loads((run / "search" / "selection.json").read_text())
+    assert sel["value"] in (0.0, 0.05) and set(sel["scores"]) == {"0.0", "0.05"}
+    assert len(sel["per_fold"]["0.0"]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["gamma_selected"] == sel["value"] == metrics["gamma"]
+    assert (run / "search" / "inner0" / "target" / "model.safetensors").exists()
+    # the search reads only the outer training patients: no outer test patient is part of any
+    # inner dataset (inner target models, candidates, validation sets)
+    outer_train = set(exp.workspace.split("TGT", 0).train_ids)
+    outer_test = set(exp.workspace.split("TGT", 0).test_ids)
+    inner = [set(ids) for _, ids in seen if set(ids) not in (outer_train, outer_test)]
+    assert len(inner) >= 2 * 2 + 2  # per inner fold: target train, candidates' train + val
+    assert all(ids <= outer_train for ids in inner)
+    assert set().union(*inner) == outer_train

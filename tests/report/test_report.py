@@ -294,3 +294,32 @@ def test_chosen_slides_and_a_wrong_one(grid_copy, tiny_data):
     assert {n for n in rep.figures if n.startswith("attention-")} == {f"attention-{slide}"}
     assert any("NOPE" in n for n in rep.notes["attention"])
     assert "landscape-TGT-fold0" in rep.figures
+
+
+def test_a_missing_data_root_is_an_error_and_leaves_the_report(grid_copy, tmp_path, capsys):
+    """Issue 19, item 5: `steph report --data <missing>` exits 1 and writes nothing (it
+    overwrote a complete report with a weaker one); a rebuilt report removes the figures of an
+    earlier one that it no longer has."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from test_cli import run as cli
+
+    html = tmp_path / "r.html"
+    code, _, _ = cli(["report", "--out", str(grid_copy), "--html", str(html), "--quiet"], capsys)
+    assert code == 0
+    before = html.read_bytes()
+    stale = tmp_path / "r-figures" / "landscape-TGT-fold0.png"
+    stale.write_bytes(b"an earlier report's figure")
+    for missing in (tmp_path / "no-such-data", grid_copy):  # a typo; the runs folder
+        code, _, err = cli(["report", "--out", str(grid_copy), "--data", str(missing),
+                              "--html", str(html), "--quiet"], capsys)
+        assert code == 1 and str(missing) in err and len(err.strip().splitlines()) == 1
+        assert html.read_bytes() == before and stale.exists()
+    code, _, err = cli(["summarize", "--out", str(grid_copy), "--data",
+                        str(tmp_path / "no-such-data")], capsys)
+    assert code == 1 and "no-such-data" in err
+    code, _, _ = cli(["report", "--out", str(grid_copy), "--html", str(html), "--quiet"], capsys)
+    assert code == 0 and not stale.exists()
+    assert (tmp_path / "r-figures" / "km.svg").exists()

@@ -5,7 +5,9 @@ A run is *finished* when its ``metrics.json`` exists; *unfinished* when its dire
 without it (training, interrupted or failed; ``lease`` says whether a lease file is there);
 *missing* when no directory exists although other methods of the same cohort and repeat have
 that fold (the grid's shape is read from what is there: a method run on folds 0-4 of a cohort
-where another method has folds 0-1 has three missing runs).
+where another method has folds 0-1 has three missing runs). Each run's *role* says whether it
+is a result of the runs folder or only an input (a source's model that transfer runs merged;
+:mod:`steph.runs.requests`); only results can be missing.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import pandas as pd
 
 from steph.config import ExperimentConfig, build_config
 from steph.errors import RunError
-from steph.runs import RunDir, RunRef, RunsFolder
+from steph.runs import RESULT, RunDir, RunRef, RunsFolder
 
 FINISHED, UNFINISHED, MISSING = "finished", "unfinished", "missing"
-INVENTORY_COLUMNS = ["cohort", "method", "repeat", "fold", "state", "lease", "path"]
+INVENTORY_COLUMNS = ["cohort", "method", "repeat", "fold", "state", "lease", "path", "role"]
 
 
 def run_inventory(runs_root: str | Path) -> pd.DataFrame:
@@ -31,21 +33,25 @@ def run_inventory(runs_root: str | Path) -> pd.DataFrame:
     root = Path(runs_root)
     if not root.is_dir():
         raise RunError(f"runs folder not found: {root}")
+    folder = RunsFolder(root)
+    roles = folder.roles()
     rows = []
-    for ref, run in RunsFolder(root).walk():
+    for ref, run in folder.walk():
         state = FINISHED if run.is_finished() else UNFINISHED
         rows.append({"cohort": ref.cohort, "method": ref.method, "repeat": ref.repeat,
                      "fold": ref.fold, "state": state, "lease": run.lease.exists(),
-                     "path": str(run.path)})
+                     "path": str(run.path), "role": roles.role(ref.cohort, ref.method)})
     found = pd.DataFrame(rows, columns=INVENTORY_COLUMNS)
     missing = []
-    for (cohort, repeat), sub in found.groupby(["cohort", "repeat"]):
+    results = found[found["role"] == RESULT]
+    for (cohort, repeat), sub in results.groupby(["cohort", "repeat"]):
         folds = set(sub["fold"])
         for method, msub in sub.groupby("method"):
             for fold in sorted(folds - set(msub["fold"])):
                 missing.append({"cohort": cohort, "method": method, "repeat": repeat,
                                 "fold": fold, "state": MISSING, "lease": False,
-                                "path": str(RunRef(cohort, method, fold, repeat).path(root))})
+                                "path": str(RunRef(cohort, method, fold, repeat).path(root)),
+                                "role": RESULT})
     out = pd.concat([found, pd.DataFrame(missing, columns=INVENTORY_COLUMNS)], ignore_index=True)
     return out.sort_values(["cohort", "method", "repeat", "fold"]).reset_index(drop=True)
 
@@ -103,9 +109,11 @@ def theta0_digest(runs_root: str | Path, arch: str = "abmil") -> str:
 
 
 def finished_runs(inventory: pd.DataFrame, method: str | None = None,
-                  cohort: str | None = None) -> list[RunRef]:
-    """The finished runs of ``inventory`` (of a method / cohort when given)."""
+                  cohort: str | None = None, role: str | None = None) -> list[RunRef]:
+    """The finished runs of ``inventory`` (of a method / cohort / role when given)."""
     sub = inventory[inventory["state"] == FINISHED]
+    if role is not None:
+        sub = sub[sub["role"] == role]
     if method is not None:
         sub = sub[sub["method"] == method]
     if cohort is not None:

@@ -60,6 +60,16 @@ def discover_cohorts(data_root: str | os.PathLike, labels: str = DEFAULT_LABELS)
                   if p.is_dir() and not p.name.startswith(".") and (p / labels).is_file())
 
 
+def require_data_root(data_root: str | os.PathLike, labels: str = DEFAULT_LABELS) -> list[str]:
+    """The cohorts of ``data_root``; a DataError naming it when it is missing or holds none
+    (e.g. ``--data`` given the runs folder)."""
+    names = discover_cohorts(data_root, labels)  # DataError for a missing folder
+    if not names:
+        raise DataError(f"no cohort under data root {data_root} (expected <cohort>/{labels}); "
+                        "give the folder that holds the cohorts")
+    return names
+
+
 @dataclass
 class Cohort:
     """Patients of one cohort with their labels and feature files.
@@ -131,6 +141,10 @@ class Cohort:
         table = read_labels(labels_path, convention=convention, endpoint=endpoint,
                             columns=columns, time_unit=time_unit)
         index = FeatureIndex(features_dir)
+        if len(index) == 0:  # one line, not one per slide
+            raise DataError(f"cohort {root.name!r}: no feature file (.h5 / .pt) in "
+                            f"{features_dir} (nor in its h5_files/, pt_files/ subfolders); "
+                            f"{labels_path.name} names {len(table)} slide(s)")
 
         records: list[dict[str, Any]] = []
         problems: list[dict[str, Any]] = []
@@ -167,12 +181,21 @@ class Cohort:
             records = keep
 
         name = root.name
+        if not records and problems and all(p["path"] is None for p in problems):
+            found = index.stems()
+            raise DataError(
+                f"cohort {name!r}: none of the {len(table)} slide(s) of {labels_path.name} has a "
+                f"feature file in {features_dir} (looked for e.g. "
+                f"{', '.join(repr(p['slide_id']) for p in problems[:3])}; the folder holds "
+                f"{len(found)} file(s) such as {', '.join(repr(f) for f in found[:3])}): do "
+                "the slide ids match the file names?")
         if problems and on_bad_slide == "raise":
             lines = [p["reason"] for p in problems[:_MAX_LISTED]]
             more = len(problems) - len(lines)
             raise DataError(
                 f"cohort {name!r}: {len(problems)} of {len(table)} slide(s) have a problem "
-                f"(pass on_bad_slide='skip' to leave them out):\n  - " + "\n  - ".join(lines)
+                "(to leave them out: --set data.on_bad_slide=skip with steph cv / train, "
+                "--skip-bad-slides with steph data pack):\n  - " + "\n  - ".join(lines)
                 + (f"\n  ... and {more} more" if more else ""))
         skipped = pd.DataFrame(problems, columns=SKIPPED_COLUMNS)
         if problems:

@@ -100,21 +100,39 @@ def _known_conventions() -> str:
     return "; ".join(f"{k}: {v}" for k, v in CONVENTIONS.items())
 
 
+def _missing_columns(low: Mapping[str, str]) -> dict[str, list[str]]:
+    """Per convention, the required columns the table lacks."""
+    out = {name: [c for c in req if c not in low] for name, req in _REQUIRED.items()}
+    tcga = [c for c in ("case_id", "slide_id") if c not in low]
+    if not _tcga_endpoints(low):
+        tcga.append("<endpoint>_survival_days + <endpoint>_censorship (endpoint: "
+                    f"{' / '.join(ENDPOINTS)})")
+    out["tcga_cdr"] = tcga
+    return out
+
+
 def detect_convention(columns: list[str], path: str | os.PathLike = "<table>") -> str:
     """Name of the one convention whose required columns are all present."""
-    found = _matches(_lookup(columns))
+    low = _lookup(columns)
+    found = _matches(low)
     if len(found) == 1:
         return found[0]
     cols = ", ".join(map(str, columns))
     if not found:
+        missing = _missing_columns(low)
+        order = list(CONVENTIONS)
+        closest = min(missing, key=lambda n: (len(missing[n]), order.index(n)))
+        lacks = ", ".join(repr(c) if not c.startswith("<") else c for c in missing[closest])
         raise DataError(
-            f"{path}: the columns match no known label convention. Columns found: [{cols}]. "
-            f"Known conventions: {_known_conventions()}. Pass convention=... or columns=... "
-            f"(patient_id, slide_id, time, event or censorship) with time_unit."
+            f"{path}: the columns match no known label convention; the closest, {closest} "
+            f"({CONVENTIONS[closest]}), lacks column(s) {lacks}. Columns found: [{cols}]. "
+            f"Known conventions: {_known_conventions()}. Rename the column(s), or read the "
+            "table as one convention with --set data.convention=NAME (and "
+            "--set data.time_unit=days|months; in a --config file: data: {convention: NAME})."
         )
     raise DataError(
-        f"{path}: the columns match several label conventions ({', '.join(found)}); pass "
-        f"convention= to choose one. Columns found: [{cols}]."
+        f"{path}: the columns match several label conventions ({', '.join(found)}); choose one "
+        f"with --set data.convention=NAME. Columns found: [{cols}]."
     )
 
 
@@ -177,8 +195,8 @@ def _resolve(path: Path, columns_found: list[str], convention: str | None,
         if endpoint is None:
             endpoint = "dss" if "dss" in available else "os" if "os" in available else None
             if endpoint is None:
-                raise DataError(f"{path}: no DSS or OS columns; choose endpoint= among "
-                                f"{available}")
+                raise DataError(f"{path}: no DSS or OS columns; choose the endpoint with "
+                                f"--set data.endpoint=NAME among {available}")
         else:
             endpoint = endpoint.strip().lower()
             if endpoint not in ENDPOINTS:

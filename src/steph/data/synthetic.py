@@ -258,7 +258,8 @@ def generate(cfg: SynthConfig, out: str | Path, seed: int = 0, overwrite: bool =
     for spec, css in zip(cfg.cohorts, cohort_ss):
         cdir = out / spec.name
         if (cdir / "labels.csv").exists() and not overwrite:
-            raise ConfigError(f"{cdir} already holds a cohort; choose another --out or overwrite")
+            raise ConfigError(f"{cdir} already holds a cohort; choose another --out, or add "
+                              "--overwrite to replace it")
         rng = np.random.default_rng(css)
         labels, truth, slides = _simulate_cohort(cfg, spec, world, rng)
         feat_dir = cdir / "features"

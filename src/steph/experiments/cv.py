@@ -71,6 +71,15 @@ class Experiment:
     def prerequisites(self, ref: RunRef) -> list[RunRef]:
         return self.planner.prerequisites(ref)
 
+    def record_request(self, methods: Sequence[str], targets: Sequence[str],
+                       folds: Sequence[int], repeats: int = 1, command: str = "cv") -> None:
+        """Record in ``RUNS/requests.json`` which runs this request makes results (its targets
+        with its methods, and with the target models its transfer methods merge), so that
+        tables leave out the sources' input runs (:mod:`steph.runs.requests`)."""
+        self.workspace.runs.record_request(
+            targets, methods, self.planner.result_pairs(methods, targets), folds=folds,
+            repeats=repeats, command=command)
+
     def prepare(self, refs: Sequence[RunRef]) -> dict[RunRef, str]:
         return self.workspace.prepare(refs)
 
@@ -108,12 +117,13 @@ class Experiment:
         return cls(spec["data_root"], spec["runs_root"], build_config(spec["config"]),
                    sources=spec["sources"], progress=spec["progress"])
 
-    def run_all(self, refs: Sequence[RunRef]) -> list[dict[str, Any]]:
-        """Run ``refs`` (prerequisites first) in this process; return their metrics in order.
-        Raises :class:`~steph.experiments.executors.GridError` listing the runs that failed."""
+    def run_all(self, refs: Sequence[RunRef], executor: Any = None) -> list[dict[str, Any]]:
+        """Run ``refs`` (prerequisites first) in this process (or with ``executor``); return
+        their metrics in order. Raises :class:`~steph.experiments.executors.GridError` listing
+        the runs that failed."""
         from steph.experiments.executors import GridError, LocalExecutor
 
-        outcome = LocalExecutor().run(self, refs)
+        outcome = (executor or LocalExecutor()).run(self, refs)
         if outcome.failed:
             raise GridError(outcome.failed, len(refs))
         return [outcome.metrics[j] for j in refs]
@@ -124,7 +134,9 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
            cfg: ExperimentConfig | None = None, sources: Sequence[str] | None = None,
            progress: bool = True, repeats: int = 1, baseline: str = "abmil",
            executor: Any = "local") -> pd.DataFrame:
-    """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary.
+    """Run the grid and write ``out/summary.csv`` and ``out/summary.md``; return the summary
+    (of every finished result run in ``out``: earlier calls' too, see
+    :mod:`steph.runs.requests`).
 
     ``executor``: ``"local"`` (this process, one run after another), ``"ray"`` (a Ray task graph
     on a local Ray instance, or on the cluster ``ray.init`` is already connected to) or an
@@ -147,11 +159,15 @@ def run_cv(data_root: str | Path, out: str | Path, methods: str | Sequence[str] 
     exp.workspace.check_cohorts(target_names, "target")
     fold_ids = parse_folds(folds, exp.cfg.data.n_folds)
     refs = exp.plan(method_names, target_names, fold_ids, repeats)
+    # every input the unfinished runs read (targets and sources), before any training
+    exp.workspace.check_inputs([j for j in refs if not exp.is_finished(j)])
+    exp.record_request(method_names, target_names, fold_ids, repeats)
     log.info("%d run(s) planned (%d already finished)", len(refs),
              sum(exp.is_finished(j) for j in refs))
     outcome = runner.run(exp, refs)
-    summary = write_summary(exp.runs_root, data_root=exp.data_root, targets=target_names,
-                            methods=method_names, folds=fold_ids, repeats=repeats,
+    # every finished result of the folder, not only this call's (a call with fewer methods
+    # or targets must not hide the others)
+    summary = write_summary(exp.runs_root, data_root=exp.data_root, methods=method_names,
                             baseline=baseline)
     if outcome.failed:
         raise GridError(outcome.failed, len(refs), summary=summary,

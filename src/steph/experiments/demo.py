@@ -88,7 +88,12 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
              epochs: int | None = None, progress: bool = True,
              echo: Callable[[str], None] = print, cfg: ExperimentConfig | None = None):
     from steph.experiments.compare import comparison_markdown
-    from steph.experiments.summary import collect_timing, markdown_table, timing_table
+    from steph.experiments.summary import (
+        collect_timing,
+        input_runs_line,
+        markdown_table,
+        timing_table,
+    )
 
     out = Path(out)
     data_root, runs_root = out / "data", out / "runs"
@@ -105,6 +110,9 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
                      progress=progress)
     echo("")
     echo(markdown_table(summary, names))
+    inputs = input_runs_line(runs_root)
+    if inputs:
+        echo(inputs + "\n")
     comparisons = RunsFolder(runs_root) / RunsFolder.COMPARISONS_CSV
     if comparisons.exists():
         echo(comparison_markdown(pd.read_csv(comparisons)))

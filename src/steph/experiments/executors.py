@@ -15,7 +15,8 @@ stay the record whatever the executor: a run is finished when its ``metrics.json
 
 Both hold each run with a lease (:class:`~steph.experiments.leases.RunLock`) while it trains, so
 processes that share a runs folder never train one run twice, and a lease left by a dead
-process is taken over.
+process is taken over. A run another live process holds is waited for (up to
+``wait_for_held`` seconds), then read when that process finished it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,17 +145,45 @@ def blocked_by(exp: Grid, job: RunRef, failed: Mapping[RunRef, str]) -> str | No
     return f"not run: needs {', '.join(bad)}, which failed" if bad else None
 
 
+class RunHeld(RunError):
+    """A live process elsewhere holds the run's lease (it is training it)."""
+
+    def __init__(self, job: RunRef, holder: str):
+        self.job, self.holder = job, holder
+        super().__init__(f"held by {holder}, whose lease is alive (another steph process is "
+                         f"training {job})")
+
+
 def run_held(exp: Grid, job: RunRef, owner: str | None = None,
-             lease: Mapping[str, float] | None = None) -> dict[str, Any]:
+             lease: Mapping[str, float] | None = None, wait: float = 0.0,
+             poll: float = 2.0) -> dict[str, Any]:
     """Run one job under its lease (a finished run is only read). ``owner``: the lease token;
-    a lease of the same token left by an attempt that died is taken over at once."""
-    done = exp.finished_metrics(job)
-    if done is not None:
-        return done
-    lock = RunLock(exp.lease_path(job), owner=owner, **(lease or {}))
-    if not lock.acquire():
-        raise RunError(f"held by {lock.describe_holder()}, whose lease is alive (another steph "
-                       f"process is training {job}); run the command again when it has finished")
+    a lease of the same token left by an attempt that died is taken over at once.
+
+    A lease a live process holds: :class:`RunHeld` at once when ``wait`` is 0; else wait up to
+    ``wait`` seconds (checking every ``poll`` seconds) for the holder to finish the run (then it
+    is read, not trained again) or to let it go (then this process trains it)."""
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        done = exp.finished_metrics(job)
+        if done is not None:
+            if announced:
+                log.info("%s: finished by the process that held it; its results are read", job)
+            return done
+        lock = RunLock(exp.lease_path(job), owner=owner, **(lease or {}))
+        if lock.live_holder_here() is None and lock.acquire():
+            break
+        if time.monotonic() >= deadline:
+            err = RunHeld(job, lock.describe_holder())
+            if wait > 0:
+                raise RunError(f"{err}; waited {wait:.0f} s for it (--wait-for-held)")
+            raise err
+        if not announced:
+            log.info("%s is held by %s (another steph process is training it): waiting up to "
+                     "%.0f s for it (--wait-for-held)", job, lock.describe_holder(), wait)
+            announced = True
+        time.sleep(max(0.0, min(poll, deadline - time.monotonic())))
     try:
         if lock.took_over:
             log.info("%s: took over the lease of process %s on %s, which died", job,
@@ -206,19 +236,35 @@ def _unfinished(exp: Grid, jobs: Sequence[RunRef], outcome: GridOutcome) -> list
 
 # -- in this process -------------------------------------------------------------------------------
 
+DEFAULT_WAIT_FOR_HELD = 24 * 3600.0  # seconds a run held by another live process is waited for
+
+
 class LocalExecutor:
     """Runs one after another in this process, prerequisites first.
 
-    A run held by a live process elsewhere (another ``steph cv`` on the same runs folder) is
-    not waited for: it fails, naming the holder, and so do the runs that need it; the others go
-    on. Judging a lease takes at most ``stale_after`` seconds (60 by default): a lease left by
-    a process that died is taken over.
+    A run held by a live process elsewhere (another ``steph cv`` on the same runs folder, e.g.
+    one per GPU) is not trained twice: this process goes on with the runs whose prerequisites
+    are ready, comes back to the held run, and when nothing else is left waits for it (a log
+    line names the run and its holder) up to ``wait_for_held`` seconds from when it was first
+    found held; a run the other process finished is read, not trained again; one it let go
+    unfinished (it failed or stopped) is trained here. Past the wait, that run fails naming its
+    holder, and so do the runs that need it. A lease left by a process that died is taken over
+    (judged from its content within ``stale_after`` seconds, 60 by default; at once for a
+    process of this host).
     """
 
     def __init__(self, cpus_per_run: float | None = None,
-                 lease: Mapping[str, float] | None = None):
+                 lease: Mapping[str, float] | None = None,
+                 wait_for_held: float = DEFAULT_WAIT_FOR_HELD, poll: float = 1.0):
+        if wait_for_held < 0:
+            raise ConfigError(f"wait for held runs must be >= 0 seconds, got {wait_for_held}")
         self.cpus_per_run = cpus_per_run
         self.lease = dict(lease or {})
+        self.wait_for_held = float(wait_for_held)
+        self.poll = float(poll)
+        # re-judge a held lease by acquiring it at least this often (another host's holder
+        # that died is seen only by watching its lease)
+        self.rejudge = float(self.lease.get("stale_after", 60.0))
 
     def run(self, exp: Grid, jobs: Sequence[RunRef]) -> GridOutcome:
         exp.use_threads(self.cpus_per_run)
@@ -226,21 +272,76 @@ class LocalExecutor:
         todo = _unfinished(exp, jobs, outcome)
         outcome.failed.update(exp.prepare(todo))
         progress = GridProgress(len(jobs), len(jobs) - len(todo), exp.progress)
+        pending = list(todo)
+        held: dict[RunRef, float] = {}  # run -> when it was first found held elsewhere
         try:
-            for job in todo:
-                error = outcome.failed.get(job) or blocked_by(exp, job, outcome.failed)
-                if error is None:
-                    try:
-                        outcome.metrics[job] = run_held(exp, job, lease=self.lease)
-                    except Exception as err:  # one run's failure never stops the grid
-                        log.debug("%s failed", job, exc_info=True)
-                        error = one_line(err)
-                if error is not None:
-                    outcome.failed[job] = error
-                progress.update(job, error)
+            while pending:
+                if not self._pass(exp, pending, held, outcome, progress) and pending:
+                    self._wait(exp, [j for j in pending if j in held], held)
         finally:
             progress.close()
         return outcome.in_order(jobs)
+
+    def _pass(self, exp: Grid, pending: list[RunRef], held: dict[RunRef, float],
+              outcome: GridOutcome, progress: GridProgress) -> bool:
+        """One pass over the pending runs in plan order: run each whose prerequisites are done;
+        a run held elsewhere stays pending. Whether any run was settled."""
+        settled = False
+        for job in list(pending):
+            error = outcome.failed.get(job) or blocked_by(exp, job, outcome.failed)
+            if error is None:
+                if any(p in pending for p in exp.prerequisites(job)):
+                    continue  # a prerequisite is held elsewhere: come back to it
+                try:
+                    outcome.metrics[job] = run_held(exp, job, lease=self.lease)
+                    if job in held:
+                        log.info("%s: finished by the process that held it; its results are "
+                                 "read", job)
+                except RunHeld as err:
+                    if job not in held:
+                        held[job] = time.monotonic()
+                        log.info("%s is held by %s (another steph process is training it): "
+                                 "going on with the other runs, then waiting up to %.0f s for "
+                                 "it (--wait-for-held)", job, err.holder, self.wait_for_held)
+                    if time.monotonic() - held[job] < self.wait_for_held:
+                        continue
+                    error = f"{err}; waited {self.wait_for_held:.0f} s for it (--wait-for-held)"
+                except Exception as err:  # one run's failure never stops the grid
+                    log.debug("%s failed", job, exc_info=True)
+                    error = one_line(err)
+            if error is not None:
+                outcome.failed[job] = error
+            pending.remove(job)
+            progress.update(job, error)
+            settled = True
+        return settled
+
+    def _wait(self, exp: Grid, waiting: Sequence[RunRef], held: Mapping[RunRef, float]) -> None:
+        """Sleep until a held run changes (finished, its lease gone or its holder dead here),
+        its wait is over, or it is time to judge the leases again."""
+        if not waiting:  # pragma: no cover (a pass without progress always leaves a held run)
+            return
+        log.info("waiting for %d run(s) other processes hold: %s", len(waiting),
+                 ", ".join(map(str, waiting[:4])) + (" ..." if len(waiting) > 4 else ""))
+        now = time.monotonic()
+        until = min(min(held[j] + self.wait_for_held for j in waiting), now + self.rejudge)
+        while time.monotonic() < until:
+            time.sleep(max(0.0, min(self.poll, until - time.monotonic())))
+            for job in waiting:
+                lock = RunLock(exp.lease_path(job), **self.lease)
+                if (exp.is_finished(job) or not exp.lease_path(job).exists()
+                        or lock.live_holder_here() is None and _holder_here(lock)):
+                    return
+
+
+def _holder_here(lock: RunLock) -> bool:
+    """Whether the lease's holder was a process of this host (then live_holder_here() being
+    None means it died); False for another host's, which only watching can judge."""
+    try:
+        info = json.loads(lock.path.read_text())
+    except (OSError, ValueError):
+        return True  # gone or torn: look again now
+    return isinstance(info, dict) and info.get("host") == socket.gethostname()
 
 
 # -- Ray -------------------------------------------------------------------------------------------
@@ -283,12 +384,14 @@ class RayExecutor:
     ``cpus_per_run`` (also its thread count), ``gpus_per_run`` (fractions share a GPU),
     ``memory_per_run`` (bytes or ``"8G"``; Ray schedules by it, it is not a hard limit).
     ``retries``: how many times a run is retried after its worker process or node died.
+    ``wait_for_held``: how long a task waits for a run another steph process holds.
     """
 
     def __init__(self, address: str | None = None, cpus_per_run: float = 1.0,
                  gpus_per_run: float = 0.0, memory_per_run: float | str | None = None,
                  retries: int = 2, lease: Mapping[str, float] | None = None,
-                 init_options: Mapping[str, Any] | None = None):
+                 init_options: Mapping[str, Any] | None = None,
+                 wait_for_held: float = DEFAULT_WAIT_FOR_HELD):
         if not cpus_per_run > 0:
             raise ConfigError(f"cpus per run must be > 0, got {cpus_per_run}")
         if gpus_per_run < 0:
@@ -302,6 +405,7 @@ class RayExecutor:
         self.retries = int(retries)
         self.lease = dict(lease or {})
         self.init_options = dict(init_options or {})
+        self.wait_for_held = float(wait_for_held)
 
     # -- connection --------------------------------------------------------------------------
     def _connect(self, ray) -> tuple[bool, bool]:
@@ -371,7 +475,7 @@ class RayExecutor:
     def _submit_and_wait(self, ray, exp: Grid, todo: Sequence[RunRef], outcome: GridOutcome,
                          progress: GridProgress) -> None:
         exp.use_threads(self.cpus_per_run)
-        spec = {"grid": exp.spec(), "lease": self.lease}
+        spec = {"grid": exp.spec(), "lease": self.lease, "wait_for_held": self.wait_for_held}
         factory = type(exp)
         # the driver's fault-injection settings (steph.utils.faults) hold in its tasks
         faults = fault_settings()
@@ -443,7 +547,8 @@ def _run_task(factory: type[Grid], spec: Mapping[str, Any], faults: Mapping[str,
     configure_logging(logging.INFO if spec["grid"]["progress"] else logging.WARNING)
     exp = _grid(factory, spec["grid"])
     lease = spec.get("lease") or {}
-    return run_held(exp, job, owner=owner, lease=lease)
+    # a run another steph process holds: the task waits for it (then reads its results)
+    return run_held(exp, job, owner=owner, lease=lease, wait=spec.get("wait_for_held", 0.0))
 
 
 CHECK_PREFIX = ".steph-node-check-"

@@ -14,8 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-LOCK_HEARTBEAT = 10.0  # seconds between two renewals of a held lease
-LOCK_STALE_AFTER = 60.0  # a lease seen unchanged this long belongs to a process that died
+# seconds between two renewals of a held lease, and how long a lease seen unchanged means its
+# process died; STEPH_LEASE_HEARTBEAT / STEPH_LEASE_STALE_AFTER change them (every process
+# sharing a runs folder must use the same: e.g. a shared file system that shows writes late)
+LOCK_HEARTBEAT = float(os.environ.get("STEPH_LEASE_HEARTBEAT", "10"))
+LOCK_STALE_AFTER = float(os.environ.get("STEPH_LEASE_STALE_AFTER", "60"))
 
 
 class RunLock:
@@ -157,6 +160,20 @@ class RunLock:
                 return  # taken over (we were judged dead): stop renewing someone else's lease
             with contextlib.suppress(OSError):
                 self._overwrite()
+
+    def live_holder_here(self) -> dict[str, Any] | None:
+        """The holder of the lease when it is a live process of this host other than this lock
+        (known alive without watching the lease), else None: no lease, or a holder whose
+        liveness only watching can tell (another host) or that died. Sets ``holder``."""
+        seen = self._read()
+        if seen is None:
+            return None
+        info = self._parse(seen)
+        if (info.get("owner") == self.owner or info.get("host") != socket.gethostname()
+                or self._dead_here(info) or "pid" not in info):
+            return None
+        self.holder = info
+        return info
 
     def describe_holder(self) -> str:
         h = self.holder or {}

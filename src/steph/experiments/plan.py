@@ -66,6 +66,19 @@ class Planner:
         return [RunRef(ref.cohort, self.arch, ref.fold, ref.repeat),
                 *(RunRef(s, self.arch, 0) for s in self.sources_for(ref.cohort))]
 
+    def result_pairs(self, methods: Sequence[str], targets: Sequence[str]
+                     ) -> list[tuple[str, str]]:
+        """The (cohort, method) pairs a request makes results: every target with every method,
+        and with the target's own model that a transfer method merges (trained on the same
+        folds). The sources' fold-0 models are inputs, not results."""
+        pairs: list[tuple[str, str]] = []
+        for t in targets:
+            for name in methods:
+                pairs.append((t, name))
+                pairs += [(p.cohort, p.method) for p in self.prerequisites(RunRef(t, name, 0))
+                          if p.cohort == t]
+        return list(dict.fromkeys(pairs))
+
     def plan(self, methods: Sequence[str], targets: Sequence[str], folds: Sequence[int],
              repeats: int = 1) -> list[RunRef]:
         """Every run needed, cancer-specific ones first, each once."""

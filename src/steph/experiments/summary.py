@@ -1,5 +1,6 @@
 """Collect finished runs into ``summary.csv`` (one row per cohort, method, fold; results only, so
-that reruns give the same bytes), ``timing.csv`` (training time and host of every run, from
+that reruns give the same bytes; only the runs that are *results* of the runs folder, never the
+source models that exist only as inputs of transfer runs, see :mod:`steph.runs.requests`), ``timing.csv`` (training time and host of every run, from
 ``run.json``), a Markdown table of mean +- std per cohort and method with the average over
 cohorts (like the paper's tables), and a plot of the per-fold C-indices.
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steph.runs import RunRef, RunsFolder
+from steph.runs import INPUT, RESULT, RunRef, RunsFolder
 from steph.survival.metrics import concordance_index
 from steph.utils.io import atomic_path, write_csv, write_text
 
@@ -27,11 +28,16 @@ TIMING_COLUMNS = ["cohort", "method", "repeat", "fold", "train_seconds", "host"]
 
 def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
             methods: Sequence[str] | None = None, folds: Sequence[int] | None = None,
-            repeats: int | None = None) -> pd.DataFrame:
+            repeats: int | None = None, role: str | None = RESULT) -> pd.DataFrame:
     """Rows of every finished run matching the filters (all finished runs when None);
-    ``repeats``: only repeats 0 .. repeats - 1."""
+    ``repeats``: only repeats 0 .. repeats - 1; ``role``: only the results of the runs folder
+    (default), only its input runs (``"input"``) or both (None)."""
+    folder = RunsFolder(runs_root)
+    roles = folder.roles() if role is not None else None
     rows = []
-    for _, run in RunsFolder(runs_root).finished():
+    for ref, run in folder.finished():
+        if roles is not None and roles.role(ref.cohort, ref.method) != role:
+            continue
         m = run.read_metrics()
         if targets is not None and m["cohort"] not in targets:
             continue
@@ -43,10 +49,11 @@ def collect(runs_root: str | Path, targets: Sequence[str] | None = None,
             continue
         rows.append({c: m.get(c, np.nan) for c in COLUMNS})
     df = pd.DataFrame(rows, columns=COLUMNS)
-    if methods is not None and len(df):
-        order = {name: i for i, name in enumerate(methods)}
+    first = methods if methods is not None else (roles.methods if roles is not None else None)
+    if first and len(df):
+        order = {name: i for i, name in enumerate(method_order(df, first))}
         df = (df.assign(_o=df["method"].map(order))
-              .sort_values(["cohort", "_o", "repeat", "fold"]).drop(columns="_o"))
+              .sort_values(["cohort", "_o", "repeat", "fold"], kind="stable").drop(columns="_o"))
     return df.reset_index(drop=True)
 
 
@@ -86,15 +93,35 @@ def oracle_rows(runs_root: str | Path, data_root: str | Path, summary: pd.DataFr
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def method_order(summary: pd.DataFrame, first: Sequence[str] | None = None) -> list[str]:
+    """``first`` (e.g. the methods of this call, in their order), then every other method of
+    ``summary`` in order of appearance, the oracle last."""
+    names = list(dict.fromkeys([*(first or []), *summary["method"]]))
+    return [m for m in names if m != ORACLE] + ([ORACLE] if ORACLE in names else [])
+
+
+def input_runs_line(runs_root: str | Path) -> str:
+    """One line naming the finished input runs a summary leaves out ('' when none)."""
+    folder = RunsFolder(runs_root)
+    roles = folder.roles()
+    inputs = [ref for ref, _ in folder.finished() if roles.role(ref.cohort, ref.method) == INPUT]
+    if not inputs:
+        return ""
+    names = ", ".join(str(r) for r in inputs[:8]) + (" ..." if len(inputs) > 8 else "")
+    return (f"Not in these tables: {len(inputs)} input run(s), models of source cohorts that "
+            f"transfer runs merged ({names})"
+            + ("; results inferred: this runs folder predates requests.json" if roles.inferred
+               else "") + ".")
+
+
 def mean_sd_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
                   value: str = "c_index") -> pd.DataFrame:
-    """The cells of the results table as strings: methods as rows, cohorts as columns,
-    ``mean ± std (n=...)`` over folds ("–" where a method was not run), plus ``Avg.`` (mean of the
-    per-cohort means, only for methods evaluated on every cohort)."""
+    """The cells of the results table as strings: methods as rows (``methods`` first, in their
+    order, then the summary's others), cohorts as columns, ``mean ± std (n=...)`` over folds
+    ("–" where a method was not run; the sd of a single fold is "–"), plus ``Avg.`` (mean of
+    the per-cohort means, only for methods evaluated on every cohort)."""
     cohorts = list(dict.fromkeys(summary["cohort"]))
-    methods = list(methods or dict.fromkeys(summary["method"]))
-    if ORACLE in set(summary["method"]) and ORACLE not in methods:
-        methods.append(ORACLE)
+    methods = method_order(summary, methods)
     stats = summary.groupby(["method", "cohort"])[value].agg(["mean", "std", "count"])
     n_rep = summary.groupby(["method", "cohort"])["repeat"].nunique() if "repeat" in summary else None
     rows = []
@@ -103,11 +130,11 @@ def mean_sd_table(summary: pd.DataFrame, methods: Sequence[str] | None = None,
         for c in cohorts:
             if (m, c) in stats.index:
                 s = stats.loc[(m, c)]
-                std = 0.0 if np.isnan(s["std"]) else s["std"]
+                std = "–" if int(s["count"]) < 2 or np.isnan(s["std"]) else f"{s['std']:.3f}"
                 reps = int(n_rep.loc[(m, c)]) if n_rep is not None else 1
                 n = (f"n={int(s['count'])}" if reps <= 1
                      else f"n={int(s['count'])}: {int(s['count']) // reps} folds x {reps} repeats")
-                cells.append(f"{s['mean']:.4f} ± {std:.3f} ({n})")
+                cells.append(f"{s['mean']:.4f} ± {std} ({n})")
                 means.append(s["mean"])
             else:
                 cells.append("–")
@@ -211,14 +238,20 @@ def with_paired_difference(summary: pd.DataFrame, baseline: str) -> pd.DataFrame
 
 
 def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
-                  targets: Sequence[str] | None = None, methods: Sequence[str] | None = None,
-                  folds: Sequence[int] | None = None, plot: bool = True,
-                  repeats: int | None = None, baseline: str = "abmil") -> pd.DataFrame:
-    """Write summary.csv, comparisons.csv, timing.csv, summary.md and summary.png."""
+                  methods: Sequence[str] | None = None, plot: bool = True,
+                  baseline: str = "abmil") -> pd.DataFrame:
+    """Write summary.csv, comparisons.csv, timing.csv, summary.md and summary.png of every
+    finished result run of the folder (whichever call made it); ``methods`` come first in the
+    tables (e.g. those of the call that writes the summary)."""
     from steph.experiments.compare import compare_methods, comparison_markdown
 
     root = RunsFolder(runs_root)
-    summary = collect(root.root, targets, methods, folds, repeats)
+    summary = collect(root.root)
+    if not summary.empty:
+        order = {name: i for i, name in enumerate(method_order(summary, methods))}
+        summary = (summary.assign(_o=summary["method"].map(order))
+                   .sort_values(["cohort", "_o", "repeat", "fold"], kind="stable")
+                   .drop(columns="_o").reset_index(drop=True))
     if data_root is not None and not summary.empty:
         oracle = oracle_rows(root.root, data_root, summary)
         if not oracle.empty:
@@ -229,8 +262,10 @@ def write_summary(runs_root: str | Path, data_root: str | Path | None = None,
     write_csv(root / root.COMPARISONS_CSV, comparisons)
     timing = collect_timing(root.root, summary)
     write_csv(root / root.TIMING_CSV, timing)
+    inputs = input_runs_line(root.root)
     text = ["# Test C-index (cross-validation: mean ± std over folds)", "",
-            markdown_table(summary, methods), "", f"## Compared with {baseline}", "",
+            markdown_table(summary, methods), *([inputs, ""] if inputs else []), "",
+            f"## Compared with {baseline}", "",
             comparison_markdown(comparisons), "", "## Training time", "", timing_table(timing)]
     write_text(root / root.SUMMARY_MD, "\n".join(text))
     if plot and summary["c_index"].notna().any():

@@ -173,6 +173,66 @@ class Workspace:
             hparams=meta["hparams"], arch=arch)
 
     # -- before any run starts ---------------------------------------------------------------------
+    def check_inputs(self, refs: Sequence[RunRef]) -> None:
+        """Check every input the runs ``refs`` read before any of them starts: each cohort's
+        label table and feature files (at the ``data.check`` level), its folds in each repeat,
+        and one feature dimension for the cohorts whose models share a network's theta_0.
+        Raises one :class:`DataError` listing every problem, one line each (a cohort's bad
+        slides: a line per slide)."""
+        problems: list[str] = []
+        names = list(dict.fromkeys(r.cohort for r in refs))
+        loaded: dict[str, Cohort] = {}
+        for name in names:
+            try:
+                loaded[name] = self.cohort(name)
+            except StephError as err:
+                problems.append(str(err).strip())
+        for name, repeat in dict.fromkeys((r.cohort, r.repeat) for r in refs):
+            if name in loaded:
+                try:
+                    self.splits(name, repeat)
+                except StephError as err:
+                    problems.append(f"cohort {name!r}: {one_line(err)}")
+        problems += self._dimension_problems(refs, loaded)
+        if problems:
+            lines = "\n".join("  " + line.replace("\n", "\n  ") for line in problems)
+            raise DataError(f"{len(problems)} problem(s) in the inputs of this request; nothing "
+                            f"was trained:\n{lines}")
+
+    def _dimension_problems(self, refs: Sequence[RunRef], loaded: dict[str, Cohort]) -> list[str]:
+        """Cohorts whose models start from one network's theta_0 must share its in_dim."""
+        by_arch: dict[str, list[str]] = {}
+        for ref in refs:
+            arch = get_method(ref.method).network(self.cfg)
+            if ref.cohort in loaded and ref.cohort not in by_arch.setdefault(arch, []):
+                by_arch[arch].append(ref.cohort)
+        problems = []
+        for arch, names in by_arch.items():
+            dims: dict[int, list[str]] = {}
+            for name in names:
+                dims.setdefault(loaded[name].feature_dim, []).append(name)
+            meta = self.runs.theta0(arch).with_suffix(".json")
+            made_for = None
+            if meta.exists():
+                try:
+                    made_for = migrations.upgrade_theta0(read_json(meta))["hparams"]["in_dim"]
+                except (StephError, KeyError, TypeError, ValueError):
+                    made_for = None
+            if made_for is not None:
+                for dim, have in sorted(dims.items()):
+                    if dim != made_for:
+                        problems.append(
+                            f"cohort(s) {', '.join(have)}: feature dimension {dim}, but "
+                            f"{self.runs.theta0(arch)} was made for {made_for} (every {arch} "
+                            "model of a runs folder starts from it; use another --out)")
+            elif len(dims) > 1:
+                listing = "; ".join(f"{', '.join(have)}: {dim}" for dim, have in sorted(dims.items()))
+                problems.append(f"feature dimensions differ between cohorts ({listing}): every "
+                                f"{arch} model of a runs folder starts from one theta_0, so the "
+                                "cohorts of one request need one feature dimension")
+        return problems
+
+
     def _prepare_one(self, ref: RunRef, arch: str, unwritable: dict[str, str]) -> str:
         """Splits of ``ref``'s cohort and its network's theta_0; the one-line error or ''. A
         theta_0 that could not be written (a full disk) stops every run of its network, with

@@ -32,6 +32,7 @@ import pandas as pd
 
 from steph.analysis import runs as R
 from steph.errors import StephError
+from steph.runs import INPUT, RESULT, RunsFolder
 from steph.utils.plotting import NothingToDraw, figure_bytes, save_figure
 
 log = logging.getLogger("steph.report")
@@ -172,6 +173,10 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
 
     opts = options or ReportOptions()
     root = Path(runs_root)
+    if data_root is not None:  # before anything is written: a report never gets weaker by a typo
+        from steph.data.cohort import require_data_root
+
+        require_data_root(data_root)
     inventory = R.run_inventory(root)
     out = Path(html_path) if html_path is not None else root / "report.html"
     fig_dir = out.with_name(f"{out.stem}-figures")
@@ -180,10 +185,10 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
     summary = collect(root)
     data = Path(data_root) if data_root is not None else None
 
-    _runs_section(page, inventory)
+    _runs_section(page, root, inventory)
     _guard(page, "results", lambda: _results_section(page, root, data, summary, opts))
     _guard(page, "survival", lambda: _survival_section(page, root, inventory, opts))
-    steph_runs = R.finished_runs(inventory, method=opts.steph)
+    steph_runs = R.finished_runs(inventory, method=opts.steph, role=RESULT)
     if not steph_runs:
         for key in ("dynamics", "landscape", "sar", "attention"):
             page.note(key, f"No finished run of <code>{esc(opts.steph)}</code> in this runs "
@@ -200,7 +205,22 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
     from steph.utils.io import write_text
 
     write_text(out, _page_html(page, root, data, inventory))
+    _remove_stale_figures(fig_dir, report)
     return report
+
+
+def _remove_stale_figures(fig_dir: Path, report: Report) -> None:
+    """Figures and tables of an earlier report in ``fig_dir`` that this one did not write (a
+    section that has nothing to show now): removed, so the folder matches the page."""
+    if not fig_dir.is_dir():
+        return
+    written = {p.resolve() for paths in report.figures.values() for p in paths.values()}
+    written |= {p.resolve() for p in report.files}
+    for path in fig_dir.iterdir():
+        if path.suffix in (".png", ".svg", ".csv") and path.is_file() \
+                and path.resolve() not in written:
+            path.unlink()
+            log.info("report: removed %s, which an earlier report wrote", path)
 
 
 def _page_html(page: _Page, root: Path, data: Path | None, inventory: pd.DataFrame) -> str:
@@ -238,19 +258,32 @@ def _page_html(page: _Page, root: Path, data: Path | None, inventory: pd.DataFra
 
 # -- sections -----------------------------------------------------------------------------------
 
-def _runs_section(page: _Page, inventory: pd.DataFrame) -> None:
+def _runs_section(page: _Page, root: Path, inventory: pd.DataFrame) -> None:
     s = "runs"
     counts = inventory.groupby("state").size()
     n_fin = int(counts.get(R.FINISHED, 0))
     page.add(s, f"<p>{n_fin} finished run(s), {int(counts.get(R.UNFINISHED, 0))} unfinished, "
                 f"{int(counts.get(R.MISSING, 0))} missing (a fold other methods of the same "
                 "cohort have). Every section uses the finished runs only.</p>")
-    grid = (inventory[inventory["state"] == R.FINISHED]
-            .groupby(["cohort", "method"], sort=False)["fold"]
-            .agg(lambda f: ", ".join(str(int(x)) for x in sorted(set(f)))).reset_index()
-            .rename(columns={"fold": "finished folds"}))
+    def folds_table(rows: pd.DataFrame) -> pd.DataFrame:
+        return (rows.groupby(["cohort", "method"], sort=False)["fold"]
+                .agg(lambda f: ", ".join(str(int(x)) for x in sorted(set(f)))).reset_index()
+                .rename(columns={"fold": "finished folds"}))
+
+    fin = inventory[inventory["state"] == R.FINISHED]
+    grid = folds_table(fin[fin["role"] == RESULT])
     if len(grid):
+        page.add(s, "<h3>Results</h3>")
         page.add(s, table_html(grid))
+    inputs = folds_table(fin[fin["role"] == INPUT])
+    if len(inputs):
+        page.add(s, "<h3>Input runs</h3><p>Models of source cohorts that the transfer runs "
+                    "merged (fold 0 of each source, method.md section 4). They are inputs, not "
+                    "results: no table or figure of this report includes them.</p>")
+        page.add(s, table_html(inputs))
+    roles = RunsFolder(root).roles()
+    if roles.inferred:
+        page.note(s, esc(roles.describe()) + ".")
     todo = inventory[inventory["state"] != R.FINISHED].copy()
     if len(todo):
         todo["note"] = np.where(todo["state"] == R.MISSING, "no run directory",
@@ -320,7 +353,8 @@ def _survival_section(page: _Page, root: Path, inventory: pd.DataFrame,
     from steph.report.figures import km_figure
 
     s = "survival"
-    fin = inventory[(inventory["state"] == R.FINISHED) & (inventory["repeat"] == 0)]
+    fin = inventory[(inventory["state"] == R.FINISHED) & (inventory["repeat"] == 0)
+                    & (inventory["role"] == RESULT)]
     targets = list(dict.fromkeys(fin.loc[fin["method"] == opts.steph, "cohort"]))
     if not targets:
         targets = list(dict.fromkeys(fin.loc[fin["method"] == opts.baseline, "cohort"]))

@@ -9,6 +9,7 @@ and of how their records are read and written.
     RUNS/graphs/<cohort>/                         patch graphs of graph networks (Patch-GCN)
     RUNS/<cohort>/<method>/[rep<r>/]fold<k>/      one run (a RunDir)
     RUNS/.<fold dir name>.lock (beside each run)  its lease while a process trains it
+    RUNS/requests.json                            which runs are results, which only inputs
     RUNS/summary.csv, comparisons.csv, timing.csv, summary.md, summary.png
     RUNS/.cache/analysis/, RUNS/.cache/comparisons/
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import yaml
 from steph.config import without_performance_keys
 from steph.errors import RunError
 from steph.runs import migrations
+from steph.runs.requests import RunRoles, record_request, run_roles
 from steph.utils.io import read_json, write_csv, write_json, write_text
 
 _FOLD = re.compile(r"fold(\d+)$")
@@ -242,6 +244,7 @@ class RunsFolder:
     TIMING_CSV = "timing.csv"
     SUMMARY_MD = "summary.md"
     SUMMARY_PNG = "summary.png"
+    REQUESTS = "requests.json"
     # top-level folders that are not cohorts
     NOT_COHORTS = frozenset({SPLITS, GRAPHS, "analysis", "search", "report-figures"})
 
@@ -301,3 +304,21 @@ class RunsFolder:
 
     def finished(self) -> Iterator[tuple[RunRef, RunDir]]:
         return ((ref, run) for ref, run in self.walk() if run.is_finished())
+
+    # -- results and inputs (steph.runs.requests) ---------------------------------------------------
+    def roles(self) -> RunRoles:
+        """Which (cohort, method) pairs are results; every other run is an input (a source's
+        model a transfer run needed). From ``requests.json``, else inferred from the runs."""
+        return run_roles(self.root, self._run_tuples())
+
+    def record_request(self, targets: Sequence[str], methods: Sequence[str],
+                       results: Iterable[tuple[str, str]], folds: Sequence[int] | None = None,
+                       repeats: int = 1, command: str = "cv") -> None:
+        """Record a request's targets, methods and result pairs in ``requests.json``."""
+        record_request(self.root, targets, methods, results, self._run_tuples(), folds,
+                       repeats, command)
+
+    def _run_tuples(self) -> Iterator[tuple[str, str, int, int, Path]]:
+        """Every run directory (finished or not), as the inference of results reads it."""
+        return ((ref.cohort, ref.method, ref.fold, ref.repeat, run.path)
+                for ref, run in self.walk())

@@ -12,6 +12,7 @@ bumps the version here and adds its upgrade step.
 | provenance | ``<run>/run.json`` | ``steph-run-record/2`` |
 | artefact manifest | ``<run>/model.json``, any ``<name>.json`` beside weights | ``steph-artefact/2`` |
 | shared initialisation | ``RUNS/theta0[-<arch>].json`` | ``steph-theta0/2`` |
+| requests (results vs inputs) | ``RUNS/requests.json`` | ``steph-requests/1`` |
 
 Version 1 records and what upgrading them does:
 
@@ -29,6 +30,8 @@ Version 1 records and what upgrading them does:
   ``n_patients`` had 0; ROUPKT / read-out artefacts without ``seed`` had 0 and their expert
   banks without ``arch`` were ABMIL's.
 - theta_0: without ``model``, it is ABMIL's.
+- requests: version 1 is the first (a runs folder without the record has its results
+  inferred from the runs, :func:`steph.runs.requests.infer_results`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ METRICS_FORMAT = "steph-metrics/2"
 RECORD_FORMAT = "steph-run-record/2"
 ARTEFACT_FORMAT = "steph-artefact/2"
 THETA0_FORMAT = "steph-theta0/2"
+REQUESTS_FORMAT = "steph-requests/1"
 
 # Keys added to the settings after version-1 runs were first written, with the value those
 # earlier runs had in effect.
@@ -136,5 +140,13 @@ def upgrade_theta0(found: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def upgrade_requests(found: dict[str, Any]) -> dict[str, Any]:
+    """``RUNS/requests.json`` in today's layout (without ``format``)."""
+    version(found, "requests")
+    if not isinstance(found.get("requests"), list):
+        raise TypeError("no list of requests")
+    return {k: x for k, x in found.items() if k != "format"}
+
+
 CURRENT = {"settings": SETTINGS_FORMAT, "metrics": METRICS_FORMAT, "record": RECORD_FORMAT,
-           "artefact": ARTEFACT_FORMAT, "theta0": THETA0_FORMAT}
+           "artefact": ARTEFACT_FORMAT, "theta0": THETA0_FORMAT, "requests": REQUESTS_FORMAT}

@@ -417,6 +417,24 @@ class _EpochTotals:
         return row
 
 
+
+def describe_head_start(info: dict[str, Any]) -> str:
+    """The head start's facts on one short line (the full dict is logged at DEBUG): the ridge
+    chosen, its inner-CV C-index, the noise ratio and whether the head was refitted."""
+    parts = []
+    if "head_ridge" in info:
+        cv = info.get("head_cv_cindex") or {}
+        best = cv.get(str(info["head_ridge"]))
+        text = f"ridge {info['head_ridge']:g}"
+        if isinstance(best, float) and math.isfinite(best):
+            text += f" (inner-CV C-index {best:.3f}, best of {len(cv)})"
+        parts.append(text)
+    if "head_noise_ratio" in info:
+        parts.append(f"noise ratio {info['head_noise_ratio']:.2f}")
+    if "head_fit_on" in info:
+        parts.append(f"refitted on the {info['head_fit_on']}")
+    return ", ".join(parts) or ", ".join(f"{k} {v}" for k, v in info.items())
+
 def fit(
     model: SurvivalModule,
     train: Sequence[dict[str, Any]],
@@ -491,7 +509,9 @@ def fit(
                 head_info = initialize_head(model, train, cfg.head_init, cfg.loss_alpha,
                                             seed=cfg.seed, items=lambda: iter(train_loader))
             if head_info:
-                log.info("%s: head start %s: %s", desc, cfg.head_init, head_info)
+                log.info("%s: head start %s: %s", desc, cfg.head_init,
+                         describe_head_start(head_info))
+                log.debug("%s: head start %s: %s", desc, cfg.head_init, head_info)
         if history and on_epoch_end is not None:
             on_epoch_end(history[-1])  # a process killed between the check and its effect
         t0 = time.perf_counter()
