@@ -94,7 +94,8 @@ class RunRunner:
         method = get_method(ref.method)
         run = {"cohort": ref.cohort, "method": ref.method, "fold": ref.fold,
                "data_root": str(self.ws.data_root.resolve()),
-               "sources": self.ws.sources_for(ref.cohort) if method.needs_pool else []}
+               "sources": (self.ws.sources_for(ref.cohort)
+                           if method.needs_pool or method.uses_sources else [])}
         if ref.repeat:  # repeat 0 keeps the identity runs had before repeats existed
             run["repeat"] = ref.repeat
         return {"run": run, **config_for(method, self.cfg)}
@@ -147,7 +148,9 @@ class RunRunner:
             bins=bins, n_patients=len(cohort), n_train=len(train),
             train_bins=train.bin_indices, train_events=train.events, run_dir=path,
             train_data=train, test_data=test, pool_loader=pool, arch=meta["model"],
-            cohort=cohort, graph_dir=self.ws.runs.graphs(cohort.name))
+            cohort=cohort, graph_dir=self.ws.runs.graphs(cohort.name),
+            sources=self.ws.sources_for(ref.cohort), load_cohort=self.ws.cohort,
+            graph_dirs=self.ws.runs.graphs)
 
     def train(self, ref: RunRef, method: Method, cfg: ExperimentConfig, cohort: Cohort,
               bins: TimeBins, train: BagDataset, evaluate: BagDataset | None, path: Path,
@@ -178,7 +181,8 @@ class RunRunner:
             if not method.trains:
                 break
             try:
-                result = fit(built.module, train, cfg.train, path,
+                result = fit(built.module, train if built.train_data is None else built.train_data,
+                             cfg.train, path,
                              test=scored if watch else None,
                              progress=self.progress if progress is None else progress,
                              desc=desc or str(ref), on_epoch_end=built.on_epoch_end,

@@ -50,6 +50,11 @@ class MethodContext:
     arch: str = "abmil"  # the network of theta0 / hparams (Method.arch, or model.arch)
     cohort: Any = None  # the target cohort (steph.data.cohort.Cohort)
     graph_dir: Path | None = None  # cache of the cohort's patch graphs (RUNS/graphs/<cohort>)
+    # The source cohorts of the run (every cohort but the target unless --sources says) and how
+    # to load one (the experiment's cohort cache), for methods that read their patients.
+    sources: list[str] = field(default_factory=list)
+    load_cohort: Callable[[str], Any] | None = None
+    graph_dirs: Callable[[str], Path] | None = None  # patch-graph cache of any cohort
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pool(self) -> ModelPool:
@@ -78,6 +83,9 @@ class Built:
     # the last one); may raise steph.training.TrainingRestart to start the run again with other
     # settings (e.g. STEPH's collapse guard).
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    # The bags the trainer trains on, when not the target's training split (e.g. joint
+    # training: the target's training split plus every source cohort's patients).
+    train_data: Any = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,9 @@ class Method:
     # pool holds: a cancer-specific method names its own (e.g. "transmil"); None = the runs
     # folder's backbone, ``model.arch`` (the transfer methods).
     arch: str | None = None
+    # Reads the source cohorts' patients (not their models): the sources are part of the
+    # run's identity, as for the methods that need the model pool.
+    uses_sources: bool = False
 
     def network(self, cfg: ExperimentConfig) -> str:
         """The network this method works on under ``cfg``."""
