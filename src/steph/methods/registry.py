@@ -29,6 +29,16 @@ from steph.survival.bins import TimeBins
 BagInputProvider = Callable[[str], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class InnerTarget:
+    """One of a run's inner target models (cross-fitting): the target's own network trained
+    from theta_0 on all of the run's training patients but ``held_out``."""
+
+    weights: Path
+    held_out: tuple[str, ...]  # the training patients this model never saw
+    c_index: float  # its C-index on them
+
+
 @dataclass
 class MethodContext:
     """Everything a recipe may use to build its module for one run (cohort, fold)."""
@@ -55,6 +65,8 @@ class MethodContext:
     sources: list[str] = field(default_factory=list)
     load_cohort: Callable[[str], Any] | None = None
     graph_dirs: Callable[[str], Path] | None = None  # patch-graph cache of any cohort
+    # The run's inner target models, when the method asked for them (Method.inner_targets).
+    inner_targets: list[InnerTarget] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pool(self) -> ModelPool:
@@ -137,6 +149,9 @@ class Method:
     # Reads the source cohorts' patients (not their models): the sources are part of the
     # run's identity, as for the methods that need the model pool.
     uses_sources: bool = False
+    # How many inner target models the run needs (cross-fitting: J >= 2 models of the target's
+    # network, each trained on J - 1 of J inner folds of the training patients), or None.
+    inner_targets: Callable[[ExperimentConfig], int | None] | None = None
 
     def network(self, cfg: ExperimentConfig) -> str:
         """The network this method works on under ``cfg``."""
