@@ -696,6 +696,38 @@ def analyze_sar(out: str, target: str, fold: int | None, steph_method: str, alph
     _echo_written(run(out, target, fold, steph_method, alpha, dest))
 
 
+@analyze.command("transferability")
+@click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Runs directory (with every cohort's cancer-specific runs).")
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Data root (the targets' features).")
+@click.option("--arch", default="abmil", show_default=True,
+              help="The network whose cancer-specific runs are the models.")
+@click.option("--targets", default=None, help="Comma-separated targets (default: all).")
+@click.option("--sources", default=None, help="Comma-separated sources (default: all).")
+@click.option("--probes", is_flag=True,
+              help="Also fixed-merge probes: theta_0 + tau_t + tau_s per target fold and source.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (1 is fastest for small bags on a busy machine).")
+@click.option("--dest", default=None, type=click.Path(file_okay=False),
+              help="Output folder (default RUNS/analysis).")
+@click.option("--quiet", is_flag=True, help="No progress messages.")
+def analyze_transferability(out: str, data_root: str, arch: str, targets: str | None,
+                            sources: str | None, probes: bool, threads: int | None,
+                            dest: str | None, quiet: bool) -> None:
+    """Which cohorts can help which: every source's fold-0 model applied unchanged to every
+    target's folds (zero-shot C-index; test patients for the report, training patients for
+    choices), as a CSV matrix and a heatmap, with its statistics."""
+    import torch
+
+    from steph.report.commands import analyze_transferability as run
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _echo_written(run(out, data_root, arch, _split_list(targets), _split_list(sources), probes,
+                      not quiet, dest))
+
+
 @analyze.command("attention")
 @click.option("--out", required=True, type=click.Path(file_okay=False, exists=True),
               help="Runs directory.")

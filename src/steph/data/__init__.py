@@ -4,7 +4,7 @@ The synthetic cohort generator lives in :mod:`steph.data.synthetic` (import it d
 """
 
 from steph.data.cohort import Cohort, discover_cohorts
-from steph.data.dataset import BagDataset, subsample_indices
+from steph.data.dataset import BagDataset, ConcatBags, subsample_indices
 from steph.data.features import (
     WSI_EXTENSIONS,
     FeatureIndex,
@@ -36,6 +36,7 @@ __all__ = [
     "WSI_EXTENSIONS",
     "BagDataset",
     "Cohort",
+    "ConcatBags",
     "FeatureIndex",
     "PackedStore",
     "Split",

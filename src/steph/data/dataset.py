@@ -228,3 +228,33 @@ class BagDataset(Dataset):
     def __repr__(self) -> str:
         return (f"BagDataset({self.cohort.name!r}, {len(self)} bags, n_bins={self.bins.n_bins}, "
                 f"cache_mb={self.cache_bytes_max / 2**20:g}, max_instances={self.max_instances})")
+
+
+class ConcatBags(Dataset):
+    """Several bag datasets as one (e.g. a target's training split and every source cohort's
+    patients, for joint training): item ``i`` is the item of the dataset it falls in (float32
+    features, each part's own per-bag inputs and cache). The labels of every bag
+    (``bin_indices``, ``events``, ``times``) are concatenated without reading a bag."""
+
+    def __init__(self, parts: Sequence[BagDataset]):
+        if not parts:
+            raise DataError("ConcatBags needs at least one dataset")
+        self.parts = list(parts)
+        self._ends = np.cumsum([len(p) for p in self.parts])
+        self.times = np.concatenate([p.times for p in self.parts])
+        self.events = np.concatenate([p.events for p in self.parts])
+        self.bin_indices = np.concatenate([np.asarray(p.bin_indices) for p in self.parts])
+        self.patient_ids = [pid for p in self.parts for pid in p.patient_ids]
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} bags")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        start = int(self._ends[k - 1]) if k else 0
+        return self.parts[k][i - start]
+
+    def __repr__(self) -> str:
+        return f"ConcatBags({', '.join(repr(p) for p in self.parts)})"

@@ -39,7 +39,7 @@ from steph.experiments.search import run_search, with_overrides
 from steph.experiments.workspace import Workspace
 from steph.experiments.writer import TrainedRun, frame_cindex, write_run
 from steph.merging.pool import ModelPool
-from steph.methods import Built, Method, MethodContext, config_for, get_method
+from steph.methods import Built, InnerTarget, Method, MethodContext, config_for, get_method
 from steph.models import check_module, model_class
 from steph.runs import RunDir, RunRef
 from steph.survival.bins import TimeBins
@@ -94,7 +94,8 @@ class RunRunner:
         method = get_method(ref.method)
         run = {"cohort": ref.cohort, "method": ref.method, "fold": ref.fold,
                "data_root": str(self.ws.data_root.resolve()),
-               "sources": self.ws.sources_for(ref.cohort) if method.needs_pool else []}
+               "sources": (self.ws.sources_for(ref.cohort)
+                           if method.needs_pool or method.uses_sources else [])}
         if ref.repeat:  # repeat 0 keeps the identity runs had before repeats existed
             run["repeat"] = ref.repeat
         return {"run": run, **config_for(method, self.cfg)}
@@ -141,18 +142,22 @@ class RunRunner:
     # -- building and training ---------------------------------------------------------------------
     def context(self, ref: RunRef, cfg: ExperimentConfig, cohort: Cohort, bins: TimeBins,
                 theta0: dict, meta: dict, train: BagDataset, test: BagDataset | None,
-                path: Path, pool: Callable[[], ModelPool] | None = None) -> MethodContext:
+                path: Path, pool: Callable[[], ModelPool] | None = None,
+                inner: list[InnerTarget] | None = None) -> MethodContext:
         return MethodContext(
             cfg=cfg, target=ref.cohort, fold=ref.fold, hparams=meta["hparams"], theta0=theta0,
             bins=bins, n_patients=len(cohort), n_train=len(train),
             train_bins=train.bin_indices, train_events=train.events, run_dir=path,
             train_data=train, test_data=test, pool_loader=pool, arch=meta["model"],
-            cohort=cohort, graph_dir=self.ws.runs.graphs(cohort.name))
+            cohort=cohort, graph_dir=self.ws.runs.graphs(cohort.name),
+            sources=self.ws.sources_for(ref.cohort), load_cohort=self.ws.cohort,
+            graph_dirs=self.ws.runs.graphs, inner_targets=inner)
 
     def train(self, ref: RunRef, method: Method, cfg: ExperimentConfig, cohort: Cohort,
               bins: TimeBins, train: BagDataset, evaluate: BagDataset | None, path: Path,
               pool: Callable[[], ModelPool] | None = None, *, attempts: list | None = None,
-              desc: str | None = None, progress: bool | None = None, watch: bool = True
+              desc: str | None = None, progress: bool | None = None, watch: bool = True,
+              inner: list[InnerTarget] | None = None
               ) -> tuple[Built, TrainedRun, ExperimentConfig, BagDataset | None]:
         """Build ``method`` for this run and train it in ``path`` (resuming what is there).
 
@@ -169,7 +174,8 @@ class RunRunner:
         history: list[dict[str, Any]] = []
         resumed_from = 0
         while True:
-            ctx = self.context(ref, cfg, cohort, bins, theta0, meta, train, evaluate, path, pool)
+            ctx = self.context(ref, cfg, cohort, bins, theta0, meta, train, evaluate, path, pool,
+                               inner)
             built = build(method, ctx)
             for ds in (train, evaluate):
                 if ds is not None:
@@ -178,7 +184,8 @@ class RunRunner:
             if not method.trains:
                 break
             try:
-                result = fit(built.module, train, cfg.train, path,
+                result = fit(built.module, train if built.train_data is None else built.train_data,
+                             cfg.train, path,
                              test=scored if watch else None,
                              progress=self.progress if progress is None else progress,
                              desc=desc or str(ref), on_epoch_end=built.on_epoch_end,
@@ -226,9 +233,11 @@ class RunRunner:
             cfg = with_overrides(cfg, {spec.key: found.value})
             info.update(found.metrics())
         pool = (lambda: self.ws.pool(ref)) if method.needs_pool else None
+        n_inner = method.inner_targets(cfg) if method.inner_targets is not None else None
+        inner = self.inner_targets(ref, cohort, split, n_inner) if n_inner else None
         built, trained, cfg, test_eval = self.train(
             ref, method, cfg, cohort, bins, train_ds, test_ds, run.path, pool,
-            attempts=run.read_attempts())
+            attempts=run.read_attempts(), inner=inner)
         trained.info = {**info, **trained.info}
         train_eval = self.eval_dataset(train_ds, built.module, cfg)
         facts = self.eval_facts(ref, built.module, cfg, test_eval, train_eval)
@@ -264,6 +273,47 @@ class RunRunner:
             fault_point("search:target")
             RunDir(path).checkpoint.unlink(missing_ok=True)
         return weights
+
+    def inner_targets(self, ref: RunRef, cohort: Cohort, split, folds: int
+                      ) -> list[InnerTarget]:
+        """Cross-fitting's inner target models of run ``ref`` (``<run>/crossfit/inner<j>``,
+        resumed when there): the run's training patients in ``folds`` inner folds (stratified,
+        seeded by ``data.split_seed``, as an inner search's), model j trained from theta_0 on
+        all of them but fold j and scored on fold j."""
+        from steph.data.splits import create_splits
+        from steph.utils.io import read_json, write_json
+
+        patients = (cohort.patients.set_index("patient_id").loc[list(split.train_ids)]
+                    .reset_index()[["patient_id", "time", "event"]])
+        root = self.ws.runs.run(ref).path / "crossfit"
+        out = []
+        for j, part in enumerate(create_splits(patients, k=folds, seed=self.cfg.data.split_seed)):
+            path = root / f"inner{j}"
+            score = path / "score.json"
+            weights = self.train_inner_target(ref, cohort, j, part.train_ids, path)
+            if not score.exists():
+                _, _, held = self.inner_datasets(cohort, j, (), part.test_ids)
+                write_json(score, {"c_index": self._score_weights(ref, cohort, weights, held),
+                                   "n_train": len(part.train_ids),
+                                   "n_held_out": len(part.test_ids)})
+            out.append(InnerTarget(weights, tuple(part.test_ids),
+                                   float(read_json(score)["c_index"])))
+        return out
+
+    def _score_weights(self, ref: RunRef, cohort: Cohort, weights: Path,
+                       bags: BagDataset) -> float:
+        """Harrell's C on ``bags`` of the target's network holding ``weights``."""
+        from steph.data.bag_inputs import cohort_providers
+        from steph.models import create_model
+        from steph.utils.io import load_tensors
+
+        arch = self.ws.planner.prerequisites(ref)[0].method
+        _, meta = self.ws.load_theta0(arch)
+        model = create_model(arch, **meta["hparams"])
+        model.load_state_dict(load_tensors(weights))
+        bags.set_bag_inputs(cohort_providers(model.bag_inputs, cohort,
+                                             self.ws.runs.graphs(cohort.name)))
+        return frame_cindex(self.predict(model, bags)[0])
 
     def score_candidate(self, ref: RunRef, method: Method, cohort: Cohort, key: str, value: Any,
                         fold: int, train_ids, val_ids, target_weights: Path, path: Path) -> float:

@@ -7,13 +7,15 @@ the experiment grid. Importing this package registers every method.
   steph.py          STEPH, its ablations and the K sweep
   model_merging.py  Model Avg, Task Arithmetic, AdaMerging, TIES / Iso-C / Iso-CTS / Surgery AM
   transfer.py       representation transfer: ROUPKT, zero_shot, linear_probe, fusion_mean
+  joint.py          multi-cancer joint learning (the target's training patients + the sources')
 """
 
-from steph.methods import model_merging, networks, steph, transfer  # noqa: F401  (registration)
+from steph.methods import joint, model_merging, networks, steph, transfer  # noqa: F401  (registration)
 from steph.methods.registry import (
     Built,
     CostModel,
     CostSpec,
+    InnerTarget,
     Method,
     MethodContext,
     SearchSpec,
@@ -30,6 +32,7 @@ __all__ = [
     "Built",
     "CostModel",
     "CostSpec",
+    "InnerTarget",
     "Method",
     "MethodContext",
     "SearchSpec",

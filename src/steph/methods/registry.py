@@ -29,6 +29,16 @@ from steph.survival.bins import TimeBins
 BagInputProvider = Callable[[str], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class InnerTarget:
+    """One of a run's inner target models (cross-fitting): the target's own network trained
+    from theta_0 on all of the run's training patients but ``held_out``."""
+
+    weights: Path
+    held_out: tuple[str, ...]  # the training patients this model never saw
+    c_index: float  # its C-index on them
+
+
 @dataclass
 class MethodContext:
     """Everything a recipe may use to build its module for one run (cohort, fold)."""
@@ -50,6 +60,13 @@ class MethodContext:
     arch: str = "abmil"  # the network of theta0 / hparams (Method.arch, or model.arch)
     cohort: Any = None  # the target cohort (steph.data.cohort.Cohort)
     graph_dir: Path | None = None  # cache of the cohort's patch graphs (RUNS/graphs/<cohort>)
+    # The source cohorts of the run (every cohort but the target unless --sources says) and how
+    # to load one (the experiment's cohort cache), for methods that read their patients.
+    sources: list[str] = field(default_factory=list)
+    load_cohort: Callable[[str], Any] | None = None
+    graph_dirs: Callable[[str], Path] | None = None  # patch-graph cache of any cohort
+    # The run's inner target models, when the method asked for them (Method.inner_targets).
+    inner_targets: list[InnerTarget] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pool(self) -> ModelPool:
@@ -78,6 +95,9 @@ class Built:
     # the last one); may raise steph.training.TrainingRestart to start the run again with other
     # settings (e.g. STEPH's collapse guard).
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    # The bags the trainer trains on, when not the target's training split (e.g. joint
+    # training: the target's training split plus every source cohort's patients).
+    train_data: Any = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,12 @@ class Method:
     # pool holds: a cancer-specific method names its own (e.g. "transmil"); None = the runs
     # folder's backbone, ``model.arch`` (the transfer methods).
     arch: str | None = None
+    # Reads the source cohorts' patients (not their models): the sources are part of the
+    # run's identity, as for the methods that need the model pool.
+    uses_sources: bool = False
+    # How many inner target models the run needs (cross-fitting: J >= 2 models of the target's
+    # network, each trained on J - 1 of J inner folds of the training patients), or None.
+    inner_targets: Callable[[ExperimentConfig], int | None] | None = None
 
     def network(self, cfg: ExperimentConfig) -> str:
         """The network this method works on under ``cfg``."""

@@ -132,3 +132,57 @@ def analyze_attention(runs_root: str | Path, data_root: str | Path, slides: Sequ
         tables.append(table)
         lines.append(f"{slide}: {len(table)} patches, test patient of {run}")
     return Written(pd.concat(tables, ignore_index=True), files, lines)
+
+
+def analyze_transferability(runs_root: str | Path, data_root: str | Path, arch: str = "abmil",
+                            targets: Sequence[str] | None = None,
+                            sources: Sequence[str] | None = None, probes: bool = False,
+                            progress: bool = False, dest: str | Path | None = None) -> Written:
+    """The zero-shot transfer matrix of every source model on every target (see
+    :mod:`steph.analysis.transferability`); writes ``transferability.csv`` (per target, source,
+    fold and split), ``transferability-matrix.csv``, ``transferability-statistics.csv``, the
+    heatmap ``transferability.{png,svg}`` and, with ``probes``, ``transferability-probes.csv``
+    (fixed-merge probes of every target fold and source)."""
+    from steph.analysis import transferability as T
+    from steph.report.figures import transferability_figure
+
+    table = T.zero_shot_table(runs_root, data_root, arch, targets, sources, progress=progress)
+    matrix = T.transfer_matrix(table)
+    stats = T.transfer_statistics(matrix)
+    stats_table = T.statistics_table(stats)
+    folder = _dest(runs_root, dest)
+    stem = folder / "transferability"
+    write_csv(stem.with_suffix(".csv"), table)
+    write_csv(folder / "transferability-matrix.csv", matrix.reset_index(names="source"))
+    write_csv(folder / "transferability-statistics.csv", stats_table)
+    out = Written(table, [*save_figure(transferability_figure(matrix), stem).values(),
+                          stem.with_suffix(".csv"), folder / "transferability-matrix.csv",
+                          folder / "transferability-statistics.csv"])
+    for r in stats_table.itertuples(index=False):
+        value = f"{r.value:.3f}" if isinstance(r.value, float) else str(r.value)
+        out.lines.append(f"{r.statistic}: {value}")
+    for target in matrix.columns:
+        col = matrix[target].drop(target, errors="ignore").dropna().sort_values(ascending=False)
+        if len(col):
+            out.lines.append(f"{target}: own {matrix.loc[target, target]:.3f}; sources by "
+                             "zero-shot test C: " + ", ".join(f"{s} {c:.3f}"
+                                                               for s, c in col.items()))
+    if probes:
+        inv = R.run_inventory(runs_root)
+        runs = [r for r in R.finished_runs(inv, method=arch) if r.cohort in matrix.columns
+                and r.repeat == 0]
+        frames = [T.merge_probes(runs_root, data_root, r,
+                                 [s for s in matrix.index if s != r.cohort and s in
+                                  set(table["source"])]) for r in runs]
+        probe_table = pd.concat(frames, ignore_index=True)
+        write_csv(folder / "transferability-probes.csv", probe_table)
+        out.files.append(folder / "transferability-probes.csv")
+        gain = (probe_table.pivot_table(index=["target", "fold"], columns="source",
+                                        values="c_index"))
+        gain = gain.sub(gain["none"], axis=0).drop(columns="none").groupby("target").mean()
+        for target, row in gain.iterrows():
+            row = row.dropna().sort_values(ascending=False)
+            out.lines.append(f"{target}: fixed-merge probe gain over its own encoder (test C, "
+                             "mean over folds): " + ", ".join(f"{s} {g:+.3f}" for s, g in
+                                                              row.items()))
+    return out

@@ -46,6 +46,7 @@ __all__ = [
     "landscape_figure",
     "sar_figure",
     "selection_figure",
+    "transferability_figure",
 ]
 
 SEQUENTIAL = "viridis"  # lightness rises monotonically: readable in greyscale
@@ -479,4 +480,39 @@ def efficiency_figure(table: pd.DataFrame) -> Figure:
             ax.set_xlabel(label)
             ax.set_xlim(left=0)
         axes[0].set_ylabel("method")
+    return fig
+
+
+def transferability_figure(matrix: pd.DataFrame) -> Figure:
+    """The zero-shot transfer matrix (:func:`steph.analysis.transferability.transfer_matrix`):
+    rows = source models, columns = targets, cells = mean test C-index over the target's folds
+    (the diagonal: the target's own model, framed); a diverging scale centred at 0.5 (chance)."""
+    from matplotlib import colors as mcolors
+    from matplotlib.patches import Rectangle
+
+    _need(matrix.dropna(how="all"), "transfer matrix")
+    values = matrix.to_numpy(float)
+    spread = max(0.05, float(np.nanmax(np.abs(values - 0.5))))
+    n_rows, n_cols = values.shape
+    fig = new_figure(1.0 + 0.55 * n_cols + 1.2, 0.8 + 0.45 * n_rows)
+    with styled(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        image = ax.imshow(values, cmap="RdBu_r", aspect="auto",
+                          norm=mcolors.TwoSlopeNorm(0.5, 0.5 - spread, 0.5 + spread))
+        for i in range(n_rows):
+            for j in range(n_cols):
+                if np.isfinite(values[i, j]):
+                    dark = abs(values[i, j] - 0.5) > 0.6 * spread
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")
+                if matrix.index[i] == matrix.columns[j]:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                           edgecolor="black", linewidth=1.2))
+        ax.set_xticks(range(n_cols), matrix.columns, rotation=60, ha="right")
+        ax.set_yticks(range(n_rows), matrix.index)
+        ax.set_xlabel("target cohort (its test patients)")
+        ax.set_ylabel("source model (fold 0), applied unchanged")
+        ax.set_title("Zero-shot transfer: test C-index (framed: the target's own model)")
+        ax.grid(False)
+        fig.colorbar(image, ax=ax, shrink=0.85, label="C-index (0.5: chance)")
     return fig

@@ -38,6 +38,7 @@ from steph.utils.plotting import NothingToDraw, figure_bytes, save_figure
 log = logging.getLogger("steph.report")
 
 SECTIONS = [("runs", "Runs"), ("results", "Results"), ("survival", "Survival by predicted risk"),
+            ("transferability", "Which cohorts can help which: zero-shot transfer"),
             ("dynamics", "STEPH: how it used the sources"),
             ("landscape", "Loss landscape of task-vector mixup"),
             ("sar", "Subspace alignment ratio"), ("attention", "Attention maps"),
@@ -188,6 +189,8 @@ def build_report(runs_root: str | Path, data_root: str | Path | None = None,
     _runs_section(page, root, inventory)
     _guard(page, "results", lambda: _results_section(page, root, data, summary, opts))
     _guard(page, "survival", lambda: _survival_section(page, root, inventory, opts))
+    _guard(page, "transferability",
+           lambda: _transferability_section(page, root, data, inventory, opts))
     steph_runs = R.finished_runs(inventory, method=opts.steph, role=RESULT)
     if not steph_runs:
         for key in ("dynamics", "landscape", "sar", "attention"):
@@ -375,6 +378,36 @@ def _survival_section(page: _Page, root: Path, inventory: pd.DataFrame,
     table["logrank_p"] = table["logrank_p"].map(lambda p: _num(p, ".3g"))
     page.add(s, table_html(table.astype(str), numeric=["n_high", "events_high", "n_low",
                                                        "events_low", "logrank_p"]))
+
+
+def _transferability_section(page: _Page, root: Path, data: Path | None,
+                             inventory: pd.DataFrame, opts: ReportOptions) -> None:
+    from steph.analysis import transferability as T
+    from steph.report.figures import transferability_figure
+
+    s = "transferability"
+    arch = opts.baseline
+    page.add(s, f"<p>Each cohort's own <code>{esc(arch)}</code> model of fold 0 applied "
+                "unchanged to every other cohort: the mean test C-index over the target's folds "
+                "(rows: source models; columns: targets; framed: the target's own model). It "
+                "answers a first question about a study: which cohorts carry prognostic "
+                "knowledge another can use. Choices (e.g. of sources) may only use the "
+                "training patients' column of <code>transferability.csv</code>.</p>")
+    cohorts = set(inventory.loc[(inventory["state"] == R.FINISHED)
+                                & (inventory["method"] == arch), "cohort"])
+    if len(cohorts) < 2:
+        page.note(s, f"Needs finished <code>{esc(arch)}</code> runs of at least two cohorts "
+                     f"(<code>steph cv --methods {esc(arch)}</code> over every cohort).")
+        return
+    if _lacks_features(page, s, data, "transferability --out RUNS --data DATA"):
+        return
+    table = T.zero_shot_table(root, data, arch, progress=opts.progress)
+    matrix = T.transfer_matrix(table)
+    page.figure(s, transferability_figure(matrix), "transferability",
+                "Zero-shot transfer matrix (test C-index).")
+    stats = T.statistics_table(T.transfer_statistics(matrix))
+    stats["value"] = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in stats["value"]]
+    page.add(s, table_html(stats[["statistic", "value"]]))
 
 
 def _dynamics_section(page: _Page, root: Path, data: Path | None, steph_runs: list[R.RunRef],
