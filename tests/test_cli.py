@@ -219,3 +219,26 @@ def test_a_label_table_missing_a_column_names_it(tiny_data, tmp_path, capsys):
     assert "the closest, native (patient_id, slide_id, time (days), event (1 = event)), " \
            "lacks column(s) 'event'" in out
     assert "--set data.convention=NAME" in out
+
+
+def test_synth_lists_every_preset_and_writes_the_calibrated_one(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from steph.cli import synth
+    from steph.data import synthetic
+
+    choices = next(p for p in synth.params if p.name == "preset").type.choices
+    assert list(choices) == list(synthetic.PRESETS)  # the CLI's list is the registry's
+    code, out, _ = run(["synth", "--help"], capsys)
+    assert code == 0 and "calibrated-null" in out and "calibrated 64" in out
+    # the full preset takes seconds: the same code path with 10 patients per cohort
+    full = synthetic.PRESETS["calibrated"]
+    monkeypatch.setitem(synthetic.PRESETS, "calibrated", lambda: replace(
+        full(), cohorts=tuple(replace(c, n_patients=10) for c in full().cohorts)))
+    data = tmp_path / "cal"
+    code, out, _ = run(["synth", "--out", str(data), "--preset", "calibrated"], capsys)
+    assert code == 0 and "wrote 13 cohort(s) (BRCA" in out
+    assert len(pd.read_csv(data / "SARC" / "true_risk.csv")) == 10
+    code, _, err = run(["synth", "--out", str(tmp_path / "x"), "--preset", "calibrated",
+                        "--feature-dim", "32"], capsys)
+    assert code == 1 and "feature_dim >= 43" in err and len(err.strip().splitlines()) == 1

@@ -142,13 +142,20 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Data root to write.")
-@click.option("--preset", type=click.Choice(["demo", "transfer", "tcga13"]), default="demo",
-              show_default=True)
+# the names of steph.data.synthetic.PRESETS (listed here so that --help does not import numpy;
+# tests/test_cli.py checks that the two agree)
+@click.option("--preset", default="demo", show_default=True,
+              type=click.Choice(["demo", "transfer", "tcga13", "calibrated", "calibrated-null"]),
+              help="calibrated: 13 TCGA-named cohorts whose prognostic tissue only a trained "
+                   "encoder sees; calibrated-null: its negative control (sources carry nothing "
+                   "for a target). See docs/calibration.md.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--feature-dim", type=click.IntRange(min=2), default=None,
-              help="Feature dimension (preset default: demo 256, transfer 512, tcga13 1536).")
+              help="Feature dimension (preset default: demo 256, transfer 512, tcga13 1536, "
+                   "calibrated 64).")
 @click.option("--patch-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="tcga13 only: bag sizes as a fraction of Table S1's (default 0.01).")
+              help="tcga13 / calibrated only: bag sizes as a fraction of Table S1's (default "
+                   "0.01 / 0.005).")
 @click.option("--layout", type=click.Choice(["contiguous", "trident"]), default=None,
               help="HDF5 layout of the feature files (trident: one-row chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace cohorts that already exist.")
