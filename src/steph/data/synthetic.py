@@ -32,6 +32,9 @@ The model, and why each part is there:
   a phenotype, so graphs over coordinates and attention maps have something to find, while the
   composition (and hence the labels) is exactly what the independent draws gave. Rows are
   written in raster order, as patch extractors do.
+
+The ``calibrated`` and ``calibrated-null`` presets use another model (prognostic motifs that
+the mean patch does not show), described where it is defined below and in docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -494,7 +497,7 @@ class CalibratedConfig:
 CALIBRATED_FAMILIES = {"GBMLGG": "F1", "KIPAN": "F1", "BLCA": "F2", "HNSC": "F2",
                        "CESC": "F3", "STES": "F3", "LIHC": "F4", "SARC": "F4"}
 # name -> log-hazard weights (universal, family, private, easy), tuned with
-# benchmarks/transfer_study.py against the real facts (docs/method-notes.md)
+# benchmarks/transfer_study.py against the real facts (docs/calibration.md)
 CALIBRATED_WEIGHTS = {
     "BRCA": (1.0, 0.0, -0.5, 1.0),
     "KIPAN": (0.8, 1.4, 0.6, 1.6),
