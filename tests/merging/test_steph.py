@@ -359,3 +359,54 @@ def test_crossfit_test_mean_exports_the_mean_inner_tau():
         STEPH(stack, HP, StephConfig(embed_dim=10), inner_tau=inner[:, :5])
     with pytest.raises(ValueError, match="at least 2 inner folds"):
         StephConfig(crossfit=1)
+
+
+def test_screening_uses_the_crossfitted_encoders_and_the_target_ridge(monkeypatch):
+    """Screening with cross-fitting embeds each training patient with theta_0 + the inner
+    tau_t^(j) of its fold (+ tau_i), never the fold model's tau_t; ``ridge="target"``: the
+    source probes fit with the one ridge the target's probe chose."""
+    import steph.training.head_start as H
+    from steph.methods.steph import CrossFit, screen_sources
+
+    pool = make_pool(m=2)
+    names = pool.encoder_names
+    probe_name = names[0]
+    tau_t, taus = pool.task_vectors(names)
+    inner = [{n: torch.randn_like(t) for n, t in tau_t.items()} for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    items = [{"patient_id": f"p{i}", "features": torch.randn(5, HP["in_dim"], generator=gen),
+              "bin": i % HP["n_bins"], "event": i % 2, "time": float(10 + i)} for i in range(8)]
+
+    class Bags(list):
+        patient_ids = [it["patient_id"] for it in items]
+
+    xfit = CrossFit(inner, {f"p{i}": i % 2 for i in range(8)}, [0.5, 0.5])
+    seen, grids = [], []
+    real_inputs, real_fit = H.head_inputs, H.fit_ph_head
+
+    def inputs_spy(model, data, **k):
+        data = list(data)
+        seen.append(({it["patient_id"] for it in data},
+                     model.state_dict()[probe_name] - pool.theta0[probe_name]))
+        return real_inputs(model, data, **k)
+
+    def fit_spy(*a, **k):
+        grids.append(k.get("grid"))
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(H, "head_inputs", inputs_spy)
+    monkeypatch.setattr(H, "fit_ph_head", fit_spy)
+    out = screen_sources(pool, HP, "abmil", Bags(items), {}, 0.0, 0, inner=xfit, ridge="target")
+    assert out["screen_crossfit"] and set(out["screen_gain"]) == {"S0", "S1"}
+    # probes: target, S0, S1; each over the two inner folds
+    assert len(seen) == 6
+    for k, (pids, delta) in enumerate(seen):
+        j = k % 2
+        assert pids == {f"p{i}" for i in range(8) if i % 2 == j}
+        extra = 0.0 if k < 2 else taus[k // 2 - 1][probe_name]
+        torch.testing.assert_close(delta, inner[j][probe_name] + extra)
+    assert grids[0] is None and all(g is not None and len(g) == 1 for g in grids[1:])
+    seen.clear()
+    screen_sources(pool, HP, "abmil", Bags(items), {}, 0.0, 0)  # no cross-fitting: tau_t
+    assert len(seen) == 3
+    torch.testing.assert_close(seen[0][1], tau_t[probe_name])
