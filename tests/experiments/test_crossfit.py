@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from steph.data.dataset import BagDataset
 from steph.experiments.cv import Experiment, run_cv
 from steph.inference import load_artefact
 from steph.methods import get_method
+from steph.methods.steph import InnerRows
 from steph.runs import RunRef, RunsFolder
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_experiment_config  # noqa: E402
+from conftest import tiny_experiment_config
 
 
 def test_steph_xfit_declares_its_inner_targets():
@@ -28,6 +30,9 @@ def test_steph_xfit_declares_its_inner_targets():
     assert get_method("steph").inner_targets(cfg) is None  # off by default
     on = cfg.model_copy(update={"steph": cfg.steph.model_copy(update={"crossfit": 3})})
     assert get_method("steph").inner_targets(on) == 3
+    # the per-bag input travels to the data workers
+    rows = pickle.loads(pickle.dumps(InnerRows({"a": 2})))
+    assert int(rows("a")) == 2 and int(rows("test patient")) == -1
 
 
 def test_steph_xfit_run_trains_inner_targets_and_saves_a_plain_steph(tiny_data, tmp_path,

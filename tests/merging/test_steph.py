@@ -378,7 +378,9 @@ def test_screening_uses_the_crossfitted_encoders_and_the_target_ridge(monkeypatc
               "bin": i % HP["n_bins"], "event": i % 2, "time": float(10 + i)} for i in range(8)]
 
     class Bags(list):
-        patient_ids = [it["patient_id"] for it in items]
+        @property
+        def patient_ids(self) -> list[str]:
+            return [it["patient_id"] for it in self]
 
     xfit = CrossFit(inner, {f"p{i}": i % 2 for i in range(8)}, [0.5, 0.5])
     seen, grids = [], []
