@@ -36,12 +36,19 @@ from steph.utils.io import read_user_text
 PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
 
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY."""
+    """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY,
+    and without the keys added since format 2 that hold the value runs made before them had
+    (``steph.runs.migrations.ADDED_AT_DEFAULT``)."""
+    from steph.runs.migrations import without_added_defaults
+
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
     for section, keys in PERFORMANCE_ONLY.items():
         if isinstance(out.get(section), dict):
             for key in keys:
                 out[section].pop(key, None)
+    for section, values in out.items():
+        if isinstance(values, dict):
+            out[section] = without_added_defaults(section, values)
     return out
 
 
@@ -256,6 +263,31 @@ class StephConfig(_Strict):
     # Epochs at the start during which w and lambda are held fixed (no gradient) so that the
     # fresh head first adapts to the initial merged encoder.
     head_warmup_epochs: int = Field(0, ge=0)
+    # Cross-fitted target task vectors (a departure, off by default; docs/method-notes.md):
+    # 0 = off (tau_t is the target's fold model, which has seen every training patient);
+    # J >= 2 = J inner target models, each trained from theta_0 on the training patients minus
+    # one of J inner folds (the runner trains them, <run>/crossfit/inner<j>); STEPH merges each
+    # training patient with the inner model that never saw it, the test patients with tau_t.
+    crossfit: int = Field(0, ge=0)
+    # With crossfit and w_init "screened": the screening probes embed every training patient
+    # with the inner target encoder that never saw it (False: the fold's target encoder, which
+    # has seen the patients it is scored on).
+    crossfit_screen: bool = True
+    # With crossfit: the target task vector of the trained module at test time (and in the
+    # saved artefact): "full" (the fold model's tau_t) or "mean" (the mean of the inner target
+    # task vectors, closer to what the hypernetworks and the head were trained with).
+    crossfit_test: Literal["full", "mean"] = "full"
+    # Ridge of the screening probes: "search" (each probe chooses its own by inner CV over the
+    # head start's grid) or "target" (every source probe uses the ridge the target encoder's
+    # probe chose: a quarter of the penalised fits).
+    screen_ridge: Literal["search", "target"] = "search"
+
+    @field_validator("crossfit", mode="after")
+    @classmethod
+    def _crossfit_folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("crossfit needs 0 (off) or at least 2 inner folds")
+        return v
 
 
 class MergeConfig(_Strict):

@@ -310,3 +310,105 @@ def test_merge_stays_float32_under_autocast():
     exp = expected_merged(pool, ex.w, ex.lam, [int(s[1:]) for s in ex.selected])
     for name in exp:  # the merge of the (bf16-derived) weights is exact float32
         torch.testing.assert_close(ex.merged[name], exp[name], rtol=1e-5, atol=1e-6)
+
+
+def test_crossfit_row_replaces_tau_t_and_export_drops_it():
+    """With inner target task vectors, a bag's ``tau_row`` >= 0 merges that row in place of
+    tau_t (training patients, cross-fitted); < 0 (test patients) merges tau_t; the exported
+    module is a plain STEPH giving the tau_t merge, its settings those of a plain STEPH."""
+    pool = make_pool(m=4)
+    stack = pool.stack()
+    inner = torch.randn(2, stack.vectors.shape[1]) * 0.1
+    cfg = StephConfig(embed_dim=10, w_init="complete")
+    model = STEPH(stack, HP, cfg, inner_tau=inner).eval()
+    assert model.bag_inputs[-1] == "tau_row"
+    x = torch.randn(15, HP["in_dim"])
+    w, lam = model.weights(x)
+    coef = model.coefficients(w, lam, model.select(w))
+    full = model.merged_flat(coef)
+    torch.testing.assert_close(model.merged_flat(coef, 1) - full,
+                               coef[0] * (inner[1] - stack.vectors[0]))
+    out_test = model(x, tau_row=torch.tensor(-1)).logits
+    out_row = model(x, tau_row=torch.tensor(0)).logits
+    z_row = model.head_input(x, tau_row=torch.tensor(0))
+    plain = STEPH(stack, HP, cfg).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "tau_inner"})
+    torch.testing.assert_close(out_test, plain(x).logits)
+    assert not torch.allclose(out_row, out_test)
+    assert not torch.allclose(z_row, plain.head_input(x))
+    with pytest.raises(ValueError, match="tau_row 2"):
+        model(x, tau_row=torch.tensor(2))
+    assert model.without_crossfit() is model
+    assert "tau_inner" not in model.state_dict() and "tau_row" not in model.bag_inputs
+    torch.testing.assert_close(model(x).logits, out_test)
+    assert model.settings() == plain.settings()
+    assert "crossfit" not in model.settings()["steph"]  # a plain STEPH's settings, as before
+
+
+def test_crossfit_test_mean_exports_the_mean_inner_tau():
+    """``crossfit_test: mean``: the exported module's tau_t is the inner rows' mean."""
+    pool = make_pool(m=3)
+    stack = pool.stack()
+    inner = torch.randn(3, stack.vectors.shape[1]) * 0.1
+    model = STEPH(stack, HP, StephConfig(embed_dim=10, crossfit=3, crossfit_test="mean"),
+                  inner_tau=inner).without_crossfit()
+    torch.testing.assert_close(model.tau[0], inner.mean(dim=0))
+    torch.testing.assert_close(model.tau[1:], stack.vectors[1:])
+    assert model.settings()["steph"]["crossfit_test"] == "mean"
+    with pytest.raises(ValueError, match="inner_tau must be"):
+        STEPH(stack, HP, StephConfig(embed_dim=10), inner_tau=inner[:, :5])
+    with pytest.raises(ValueError, match="at least 2 inner folds"):
+        StephConfig(crossfit=1)
+
+
+def test_screening_uses_the_crossfitted_encoders_and_the_target_ridge(monkeypatch):
+    """Screening with cross-fitting embeds each training patient with theta_0 + the inner
+    tau_t^(j) of its fold (+ tau_i), never the fold model's tau_t; ``ridge="target"``: the
+    source probes fit with the one ridge the target's probe chose."""
+    import steph.training.head_start as H
+    from steph.methods.steph import CrossFit, screen_sources
+
+    pool = make_pool(m=2)
+    names = pool.encoder_names
+    probe_name = names[0]
+    tau_t, taus = pool.task_vectors(names)
+    inner = [{n: torch.randn_like(t) for n, t in tau_t.items()} for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    items = [{"patient_id": f"p{i}", "features": torch.randn(5, HP["in_dim"], generator=gen),
+              "bin": i % HP["n_bins"], "event": i % 2, "time": float(10 + i)} for i in range(8)]
+
+    class Bags(list):
+        @property
+        def patient_ids(self) -> list[str]:
+            return [it["patient_id"] for it in self]
+
+    xfit = CrossFit(inner, {f"p{i}": i % 2 for i in range(8)}, [0.5, 0.5])
+    seen, grids = [], []
+    real_inputs, real_fit = H.head_inputs, H.fit_ph_head
+
+    def inputs_spy(model, data, **k):
+        data = list(data)
+        seen.append(({it["patient_id"] for it in data},
+                     model.state_dict()[probe_name] - pool.theta0[probe_name]))
+        return real_inputs(model, data, **k)
+
+    def fit_spy(*a, **k):
+        grids.append(k.get("grid"))
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(H, "head_inputs", inputs_spy)
+    monkeypatch.setattr(H, "fit_ph_head", fit_spy)
+    out = screen_sources(pool, HP, "abmil", Bags(items), {}, 0.0, 0, inner=xfit, ridge="target")
+    assert out["screen_crossfit"] and set(out["screen_gain"]) == {"S0", "S1"}
+    # probes: target, S0, S1; each over the two inner folds
+    assert len(seen) == 6
+    for k, (pids, delta) in enumerate(seen):
+        j = k % 2
+        assert pids == {f"p{i}" for i in range(8) if i % 2 == j}
+        extra = 0.0 if k < 2 else taus[k // 2 - 1][probe_name]
+        torch.testing.assert_close(delta, inner[j][probe_name] + extra)
+    assert grids[0] is None and all(g is not None and len(g) == 1 for g in grids[1:])
+    seen.clear()
+    screen_sources(pool, HP, "abmil", Bags(items), {}, 0.0, 0)  # no cross-fitting: tau_t
+    assert len(seen) == 3
+    torch.testing.assert_close(seen[0][1], tau_t[probe_name])

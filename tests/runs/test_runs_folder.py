@@ -146,3 +146,27 @@ def test_a_version1_runs_folder_is_read_without_training_again(tiny_data, tmp_pa
     got = predict_patients(surgery.path, [(p, cohort.slide_paths(p)) for p in test["patient_id"]],
                            device="cpu")
     assert got["risk"].tolist() == pytest.approx(test["risk"].tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_keys_added_at_their_default_keep_the_identity(tmp_path):
+    """steph.crossfit & co. (added after format 2): at the value earlier runs had they are not
+    written, so a run made before them is the same run with the same config.yaml bytes; any
+    other value is another run."""
+    from steph.errors import RunError
+
+    cfg = build_config()
+    settings = {"run": {"cohort": "A"}, **cfg.to_dict()}
+    assert settings["steph"]["crossfit"] == 0  # the effective config holds it
+    run = RunDir(tmp_path / "r")
+    run.check_or_write_settings(settings)
+    written = yaml.safe_load(run.config.read_text())
+    assert not {"crossfit", "crossfit_screen", "crossfit_test", "screen_ridge"} & set(written["steph"])
+    before = run.config.read_bytes()
+    old = json.loads(json.dumps(settings))  # a run written before the keys existed
+    for key in migrations.ADDED_AT_DEFAULT["steph"]:
+        del old["steph"][key]
+    run.check_or_write_settings(old)
+    assert run.config.read_bytes() == before
+    other = build_config({"steph": {"crossfit": 3}})
+    with pytest.raises(RunError, match="steph.crossfit"):
+        run.check_or_write_settings({"run": {"cohort": "A"}, **other.to_dict()})

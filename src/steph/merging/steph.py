@@ -20,6 +20,16 @@ the head are trained.
 Ablations (Table S5 / S3): ``mixing="none"`` (lambda = 1), ``mixing="free"`` (lambda a learned
 vector), ``aggregation="free"`` (w a learned vector), any ``top_k`` (K >= m: no sparsity).
 
+Cross-fitted target task vectors (``inner_tau``, config ``steph.crossfit``, a departure that is
+off by default; docs/method-notes.md): tau_t is the target's fold model, trained on exactly the
+patients STEPH trains on, so STEPH's training loss sees a target encoder that has memorised
+them and every source as a step away from a perfect fit. With J inner target models (each
+trained from theta_0 on the training patients minus one inner fold; rows of the buffer
+``tau_inner``), every training bag carries the per-bag input ``tau_row``, the inner model that
+never saw it, and its merge uses that row in place of tau_t; a bag with ``tau_row`` < 0 (a test
+bag) uses tau_t. :meth:`STEPH.without_crossfit` drops the inner rows after training: the
+exported module is a plain STEPH (with ``crossfit_test: mean`` its tau_t the inner rows' mean).
+
 Any registered MIL network can be merged (``arch``; ABMIL by default): the task vectors cover
 the tensors its class declares as the encoder (``ENCODER_PREFIXES``), the merged forward runs
 the network's ``embed`` through ``torch.func.functional_call`` with the merged tensors and the
@@ -43,7 +53,11 @@ from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.base import DEFAULT_CHUNK_SIZE, MILNetwork
 from steph.models.module import ModelOutput
 from steph.models.registry import register_artefact
+from steph.runs.migrations import without_added_defaults
 from steph.utils.device import autocast_off
+
+# The per-bag input naming the inner target model of a training bag (cross-fitting; < 0: tau_t).
+CROSSFIT_INPUT = "tau_row"
 
 # A free lambda starts just below 1: lambda = 1 / (1 + exp(rho)), rho = -6 -> 0.9975. Exactly 1
 # would sit where ReLU-type parametrisations have no gradient.
@@ -70,12 +84,13 @@ class MergeExplanation:
 class STEPH(OverNetwork):
     def __init__(self, stack: TaskVectorStack, hparams: dict[str, Any], cfg: StephConfig | None = None,
                  head_seed: int = 0, n_patients: int = 0, head_bias: torch.Tensor | None = None,
-                 arch: str = "abmil"):
+                 arch: str = "abmil", inner_tau: torch.Tensor | None = None):
         """``stack``: rows ``[tau_t, tau_1, ..., tau_m]`` of the MIL encoder, labels = cohorts.
         ``hparams``: the merged network's (``arch``, a registered MIL network).
         ``n_patients``: size of the target cohort, which picks gamma when it is not set.
         ``head_bias``: initial bias of the fresh head (e.g. baseline hazard logits); its weights
-        are always freshly drawn."""
+        are always freshly drawn.
+        ``inner_tau``: (J, P) cross-fitted target task vectors (see the module docstring)."""
         super().__init__()
         self.n_patients = int(n_patients)
         cfg = cfg or StephConfig()
@@ -96,6 +111,12 @@ class STEPH(OverNetwork):
         self.attach_network(arch, hparams, frozen=(self.layout, self.theta0_flat),
                             head_generator=torch.Generator().manual_seed(head_seed),
                             head_bias=head_bias)
+        if inner_tau is not None:
+            if inner_tau.ndim != 2 or inner_tau.shape[1] != stack.vectors.shape[1]:
+                raise ValueError(f"inner_tau must be (J, {stack.vectors.shape[1]}), got "
+                                 f"{tuple(inner_tau.shape)}")
+            self.register_buffer("tau_inner", inner_tau.detach().float().clone())
+            self.bag_inputs = (*self.bag_inputs, CROSSFIT_INPUT)
 
         in_dim, d = self.network.in_dim, cfg.embed_dim
         self.embed = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU())
@@ -186,10 +207,39 @@ class STEPH(OverNetwork):
         ws = w * mask
         return torch.cat([(ws * lam).sum().view(1), ws * (1.0 - lam)])
 
-    def merged_flat(self, coef: torch.Tensor) -> torch.Tensor:
-        """theta_0 + coef @ tau, float32 (autocast would round the merged weights)."""
+    def merged_flat(self, coef: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """theta_0 + coef @ tau, float32 (autocast would round the merged weights); with
+        ``row``, inner target task vector ``row`` in place of tau_t (cross-fitting)."""
         with autocast_off(coef):
-            return torch.addmv(self.theta0_flat, self.tau.t(), coef.to(self.tau.dtype))
+            flat = torch.addmv(self.theta0_flat, self.tau.t(), coef.to(self.tau.dtype))
+            if row is not None:
+                flat = flat + coef[0].to(self.tau.dtype) * (self.tau_inner[row] - self.tau[0])
+            return flat
+
+    def _inner_row(self, bag_inputs: dict[str, torch.Tensor]
+                   ) -> tuple[int | None, dict[str, torch.Tensor]]:
+        """(the bag's inner target row or None, the network's own per-bag inputs)."""
+        if CROSSFIT_INPUT not in bag_inputs:
+            return None, bag_inputs
+        rest = {k: v for k, v in bag_inputs.items() if k != CROSSFIT_INPUT}
+        if getattr(self, "tau_inner", None) is None:
+            return None, rest
+        row = int(bag_inputs[CROSSFIT_INPUT])
+        if row >= self.tau_inner.shape[0]:
+            raise ValueError(f"tau_row {row} but STEPH holds {self.tau_inner.shape[0]} inner "
+                             "target task vectors")
+        return (row if row >= 0 else None), rest
+
+    @torch.no_grad()
+    def without_crossfit(self) -> STEPH:
+        """Drop the inner target rows (after training): a plain STEPH, returned (in place). With
+        ``steph.crossfit_test: mean`` its target task vector becomes the inner rows' mean."""
+        if getattr(self, "tau_inner", None) is not None:
+            if self.cfg.crossfit_test == "mean":
+                self.tau[0].copy_(self.tau_inner.mean(dim=0))
+            del self.tau_inner
+            self.bag_inputs = tuple(n for n in self.bag_inputs if n != CROSSFIT_INPUT)
+        return self
 
     def aux_losses(self, w: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = mask.sum()
@@ -210,20 +260,23 @@ class STEPH(OverNetwork):
 
     # -- forward --------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, bag_inputs: dict[str, torch.Tensor]):
+        row, bag_inputs = self._inner_row(bag_inputs)
         w, lam = self.weights(x)
         if self.training and self.hold_weights:
             w, lam = w.detach(), lam.detach()
         mask = self.select(w)
         coef = self.coefficients(w, lam, mask)
-        params = self.layout.unflatten(self.merged_flat(coef))
+        params = self.layout.unflatten(self.merged_flat(coef, row))
         z = self.merged_embedding(x, params, bag_inputs)
         return self.network.head(z), w, lam, mask, coef, params
 
     def head_input(self, x: torch.Tensor, **bag_inputs: torch.Tensor) -> torch.Tensor:
         """The merged model's bag embedding for ``x`` (what enters the fresh head)."""
+        row, bag_inputs = self._inner_row(bag_inputs)
         w, lam = self.weights(x)
         coef = self.coefficients(w, lam, self.select(w))
-        return self.merged_embedding(x, self.layout.unflatten(self.merged_flat(coef)), bag_inputs)
+        return self.merged_embedding(x, self.layout.unflatten(self.merged_flat(coef, row)),
+                                     bag_inputs)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer (epoch is 0-based): hold w and lambda during the head warm-up."""
@@ -264,7 +317,9 @@ class STEPH(OverNetwork):
             "sources": self.source_names,
             "arch": self.arch,
             "network": self.network.hparams(),
-            "steph": self.cfg.model_dump(mode="json"),
+            # settings added since (cross-fitting) only where they differ from what STEPH had
+            # before them: a plain run's artefact is what it was
+            "steph": without_added_defaults("steph", self.cfg.model_dump(mode="json")),
             "layout": self.layout.to_dict(),
             "n_patients": self.n_patients,
         }
