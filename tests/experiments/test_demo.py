@@ -11,6 +11,7 @@ from steph.experiments.demo import (
     run_demo,
     source_weights,
     top_sources_text,
+    transferability_text,
 )
 
 
@@ -38,6 +39,28 @@ def test_top_sources_are_read_from_the_steph_logs(tiny_data, tmp_path):
     assert w.mean().idxmax() == first  # sorted by mean weight
 
 
+def test_transferability_text_matches_the_zero_shot_table(tiny_data, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_experiment_config
+
+    from steph.analysis.transferability import zero_shot_table
+
+    run_cv(tiny_data, tmp_path, ["abmil", "zero_shot"], targets=["TGT"], folds="0-1",
+           cfg=tiny_experiment_config(epochs=1), progress=False)
+    text = transferability_text(tmp_path, tiny_data, "TGT")
+    t = zero_shot_table(tmp_path, tiny_data, targets=["TGT"])
+    t = t[t["split"] == "test"].groupby("source")["c_index"].mean()
+    lines = text.splitlines()
+    assert f"own ABMIL {t['own']:.3f}" in lines[0] and "mean C-index over 2 folds" in lines[0]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[1:]}
+    assert set(rows) == {"RELA", "UNRB"}
+    for name, (value, tag) in rows.items():
+        assert float(value) == pytest.approx(t[name], abs=5e-4)
+        assert tag == ("(related)" if name == "RELA" else "(unrelated)")
+    values = [float(v[0]) for v in rows.values()]
+    assert values == sorted(values, reverse=True)
+
+
 @pytest.mark.slow
 def test_full_demo(tmp_path):
     """The project's main job, end to end (minutes): every demo method, 5 folds."""
@@ -53,4 +76,4 @@ def test_full_demo(tmp_path):
     assert (means.drop(["model_avg", "task_arithmetic"]) > 0.5).all()
     text = "\n".join(lines)
     assert "| steph |" in text and "Paired comparison with `abmil`" in text
-    assert "Sources STEPH weighted most" in text
+    assert "Sources STEPH weighted most" in text and "Which cohorts can help ALPHA" in text

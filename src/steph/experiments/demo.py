@@ -85,6 +85,31 @@ def top_sources_text(runs_root: str | Path, data_root: str | Path,
     return "\n".join(lines)
 
 
+def transferability_text(runs_root: str | Path, data_root: str | Path,
+                         target: str = DEMO_TARGET) -> str:
+    """Which cohorts can help the target: each source's fold-0 ABMIL applied unchanged to the
+    target's test patients (zero-shot C-index, mean over folds) next to the target's own model
+    (``steph analyze transferability`` for the whole matrix)."""
+    from steph.analysis.transferability import OWN, zero_shot_table
+
+    table = zero_shot_table(runs_root, data_root, targets=[target])
+    test = table[table["split"] == "test"]
+    if test["source"].nunique() < 2:
+        return ""
+    mean = test.groupby("source")["c_index"].mean()
+    own = mean.pop(OWN)
+    fam = family_of(data_root)
+    lines = [f"Which cohorts can help {target} (zero-shot: each source's ABMIL applied unchanged "
+             f"to {target}'s test patients, mean C-index over {test['fold'].nunique()} folds; "
+             f"{target}'s own ABMIL {own:.3f}):"]
+    for name, value in mean.sort_values(ascending=False).items():
+        tag = ""
+        if fam:
+            tag = " (related)" if fam.get(name) == fam.get(target) else " (unrelated)"
+        lines.append(f"  {name:8s} {value:.3f}{tag}")
+    return "\n".join(lines)
+
+
 def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str | None = None,
              epochs: int | None = None, progress: bool = True,
              echo: Callable[[str], None] = print, cfg: ExperimentConfig | None = None):
@@ -117,8 +142,11 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
     comparisons = RunsFolder(runs_root) / RunsFolder.COMPARISONS_CSV
     if comparisons.exists():
         echo(comparison_markdown(pd.read_csv(comparisons)))
-    text = top_sources_text(runs_root, data_root)
-    if text:
+    # the zero-shot map needs the target's own ABMIL runs
+    zero_shot = transferability_text(runs_root, data_root) if "abmil" in names else ""
+    for text in (zero_shot, top_sources_text(runs_root, data_root)):
+        if not text:
+            continue
         echo(text)
         echo("")
     echo(timing_table(collect_timing(runs_root, summary)))
