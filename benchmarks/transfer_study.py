@@ -9,10 +9,22 @@ statistic against the real UNI2-h / TCGA value, with the tolerance the synthetic
 within. Writes ``<runs>/study/``: ``calibration.csv``, ``calibration.json``, ``zero_shot.csv``,
 ``per_cohort.csv``.
 
+``compare``: the given methods (e.g. ``abmil,steph,steph_xfit,joint``), 5-fold, on the given
+targets (``run_cv`` split between ``--jobs`` processes, unless ``--no-train``); a table per
+target of every method's mean test C-index and its paired per-fold difference to ABMIL; the
+average over targets; joint's headroom (its gain over ABMIL) and the share of it each method
+captures on the targets where joint gains >= 0.03; for every STEPH run, whether its source
+coefficients w (1 - lambda) rank the helpful sources (zero-shot C-index > 0.5 on the fold's
+*training* patients, the transferability map) above the others (AUC per fold). ``--extra
+NAME=RUNS:METHOD`` adds a column read from another runs folder (e.g. the reference profile's).
+Writes ``<runs>/study/compare.csv`` and ``ranking.csv``.
+
 Example (2 processes, 1 thread each)::
 
     steph synth --out D --preset calibrated --seed 0
     python benchmarks/transfer_study.py calibrate --data D --runs R --jobs 2
+    python benchmarks/transfer_study.py compare --data D --runs R --jobs 2 \
+        --targets LUNG,BLCA --methods abmil,steph,steph_xfit,joint
 
 Settings: ``benchmarks/configs/calibrated.yaml`` (64-d features: ABMIL 128 / 96; bags cached in
 memory, one thread, no data workers) unless ``--config`` is given; ``--set`` overrides as
@@ -86,26 +98,26 @@ def cohorts_of(data: Path) -> list[str]:
 # -- the ABMIL grid ------------------------------------------------------------------------------
 
 def _grid_worker(args: tuple) -> str:
-    data, runs, arch, targets, folds, config, sets, logfile = args
+    data, runs, methods, targets, folds, config, sets, logfile = args
     logging.basicConfig(filename=logfile, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
     from steph.experiments import GridError, run_cv
 
     try:
-        run_cv(data, runs, methods=arch, targets=targets, folds=folds,
+        run_cv(data, runs, methods=methods, targets=targets, folds=folds,
                cfg=study_config(config, sets), progress=False)
     except GridError as err:  # the finished runs stand; report the failed ones
         return f"{','.join(targets)}: {err}"
     return ""
 
 
-def run_grid(data: Path, runs: Path, arch: str, targets: list[str], folds: str, jobs: int,
+def run_grid(data: Path, runs: Path, methods: str, targets: list[str], folds: str, jobs: int,
              config: str | None, sets: list[str]) -> list[str]:
     """``run_cv`` over ``targets`` split between ``jobs`` processes, each its own targets (the
     runs folder's leases keep two processes off one run, e.g. theta_0); the failures."""
     parts = [p for p in (targets[i::jobs] for i in range(max(1, jobs))) if p]
     (runs / "study").mkdir(parents=True, exist_ok=True)
-    args = [(str(data), str(runs), arch, p, folds, config, sets,
+    args = [(str(data), str(runs), methods, p, folds, config, sets,
              str(runs / "study" / f"grid-{i}.log")) for i, p in enumerate(parts)]
     if len(args) == 1:
         errors = [_grid_worker(args[0])]
@@ -195,6 +207,106 @@ def calibrate(args: argparse.Namespace) -> pd.DataFrame:
     return calib
 
 
+# -- methods against ABMIL on the calibrated preset ------------------------------------------------
+
+def fold_scores(runs: Path, method: str, targets: list[str]) -> pd.DataFrame:
+    """Test C-index per (target, fold) of ``method``'s finished runs (repeat 0)."""
+    from steph.runs import RunsFolder
+
+    rows = [{"target": ref.cohort, "fold": ref.fold, "c_index": run.read_metrics()["c_index"]}
+            for ref, run in RunsFolder(runs).finished()
+            if ref.method == method and ref.cohort in targets and ref.repeat == 0]
+    return pd.DataFrame(rows, columns=["target", "fold", "c_index"])
+
+
+def ranking_auc(coef: pd.Series, helpful: list[str]) -> float:
+    """Probability that a helpful source gets a larger coefficient than an unhelpful one (ties
+    count half); NaN when either group is empty."""
+    good = coef[coef.index.isin(helpful)].to_numpy()
+    bad = coef[~coef.index.isin(helpful)].to_numpy()
+    if not (len(good) and len(bad)):
+        return float("nan")
+    diff = good[:, None] - bad[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def source_ranking(runs: Path, data: Path, method: str, targets: list[str]) -> pd.DataFrame:
+    from steph.analysis import transferability as T
+    from steph.experiments.demo import source_weights
+
+    table = T.zero_shot_table(runs, data, targets=targets)
+    rows = []
+    for t in targets:
+        w = source_weights(runs, t, method)
+        for fold_dir, coef in w.iterrows():
+            fold = int(str(fold_dir).removeprefix("fold"))
+            helpful = T.helpful_sources(table, t, fold)
+            rows.append({"target": t, "method": method, "fold": fold,
+                         "helpful": len(helpful), "sources": int(coef.notna().sum()),
+                         "auc": ranking_auc(coef.dropna(), helpful),
+                         "top_source": coef.idxmax()})
+    return pd.DataFrame(rows)
+
+
+def compare(args: argparse.Namespace) -> pd.DataFrame:
+    data, runs = Path(args.data), Path(args.runs)
+    methods = [m for m in args.methods.split(",") if m]
+    targets = [t for t in args.targets.split(",") if t] if args.targets else cohorts_of(data)
+    if "abmil" not in methods:
+        methods = ["abmil", *methods]
+    t0 = time.perf_counter()
+    if not args.no_train:
+        for e in run_grid(data, runs, ",".join(methods), targets, args.folds, args.jobs,
+                          args.config, args.set):
+            log.error("grid: %s", e)
+    columns = {m: (runs, m) for m in methods}
+    for spec in args.extra:
+        name, _, where = spec.partition("=")
+        folder, _, method = where.rpartition(":")
+        columns[name] = (Path(folder), method)
+    scores = {name: fold_scores(folder, m, targets) for name, (folder, m) in columns.items()}
+    base = scores["abmil"].set_index(["target", "fold"])["c_index"]
+    rows = []
+    for t in targets:
+        row: dict[str, Any] = {"target": t}
+        for name, s in scores.items():
+            s = s[s["target"] == t].set_index(["target", "fold"])["c_index"]
+            row[name] = s.mean() if len(s) else np.nan
+            if name != "abmil":  # paired: folds both have
+                d = (s - base).dropna()
+                row[f"{name}-abmil"] = d.mean() if len(d) else np.nan
+                row[f"{name}_folds"] = len(d)
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("target")
+    diffs = [c for c in table.columns if c.endswith("-abmil")]
+    avg = table[[c for c in table.columns if not c.endswith("_folds")]].mean()
+    if "joint-abmil" in table:
+        room = table["joint-abmil"]
+        where = room >= 0.03
+        for c in diffs:
+            if c != "joint-abmil":
+                share = (table.loc[where, c] / room[where]).mean() if where.any() else np.nan
+                log.info("%s captures %.2f of joint's headroom on %d target(s) where joint "
+                         "gains >= 0.03", c.removesuffix("-abmil"), share, int(where.sum()))
+    out = runs / "study"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "compare.csv")
+    steph_like = [m for m in methods if m.startswith("steph")]
+    ranking = pd.concat([source_ranking(runs, data, m, targets) for m in steph_like],
+                        ignore_index=True) if steph_like else pd.DataFrame()
+    ranking.to_csv(out / "ranking.csv", index=False)
+    with pd.option_context("display.width", 220, "display.max_columns", 30):
+        print(table.round(4).to_string())
+        print("average", avg.round(4).to_dict())
+        if len(ranking):
+            print(ranking.round(3).to_string(index=False))
+            summary = ranking.groupby(["method", "target"])["auc"].agg(
+                folds_above_half=lambda a: int((a > 0.5).sum()), folds="count", mean="mean")
+            print(summary.round(3).to_string())
+    print(f"compare: {time.perf_counter() - t0:.0f} s")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -206,6 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--jobs", type=int, default=1, help="training processes")
     c.add_argument("--folds", default="0-4")
     c.add_argument("--no-train", action="store_true", help="only read finished runs")
+    k = sub.add_parser("compare", help="methods against ABMIL, joint's headroom, source ranking")
+    k.add_argument("--data", required=True)
+    k.add_argument("--runs", required=True)
+    k.add_argument("--targets", default=None, help="comma-separated (default: all)")
+    k.add_argument("--methods", default="abmil,steph,steph_xfit,joint")
+    k.add_argument("--extra", action="append", default=[], help="NAME=RUNS:METHOD")
+    k.add_argument("--config", default=None, help=f"default: {DEFAULT_CONFIG.name}")
+    k.add_argument("--set", action="append", default=[], help="section.key=value")
+    k.add_argument("--jobs", type=int, default=1, help="training processes")
+    k.add_argument("--folds", default="0-4")
+    k.add_argument("--no-train", action="store_true", help="only read finished runs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
     import torch
@@ -214,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)  # the predictions run here; the grid's runs pin train.threads
     try:
-        calibrate(args)
+        calibrate(args) if args.cmd == "calibrate" else compare(args)
     except StephError as err:  # one line, as the CLI reports it
         sys.exit(f"error: {err}")
 

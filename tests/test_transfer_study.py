@@ -49,3 +49,20 @@ def test_calibration_table_from_a_matrix(study):
 def test_default_config_loads(study):
     cfg = study.study_config(None, ["train.epochs=3"])
     assert cfg.model.options.abmil.hidden_dim == 128 and cfg.train.epochs == 3
+
+
+def test_ranking_auc_against_a_hand_count(study):
+    coef = pd.Series({"A": 0.9, "B": 0.2, "C": 0.5, "D": 0.2})
+    # helpful A, B vs unhelpful C, D: pairs (A>C, A>D, B<C, B=D) -> (1 + 1 + 0 + 0.5) / 4
+    assert study.ranking_auc(coef, ["A", "B"]) == pytest.approx(0.625)
+    assert study.ranking_auc(coef, ["A"]) == 1.0
+    assert np.isnan(study.ranking_auc(coef, []))
+    assert np.isnan(study.ranking_auc(coef, list("ABCD")))
+    # the same as scikit-learn's ROC AUC of the coefficients for the helpful labels
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    c = pd.Series(rng.normal(size=12).round(1), index=[f"s{i}" for i in range(12)])
+    helpful = [f"s{i}" for i in range(12) if rng.random() < 0.5]
+    assert study.ranking_auc(c, helpful) == pytest.approx(
+        roc_auc_score(c.index.isin(helpful), c.to_numpy()))

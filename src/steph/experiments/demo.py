@@ -76,8 +76,8 @@ def top_sources_text(runs_root: str | Path, data_root: str | Path,
         return ""
     fam = family_of(data_root)
     mean = w.mean().sort_values(ascending=False)
-    lines = [f"Sources STEPH weighted most on {target}: coefficient w (1 - lambda) of each "
-             f"source's task vector (last epoch, mean over {len(w)} folds):"]
+    lines = [(f"Sources STEPH weighted most on {target}: coefficient w (1 - lambda) of each "
+             f"source's task vector (last epoch, mean over {len(w)} folds):")]
     for name, value in mean.items():
         tag = ""
         if fam:
@@ -100,9 +100,9 @@ def transferability_text(runs_root: str | Path, data_root: str | Path,
     mean = test.groupby("source")["c_index"].mean()
     own = mean.pop(OWN)
     fam = family_of(data_root)
-    lines = [f"Which cohorts can help {target} (zero-shot: each source's ABMIL applied unchanged "
+    lines = [(f"Which cohorts can help {target} (zero-shot: each source's ABMIL applied unchanged "
              f"to {target}'s test patients, mean C-index over {test['fold'].nunique()} folds; "
-             f"{target}'s own ABMIL {own:.3f}):"]
+             f"{target}'s own ABMIL {own:.3f}):")]
     for name, value in mean.sort_values(ascending=False).items():
         tag = ""
         if fam:
