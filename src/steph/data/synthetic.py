@@ -247,14 +247,44 @@ def _check_free(cdir: Path, overwrite: bool) -> None:
                           "--overwrite to replace it")
 
 
+def _write_cohorts(cfg, out: Path, cohort_ss, overwrite: bool, progress: bool,
+                   simulate: Callable, features: Callable) -> None:
+    """Write each cohort of ``cfg`` with its own seed: ``simulate(spec, rng)`` gives the labels,
+    the true risks and the slides ``(slide_id, *what features needs)``; ``features(slide[1:],
+    rng)`` a slide's patches and coords. The label table is written last: a cohort folder is
+    complete once it has one."""
+    from steph.data.features import write_features_h5  # data layer writer (atomic)
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for spec, css in zip(cfg.cohorts, cohort_ss):
+        cdir = out / spec.name
+        _check_free(cdir, overwrite)
+        rng = np.random.default_rng(css)
+        labels, truth, slides = simulate(spec, rng)
+        feat_dir = cdir / "features"
+        feat_dir.mkdir(parents=True, exist_ok=True)
+        it = slides
+        if progress and tqdm is not None:
+            it = tqdm(slides, desc=f"synth {spec.name}", unit="slide", leave=False, disable=None)
+        for slide_id, *slide in it:
+            x, coords = features(slide, rng)
+            write_features_h5(feat_dir / f"{slide_id}.h5", x.astype(np.float16), coords=coords,
+                              layout=cfg.layout)
+        write_csv(cdir / "true_risk.csv", truth)
+        write_csv(cdir / "labels.csv", labels)
+        log.info("wrote synthetic cohort %s: %d patients, %d slides", spec.name,
+                 truth.shape[0], len(slides))
+
+
 def generate(cfg: SynthConfig | CalibratedConfig, out: str | Path, seed: int = 0,
              overwrite: bool = False, progress: bool = True) -> Path:
     """Write all cohorts of ``cfg`` under ``out``; return ``out``.
 
     Deterministic for (cfg, seed). An existing cohort folder is an error unless ``overwrite``.
     """
-    from steph.data.features import write_features_h5  # data layer writer (atomic)
-
     out = Path(out)
     if isinstance(cfg, CalibratedConfig):  # checks its settings before writing anything
         return _generate_calibrated(cfg, out, seed, overwrite, progress)
@@ -269,28 +299,9 @@ def generate(cfg: SynthConfig | CalibratedConfig, out: str | Path, seed: int = 0
         "cohorts": [asdict(c) for c in cfg.cohorts],
         "family_effects": {f: b.tolist() for f, b in world.family_effects.items()},
     }
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    for spec, css in zip(cfg.cohorts, cohort_ss):
-        cdir = out / spec.name
-        _check_free(cdir, overwrite)
-        rng = np.random.default_rng(css)
-        labels, truth, slides = _simulate_cohort(cfg, spec, world, rng)
-        feat_dir = cdir / "features"
-        feat_dir.mkdir(parents=True, exist_ok=True)
-        it = slides
-        if progress and tqdm is not None:
-            it = tqdm(slides, desc=f"synth {spec.name}", unit="slide", leave=False, disable=None)
-        for slide_id, phen, shift in it:
-            x, coords = _patch_features(cfg, world, phen, shift, rng)
-            write_features_h5(feat_dir / f"{slide_id}.h5", x.astype(np.float16), coords=coords,
-                              layout=cfg.layout)
-        write_csv(cdir / "true_risk.csv", truth)
-        write_csv(cdir / "labels.csv", labels)  # written last: a cohort is complete once it exists
-        log.info("wrote synthetic cohort %s: %d patients, %d slides", spec.name,
-                 truth.shape[0], len(slides))
+    _write_cohorts(cfg, out, cohort_ss, overwrite, progress,
+                   lambda spec, rng: _simulate_cohort(cfg, spec, world, rng),
+                   lambda slide, rng: _patch_features(cfg, world, *slide, rng))
     write_json(out / "synth.json", manifest)
     return out
 
@@ -671,8 +682,6 @@ def _motif_features(cfg: CalibratedConfig, world: _MotifWorld, phen: np.ndarray,
 
 def _generate_calibrated(cfg: CalibratedConfig, out: Path, seed: int, overwrite: bool,
                          progress: bool) -> Path:
-    from steph.data.features import write_features_h5
-
     ss = np.random.SeedSequence(seed)
     world_ss, *cohort_ss = ss.spawn(1 + len(cfg.cohorts))
     world = _make_motif_world(cfg, np.random.default_rng(world_ss))
@@ -686,27 +695,8 @@ def _generate_calibrated(cfg: CalibratedConfig, out: Path, seed: int, overwrite:
         "motifs": world.motifs,
         "hazard_weights": {c.name: _hazard_weights(cfg, c) for c in cfg.cohorts},
     }
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    for spec, css in zip(cfg.cohorts, cohort_ss):
-        cdir = out / spec.name
-        _check_free(cdir, overwrite)
-        rng = np.random.default_rng(css)
-        labels, truth, slides = _simulate_calibrated(cfg, spec, world, rng)
-        feat_dir = cdir / "features"
-        feat_dir.mkdir(parents=True, exist_ok=True)
-        it = slides
-        if progress and tqdm is not None:
-            it = tqdm(slides, desc=f"synth {spec.name}", unit="slide", leave=False, disable=None)
-        for slide_id, phen, motif, easy_on, easy_index, shift in it:
-            x, coords = _motif_features(cfg, world, phen, motif, easy_on, easy_index, shift, rng)
-            write_features_h5(feat_dir / f"{slide_id}.h5", x.astype(np.float16), coords=coords,
-                              layout=cfg.layout)
-        write_csv(cdir / "true_risk.csv", truth)
-        write_csv(cdir / "labels.csv", labels)
-        log.info("wrote synthetic cohort %s: %d patients, %d slides", spec.name,
-                 truth.shape[0], len(slides))
+    _write_cohorts(cfg, out, cohort_ss, overwrite, progress,
+                   lambda spec, rng: _simulate_calibrated(cfg, spec, world, rng),
+                   lambda slide, rng: _motif_features(cfg, world, *slide, rng))
     write_json(out / "synth.json", manifest)
     return out
