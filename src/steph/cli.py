@@ -119,7 +119,6 @@ def _print_comparisons(runs_root: str) -> None:
     import pandas as pd
 
     from steph.experiments.compare import comparison_markdown
-
     from steph.runs import RunsFolder
 
     path = RunsFolder(runs_root) / RunsFolder.COMPARISONS_CSV
@@ -767,10 +766,11 @@ def analyze_attention(out: str, data_root: str, slides: Sequence[str], target: s
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, methods: str | None, folds: str | None, epochs: int | None, quiet: bool) -> None:
     """Generate the demo cohorts and cross-validate every method on them (minutes on 2 cores)."""
+    from steph.analysis.transferability import zero_shot_text
     from steph.experiments.demo import run_demo
 
     run_demo(out, methods=_split_list(methods), folds=folds, epochs=epochs, progress=not quiet,
-             echo=click.echo)
+             echo=click.echo, zero_shot_text=zero_shot_text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

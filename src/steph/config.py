@@ -35,12 +35,32 @@ from steph.utils.io import read_user_text
 # (train.threads changes the last bits of STEPH's merge sums, never more: see the README.)
 PERFORMANCE_ONLY = {"data": ("cache_mb", "workers", "prefetch"), "train": ("threads", "device")}
 
+# Keys added to the settings after format 2, with the value every run made before them had in
+# effect. A run's identity (config_for, RunDir.check_or_write_settings: both go through
+# without_performance_keys) and a STEPH artefact's settings leave such a key out
+# while it holds that value, so a run made before the key existed and one made since with that
+# value are the same run, with the same config.yaml bytes; any other value is written and makes
+# another run. (No format bump: nothing is upgraded, a missing key simply is that value.)
+ADDED_AT_DEFAULT: dict[str, dict[str, Any]] = {
+    # STEPH's cross-fitted target task vectors and the screening probes' ridge
+    # (docs/method-notes.md), off / as before by default
+    "steph": {"crossfit": 0, "crossfit_screen": True, "crossfit_test": "full",
+              "screen_ridge": "search"},
+}
+
+
+def without_added_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (one settings section) without the keys of ADDED_AT_DEFAULT that hold the
+    value runs made before them had."""
+    defaults = ADDED_AT_DEFAULT.get(section, {})
+    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
+
+
+
 def without_performance_keys(settings: dict[str, Any]) -> dict[str, Any]:
     """A copy of a settings tree as it identifies a run: without the keys of PERFORMANCE_ONLY,
     and without the keys added since format 2 that hold the value runs made before them had
-    (``steph.runs.migrations.ADDED_AT_DEFAULT``)."""
-    from steph.runs.migrations import without_added_defaults
-
+    (ADDED_AT_DEFAULT)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
     for section, keys in PERFORMANCE_ONLY.items():
         if isinstance(out.get(section), dict):

@@ -11,7 +11,6 @@ from steph.experiments.demo import (
     run_demo,
     source_weights,
     top_sources_text,
-    transferability_text,
 )
 
 
@@ -39,15 +38,15 @@ def test_top_sources_are_read_from_the_steph_logs(tiny_data, tmp_path):
     assert w.mean().idxmax() == first  # sorted by mean weight
 
 
-def test_transferability_text_matches_the_zero_shot_table(tiny_data, tmp_path):
+def test_zero_shot_text_matches_the_zero_shot_table(tiny_data, tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from conftest import tiny_experiment_config
 
-    from steph.analysis.transferability import zero_shot_table
+    from steph.analysis.transferability import zero_shot_table, zero_shot_text
 
     run_cv(tiny_data, tmp_path, ["abmil", "zero_shot"], targets=["TGT"], folds="0-1",
            cfg=tiny_experiment_config(epochs=1), progress=False)
-    text = transferability_text(tmp_path, tiny_data, "TGT")
+    text = zero_shot_text(tmp_path, tiny_data, "TGT")
     t = zero_shot_table(tmp_path, tiny_data, targets=["TGT"])
     t = t[t["split"] == "test"].groupby("source")["c_index"].mean()
     lines = text.splitlines()
@@ -65,7 +64,9 @@ def test_transferability_text_matches_the_zero_shot_table(tiny_data, tmp_path):
 def test_full_demo(tmp_path):
     """The project's main job, end to end (minutes): every demo method, 5 folds."""
     lines = []
-    summary = run_demo(tmp_path, progress=False, echo=lines.append)
+    from steph.analysis.transferability import zero_shot_text
+
+    summary = run_demo(tmp_path, progress=False, echo=lines.append, zero_shot_text=zero_shot_text)
     runs = summary[summary["method"] != "oracle"]
     assert set(runs["method"]) == set(demo_methods())
     assert (runs.groupby("method")["fold"].nunique() == 5).all()

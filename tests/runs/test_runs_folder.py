@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steph.config import build_config
+from steph.config import ADDED_AT_DEFAULT, build_config
 from steph.runs import RunDir, RunRef, RunsFolder, migrations
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -163,7 +163,7 @@ def test_keys_added_at_their_default_keep_the_identity(tmp_path):
     assert not {"crossfit", "crossfit_screen", "crossfit_test", "screen_ridge"} & set(written["steph"])
     before = run.config.read_bytes()
     old = json.loads(json.dumps(settings))  # a run written before the keys existed
-    for key in migrations.ADDED_AT_DEFAULT["steph"]:
+    for key in ADDED_AT_DEFAULT["steph"]:
         del old["steph"][key]
     run.check_or_write_settings(old)
     assert run.config.read_bytes() == before

@@ -38,6 +38,7 @@ import torch
 from steph.analysis.bags import RunBags
 from steph.analysis.cache import cache_key, cache_path, read_cached, write_cached
 from steph.analysis.runs import FINISHED, RunRef, read_predictions, run_inventory, weights_digest
+from steph.data.synthetic import families
 from steph.errors import ConfigError
 from steph.survival.metrics import concordance_index_or_nan
 
@@ -277,3 +278,25 @@ def merge_probes(runs_root: str | Path, data_root: str | Path, target: RunRef,
                      "train_cv_c_index": float(np.nanmax(list(info["head_cv_cindex"].values())))})
     write_cached(path, key, rows)
     return pd.DataFrame(rows)
+
+
+def zero_shot_text(runs_root: str | Path, data_root: str | Path, target: str) -> str:
+    """Which cohorts can help the target: each source's fold-0 ABMIL applied unchanged to the
+    target's test patients (zero-shot C-index, mean over folds) next to the target's own model
+    (``steph analyze transferability`` for the whole matrix)."""
+    table = zero_shot_table(runs_root, data_root, targets=[target])
+    test = table[table["split"] == "test"]
+    if test["source"].nunique() < 2:
+        return ""
+    mean = test.groupby("source")["c_index"].mean()
+    own = mean.pop(OWN)
+    fam = families(data_root)
+    lines = [(f"Which cohorts can help {target} (zero-shot: each source's ABMIL applied unchanged "
+             f"to {target}'s test patients, mean C-index over {test['fold'].nunique()} folds; "
+             f"{target}'s own ABMIL {own:.3f}):")]
+    for name, value in mean.sort_values(ascending=False).items():
+        tag = ""
+        if target in fam and name in fam:
+            tag = " (related)" if fam[name] == fam[target] else " (unrelated)"
+        lines.append(f"  {name:8s} {value:.3f}{tag}")
+    return "\n".join(lines)

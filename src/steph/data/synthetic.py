@@ -40,6 +40,7 @@ the mean patch does not show), described where it is defined below and in docs/c
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -239,6 +240,16 @@ def _censoring_scale(t_event: np.ndarray, entry: np.ndarray, dropout: np.ndarray
         else:
             hi = mid
     return math.sqrt(lo * hi)
+
+
+def families(data_root: str | Path) -> dict[str, str]:
+    """Cohort -> family of a data root this module wrote (its synth.json; the cohorts of a
+    preset without families are left out); {} for real data."""
+    path = Path(data_root) / "synth.json"
+    if not path.exists():
+        return {}
+    return {c["name"]: c["family"] for c in json.loads(path.read_text()).get("cohorts", [])
+            if c.get("family")}
 
 
 def _check_free(cdir: Path, overwrite: bool) -> None:

@@ -5,7 +5,6 @@ ten minutes on two CPU cores, with steph's default settings (nothing tuned for t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,10 +62,7 @@ def source_weights(runs_root: str | Path, target: str = DEMO_TARGET,
 
 def family_of(data_root: str | Path) -> dict[str, str]:
     """Cohort -> family of a synthetic data root (from synth.json); {} for real data."""
-    path = Path(data_root) / "synth.json"
-    if not path.exists():
-        return {}
-    return {c["name"]: c["family"] for c in json.loads(path.read_text()).get("cohorts", [])}
+    return synthetic.families(data_root)
 
 
 def top_sources_text(runs_root: str | Path, data_root: str | Path,
@@ -86,34 +82,13 @@ def top_sources_text(runs_root: str | Path, data_root: str | Path,
     return "\n".join(lines)
 
 
-def transferability_text(runs_root: str | Path, data_root: str | Path,
-                         target: str = DEMO_TARGET) -> str:
-    """Which cohorts can help the target: each source's fold-0 ABMIL applied unchanged to the
-    target's test patients (zero-shot C-index, mean over folds) next to the target's own model
-    (``steph analyze transferability`` for the whole matrix)."""
-    from steph.analysis.transferability import OWN, zero_shot_table
-
-    table = zero_shot_table(runs_root, data_root, targets=[target])
-    test = table[table["split"] == "test"]
-    if test["source"].nunique() < 2:
-        return ""
-    mean = test.groupby("source")["c_index"].mean()
-    own = mean.pop(OWN)
-    fam = family_of(data_root)
-    lines = [(f"Which cohorts can help {target} (zero-shot: each source's ABMIL applied unchanged "
-             f"to {target}'s test patients, mean C-index over {test['fold'].nunique()} folds; "
-             f"{target}'s own ABMIL {own:.3f}):")]
-    for name, value in mean.sort_values(ascending=False).items():
-        tag = ""
-        if fam:
-            tag = " (related)" if fam.get(name) == fam.get(target) else " (unrelated)"
-        lines.append(f"  {name:8s} {value:.3f}{tag}")
-    return "\n".join(lines)
-
-
 def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str | None = None,
              epochs: int | None = None, progress: bool = True,
-             echo: Callable[[str], None] = print, cfg: ExperimentConfig | None = None):
+             echo: Callable[[str], None] = print, cfg: ExperimentConfig | None = None,
+             zero_shot_text: Callable[[Path, Path, str], str] | None = None):
+    """``zero_shot_text(runs, data, target)``: the transferability summary printed before the
+    sources STEPH used (the CLI passes ``steph.analysis.transferability.zero_shot_text``; the
+    analysis layer sits above this one)."""
     from steph.experiments.compare import comparison_markdown
     from steph.experiments.summary import (
         collect_timing,
@@ -144,7 +119,9 @@ def run_demo(out: str | Path, methods: Sequence[str] | None = None, folds: str |
     if comparisons.exists():
         echo(comparison_markdown(pd.read_csv(comparisons)))
     # the zero-shot map needs the target's own ABMIL runs
-    zero_shot = transferability_text(runs_root, data_root) if "abmil" in names else ""
+    zero_shot = ""
+    if zero_shot_text is not None and "abmil" in names:
+        zero_shot = zero_shot_text(runs_root, data_root, DEMO_TARGET)
     for text in (zero_shot, top_sources_text(runs_root, data_root)):
         if not text:
             continue

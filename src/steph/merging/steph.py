@@ -47,13 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steph.config import StephConfig
+from steph.config import StephConfig, without_added_defaults
 from steph.merging.networks import OverNetwork
 from steph.merging.task_vectors import FlatLayout, TaskVectorStack, TensorDict
 from steph.models.base import DEFAULT_CHUNK_SIZE, MILNetwork
 from steph.models.module import ModelOutput
 from steph.models.registry import register_artefact
-from steph.runs.migrations import without_added_defaults
 from steph.utils.device import autocast_off
 
 # The per-bag input naming the inner target model of a training bag (cross-fitting; < 0: tau_t).

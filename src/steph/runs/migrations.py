@@ -50,27 +50,6 @@ REQUESTS_FORMAT = "steph-requests/1"
 ADDED_LATER = {"data": {"eval_max_instances": None},
                "train": {"deterministic": True, "precision": "fp32"}}
 
-# Keys added to the settings after format 2, with the value every run made before them had in
-# effect. A run's identity (config_for, RunDir.check_or_write_settings: both go through
-# steph.config.without_performance_keys) and a STEPH artefact's settings leave such a key out
-# while it holds that value, so a run made before the key existed and one made since with that
-# value are the same run, with the same config.yaml bytes; any other value is written and makes
-# another run. (No format bump: nothing is upgraded, a missing key simply is that value.)
-ADDED_AT_DEFAULT: dict[str, dict[str, Any]] = {
-    # STEPH's cross-fitted target task vectors and the screening probes' ridge
-    # (docs/method-notes.md), off / as before by default
-    "steph": {"crossfit": 0, "crossfit_screen": True, "crossfit_test": "full",
-              "screen_ridge": "search"},
-}
-
-
-def without_added_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (one settings section) without the keys of ADDED_AT_DEFAULT that hold the
-    value runs made before them had."""
-    defaults = ADDED_AT_DEFAULT.get(section, {})
-    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
-
-
 def version(record: dict[str, Any], name: str) -> int:
     """The format version of ``record`` (1 when it has none); an error for another record's
     format or a version newer than this steph reads."""
