@@ -27,13 +27,14 @@ DEMO_CONFIG = {"data": {"cache_mb": 512}, "train": {"eval_every": 0}}
 def demo_methods() -> list[str]:
     from steph.methods import list_methods
 
-    # Left to `steph cv` to keep the demo within ten minutes: the ablations, the Iso-C /
-    # Iso-CTS variants (TIES AM stands for the pairwise-preprocessed AdaMerging family), the
-    # other MIL networks (Table S2), steph_xfit (five inner target models per run) and joint
-    # (an epoch over every cohort: ~8x an ABMIL run here, 488 s against 15-50 s per fold,
-    # measured on a busy machine).
+    # Left to `steph cv` to keep the demo within ten minutes (a fresh clone with TIES AM and
+    # Surgery AM took 637 s, ~55 s of it each): the ablations, the AdaMerging variants (TIES
+    # AM, Iso-C / Iso-CTS AM, Surgery AM; AdaMerging stands for them), the other MIL networks
+    # (Table S2), steph_xfit (five inner target models per run) and joint (an epoch over every
+    # cohort: ~8x an ABMIL run here, 488 s against 15-50 s per fold on a busy machine).
     skip = {"steph_lambda1", "steph_free_lambda", "steph_dense", "steph_free_w", "steph_xfit",
-            "isoc_am", "isocts_am", "transmil", "ilra", "r2t_mil", "patch_gcn", "joint"}
+            "ties_am", "isoc_am", "isocts_am", "surgery_am", "transmil", "ilra", "r2t_mil",
+            "patch_gcn", "joint"}
     return [m for m in list_methods() if m not in skip]
 
 
